@@ -1,0 +1,145 @@
+"""The ``ckptbridge`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from .errors import CkptBridgeError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def _progress_factory(quiet: bool):
+    """A rich progress bar over bytes converted (silent with --quiet or when not on a terminal)."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    def factory(total: int, label: str):
+        bar = Progress("[bold]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                       TimeRemainingColumn(), transient=True)
+        bar.start()
+        task = bar.add_task(label, total=total)
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            if bar.tasks[0].completed >= total:
+                bar.stop()
+
+        return advance
+
+    return factory
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckptbridge")
+def main() -> None:
+    """Convert checkpoints between HuggingFace and Megatron-Core, strictly, in one CPU process.
+
+    \b
+    Examples:
+      ckptbridge convert --src hf --dst mcore --tp 2 --pp 2 ./Llama-3.1-8B ./llama-mcore
+      ckptbridge convert --src mcore --dst hf ./llama-mcore ./Llama-3.1-8B-export
+      ckptbridge convert --src mcore --dst mcore --tp 1 --pp 4 --format torch ./llama-mcore ./llama-pp4
+      ckptbridge inspect ./llama-mcore --json
+    """
+
+
+@main.command()
+@click.option("--src", "src_kind", type=click.Choice(["hf", "mcore"]), required=True, help="Kind of SRC (the MCore format, torch_dist or legacy torch, is detected).")
+@click.option("--dst", "dst_kind", type=click.Choice(["hf", "mcore"]), required=True, help="Kind of checkpoint to write.")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel size of the MCore output.")
+@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel size of the MCore output.")
+@click.option("--vpp", type=int, default=None, help="Virtual pipeline chunks per stage (interleaved schedule).")
+@click.option("--pp-first", type=int, default=None, help="Layers on the first pipeline stage (uneven split).")
+@click.option("--pp-last", type=int, default=None, help="Layers on the last pipeline stage (uneven split).")
+@click.option("--format", "ckpt_format", type=click.Choice(["torch_dist", "torch"]), default="torch_dist", show_default=True,
+              help="MCore on-disk format: torch_dist (dist_checkpointing) or legacy per-rank torch files.")
+@click.option("--spec", "spec_name", type=click.Choice(["te", "local"]), default="te", show_default=True,
+              help="MCore module names: TransformerEngine spec (what Megatron-LM trains with) or the local spec.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast weights (default: keep the source dtype).")
+@click.option("--vocab-divisible-by", type=int, default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ckpt_format, spec_name, dtype, vocab_divisible_by, force, quiet, src, dst):
+    """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
+
+    Everything is checked before anything is written: every source tensor must
+    be mapped exactly once and have the shape the config implies. The output
+    is written to a temporary folder beside DST and moved into place only when
+    complete; SRC is never modified. The HF config, the mapping used and the
+    tokenizer files travel inside MCore checkpoints, so exporting needs no
+    original HF folder.
+    """
+    from .convert import Target, convert as run
+    from .layout import ParallelLayout
+
+    if dst_kind == "hf" and (tp, pp, vpp, pp_first, pp_last) != (1, 1, None, None, None):
+        raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last describe an MCore output; they make no sense with --dst hf")
+    try:
+        target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last), ckpt_format, spec_name,
+                        DTYPES[dtype] if dtype else None, vocab_divisible_by)
+        result = run(src, dst, src_kind, target, force, _progress_factory(quiet))
+    except CkptBridgeError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    click.echo(
+        f"{result.src_format} -> {result.dst_format} [{result.family}, {result.layout}, {str(result.dtype).replace('torch.', '')}]: "
+        f"{result.tensors} tensors, {result.bytes / 2**20:.1f} MiB in {result.seconds:.1f} s -> {result.dst}"
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--tensors/--no-tensors", default=True, show_default=True, help="List tensors.")
+@click.argument("path", type=click.Path(path_type=Path))
+def inspect(as_json, tensors, path):
+    """Detect PATH's format (hf / torch_dist / torch), architecture, layout, dtype and size, and list its tensors."""
+    from .inspect import describe
+
+    try:
+        info = describe(path)
+    except CkptBridgeError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    if not tensors:
+        info.pop("tensors")
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    layout = info["layout"]
+    lay = "-" if not layout else f"tp{layout['tp']} pp{layout['pp']}" + (f" vpp{layout['vpp']}" if layout["vpp"] else "") + f" ({layout['spec']} spec)"
+    console.print(f"[bold]{info['path']}[/]: {info['format']}  {info['architecture']} ({info['family']})  "
+                  f"{info['num_layers']} layers  {info['parameters'] / 1e6:.1f}M parameters  {info['dtype']}  layout {lay}")
+    if tensors:
+        table = Table("tensor", "shape", "dtype", "where")
+        for t in info["tensors"]:
+            table.add_row(t["name"], str(t.get("shape", "bytes")), t.get("dtype", ""), t.get("file", "") + (f" [{t['chunk']}]" if "chunk" in t else "") or str(t.get("chunks", "")))
+        console.print(table)
+
+
+@main.command("list-architectures")
+def list_architectures():
+    """Architectures with a mapping file, and the file that handles each."""
+    from .mapping import default_registry
+
+    reg = default_registry()
+    for family in reg.families:
+        m = reg.family(family)
+        click.echo(f"{family:10s} {', '.join(m.architectures):30s} {m.description}")
+
+
+if __name__ == "__main__":
+    main()

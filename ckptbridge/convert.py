@@ -1,0 +1,141 @@
+"""One conversion: plan and verify everything, then write into a temporary
+folder beside the destination and move it into place only when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import DestinationError
+from .formats.detect import Source, open_source, source_assets
+from .formats.hf import write_hf
+from .formats.legacy import LegacySource, write_legacy
+from .formats.mcore_common import ASSETS_DIR, RELEASE, write_tracker
+from .formats.torch_dist import write_torch_dist
+from .layout import ParallelLayout
+from .spec import PlannedTensor
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ConversionResult:
+    src: Path
+    dst: Path
+    src_format: str
+    dst_format: str
+    family: str
+    layout: str
+    dtype: torch.dtype
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "hf" or "mcore"
+    layout: ParallelLayout = ParallelLayout()
+    ckpt_format: str = "torch_dist"  # or "torch"
+    spec_name: str = "te"  # or "local"
+    dtype: torch.dtype | None = None  # None: keep the source dtype
+    vocab_divisible_by: int = 128
+
+    @property
+    def format_name(self) -> str:
+        return "hf" if self.kind == "hf" else self.ckpt_format
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise DestinationError(f"destination {dst} overlaps the source {src}; the source is never modified")
+    if d.exists() and not force:
+        raise DestinationError(f"destination {dst} exists; pass --force to replace it")
+
+
+@contextmanager
+def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
+    """A temp folder beside ``dst`` that replaces it only if the block completes."""
+    dst = dst.resolve()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.ckptbridge-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        if not force:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DestinationError(f"destination {dst} appeared during conversion")
+        old = dst.parent / f".{dst.name}.ckptbridge-old-{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dst)
+
+
+def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: bool = False,
+            progress_factory: Callable[[int, str], Progress] | None = None) -> ConversionResult:
+    """Convert ``src`` into ``dst``; every check runs before the first byte is written."""
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    check_destination(src, dst, force)
+    source = open_source(src, src_kind)
+    try:
+        source.verify()
+        if isinstance(source, LegacySource):
+            source.check_replicas()
+        spec = source.spec
+        dtype = target.dtype or source.dtype
+        margs = None
+        if target.kind == "mcore":
+            margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format, target.vocab_divisible_by)
+        planned = spec.planned()
+        total = sum(_numel(pt.shape) for pt in planned) * dtype.itemsize
+        progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
+
+        def read(pt: PlannedTensor) -> torch.Tensor:
+            return source.read(pt).to(dtype)
+
+        assets = source_assets(src, source)
+        with staging_dir(dst, force) as tmp:
+            if target.kind == "hf":
+                write_hf(spec, read, tmp, dtype, assets, progress)
+            else:
+                iter_dir = tmp / RELEASE
+                iter_dir.mkdir()
+                writer = write_torch_dist if target.ckpt_format == "torch_dist" else write_legacy
+                writer(spec, read, iter_dir, target.layout, margs, dtype, target.spec_name, progress)
+                write_tracker(tmp)
+                if assets:
+                    (tmp / ASSETS_DIR).mkdir()
+                    for a in assets:
+                        shutil.copy2(a, tmp / ASSETS_DIR / a.name)
+    finally:
+        source.close()
+    return ConversionResult(
+        src=src, dst=dst, src_format=source.format, dst_format=target.format_name, family=spec.mapping.family,
+        layout=target.layout.describe() if target.kind == "mcore" else "-", dtype=dtype, tensors=len(planned),
+        bytes=total, seconds=time.perf_counter() - start,
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

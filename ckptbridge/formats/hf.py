@@ -1,0 +1,153 @@
+"""HuggingFace folders: sharded safetensors + index, ``config.json`` and assets.
+
+Reading is strict: the index must agree with the files, every tensor must be
+one the mapping names, and shapes must match the config. Writing streams one
+canonical tensor at a time into files whose headers are laid out in advance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import FormatError, PlanError
+from ..hf_config import config_dtype, read_config, with_dtype
+from ..spec import ModelSpec, PlannedTensor
+from .safetensors_io import SafetensorsFile, SafetensorsWriter
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+
+
+def asset_files(folder: Path) -> list[Path]:
+    """Files that travel with the model but are not weights (tokenizer, generation config...)."""
+    return [
+        p for p in sorted(Path(folder).iterdir())
+        if p.is_file() and p.name not in ("config.json", INDEX) and not p.name.endswith(WEIGHT_SUFFIXES)
+        and not p.name.endswith(".index.json")
+    ]
+
+
+class HFSource:
+    """Canonical tensors computed from an HF folder."""
+
+    format = "hf"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FormatError(f"{self.folder}: not a folder")
+        self.raw_config = read_config(self.folder)
+        self.spec = ModelSpec.from_hf_config(self.raw_config)
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}  # tensor -> file name
+        index_path = self.folder / INDEX
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise FormatError(f"{index_path}: corrupt index ({exc})") from None
+            for name in sorted(set(weight_map.values())):
+                self.files[name] = SafetensorsFile(self.folder / name)
+            for tensor, fname in weight_map.items():
+                if tensor not in self.files[fname].entries:
+                    raise FormatError(f"{index_path}: says {tensor!r} is in {fname}, which does not hold it")
+            for fname, f in self.files.items():
+                for tensor in f.entries:
+                    if weight_map.get(tensor) != fname:
+                        raise FormatError(f"{self.folder / fname}: holds {tensor!r}, which the index does not list for this file")
+            self.where = dict(weight_map)
+        elif (self.folder / SINGLE).exists():
+            self.files[SINGLE] = SafetensorsFile(self.folder / SINGLE)
+            self.where = {t: SINGLE for t in self.files[SINGLE].entries}
+        else:
+            others = [p.name for p in self.folder.iterdir() if p.name.endswith((".bin", ".pt", ".pth"))]
+            hint = f" (found {others}: convert them to safetensors first)" if others else ""
+            raise FormatError(f"{self.folder}: no {SINGLE} or {INDEX}{hint}")
+        dtypes = {e.dtype for f in self.files.values() for e in f.entries.values()}
+        self.dtype = config_dtype(self.raw_config) if len(dtypes) != 1 else dtypes.pop()
+        self.dtype = self.dtype or torch.float32
+
+    def verify(self) -> None:
+        expected: dict[str, tuple[int, ...]] = {}
+        for pt in self.spec.planned():
+            for name, shape in zip(pt.hf_names, pt.hf_shapes):
+                expected[name] = shape
+        for tensor, fname in sorted(self.where.items()):
+            entry = self.files[fname].entries[tensor]
+            if tensor not in expected:
+                raise PlanError(f"unmapped source tensor {tensor!r} in {self.folder / fname} (no rule of mapping '{self.spec.mapping.family}' names it)")
+            if entry.shape != expected[tensor]:
+                raise PlanError(
+                    f"tensor {tensor!r} in {self.folder / fname} has shape {list(entry.shape)}, the config implies {list(expected[tensor])}"
+                )
+        missing = sorted(set(expected) - set(self.where))
+        if missing:
+            raise PlanError(f"missing tensor {missing[0]!r}: not in any file of {self.folder} ({len(missing)} missing in all)")
+
+    def read(self, pt: PlannedTensor) -> torch.Tensor:
+        tensors = [self.files[self.where[n]].read(n) for n in pt.hf_names]
+        return pt.rule.transform.to_mcore(tensors, self.spec.args)
+
+    def assets(self) -> list[Path]:
+        return asset_files(self.folder)
+
+    def close(self) -> None:
+        pass
+
+
+def write_hf(
+    spec: ModelSpec,
+    read: Callable[[PlannedTensor], torch.Tensor],
+    out: Path,
+    dtype: torch.dtype,
+    assets: list[Path],
+    progress: Callable[[int], None],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write safetensors shards (+ index), config.json and the assets."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for pt in spec.planned():
+        nbytes = sum(_numel(s) for s in pt.hf_shapes) * dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(pt)
+        size += nbytes
+    names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, group in zip(names, groups):
+        entries = [(n, dtype, s) for pt in group for n, s in zip(pt.hf_names, pt.hf_shapes)]
+        writer = SafetensorsWriter(out / fname, entries, {"format": "pt"})
+        for pt in group:
+            canonical = read(pt)
+            for name, tensor in zip(pt.hf_names, pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)):
+                writer.write(name, tensor)
+                weight_map[name] = fname
+                total += tensor.numel() * tensor.element_size()
+            progress(canonical.numel() * canonical.element_size())
+        writer.close()
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    config = spec.hf_config if config_dtype(spec.hf_config) in (None, dtype) else with_dtype(spec.hf_config, dtype)
+    if config_dtype(config) is None:
+        config = with_dtype(config, dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for asset in assets:
+        shutil.copy2(asset, out / asset.name)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,239 @@
+"""Megatron's legacy ``torch`` format: one ``model_optim_rng.pt`` per (TP, PP) rank.
+
+Layer numbers are local to each stage and virtual chunk. Writing streams: each
+rank file is first laid out with ``torch.serialization.skip_data`` (shapes
+only), then every tensor's bytes are written at the offset torch reports, one
+canonical tensor at a time. Reading loads each file onto the ``meta`` device
+(structure only) and reads bytes on demand, so neither direction holds a
+stage in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FormatError, PlanError
+from ..layout import ParallelLayout, StageChunk
+from ..sharding import pad_rows, split, merge
+from ..spec import ModelSpec, PlannedTensor
+from .mcore_common import (
+    CHECKPOINT_VERSION,
+    args_namespace,
+    bridge_record,
+    is_extra_state,
+    open_fd,
+    read_storage,
+    safe_load,
+    spec_from_record,
+)
+
+RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+FILE = "model_optim_rng.pt"
+
+
+def rank_dir_name(tp: int, pp: int, layout: ParallelLayout) -> str:
+    return f"mp_rank_{tp:02d}" if layout.pp == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+
+
+def model_key(chunk: StageChunk) -> str:
+    return "model" if chunk.vchunk is None else f"model{chunk.vchunk}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one canonical tensor lives in a legacy checkpoint of a given layout."""
+
+    pp: int
+    model_key: str
+    key: str
+
+
+def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str) -> dict[str, list[tuple[PlannedTensor, Slot]]]:
+    """Per canonical name, every (stage, chunk, key) it is written to (the tied output replica adds one)."""
+    chunks = layout.chunks(spec.num_layers)
+    first, last = chunks[0], chunks[-1]
+    by_layer = {layer: c for c in chunks for layer in c.layers}
+    out: dict[str, list[tuple[PlannedTensor, Slot]]] = {}
+    for pt in spec.planned():
+        if pt.layer is None:
+            chunk = first if pt.rule.place == "first" else last
+            key = pt.rule.mcore_name(None, spec_name)
+        else:
+            chunk = by_layer[pt.layer]
+            key = pt.rule.mcore_name(pt.layer - chunk.first_layer, spec_name)
+        out[pt.mcore] = [(pt, Slot(chunk.pp_rank, model_key(chunk), key))]
+        tied = not spec.args["untie_embeddings_and_output_weights"]
+        if tied and pt.rule.place == "first" and pt.rule.shard.padded and layout.pp > 1:
+            # MCore keeps a replica of the tied embedding as output_layer.weight on the last stage
+            out[pt.mcore].append((pt, Slot(last.pp_rank, model_key(last), "output_layer.weight")))
+    return out
+
+
+def write_legacy(
+    spec: ModelSpec,
+    read: Callable[[PlannedTensor], torch.Tensor],
+    iter_dir: Path,
+    layout: ParallelLayout,
+    margs: dict[str, Any],
+    dtype: torch.dtype,
+    spec_name: str,
+    progress: Callable[[int], None],
+) -> None:
+    """Write every rank file of ``layout``; ``read`` yields canonical tensors already in ``dtype``."""
+    placement = slots(spec, layout, spec_name)
+    ns = args_namespace(margs)
+    record = bridge_record(spec, spec_name)
+    tp = layout.tp
+    for pp in range(layout.pp):
+        todo = [(pt, slot) for entries in placement.values() for pt, slot in entries if slot.pp == pp]
+        files = []
+        for rank in range(tp):
+            models: dict[str, dict[str, torch.Tensor]] = {model_key(c): {} for c in layout.stage_chunks(spec.num_layers, pp)}
+            for pt, slot in todo:
+                shape = _local_shape(pt, margs, tp)
+                models[slot.model_key][slot.key] = torch.empty(shape, dtype=dtype)  # never touched: skip_data
+            path = iter_dir / rank_dir_name(rank, pp, layout) / FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with torch.serialization.skip_data():
+                torch.save({**models, "args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                            "ckptbridge": record}, path)
+            layout_meta = safe_load(path, map_location="meta")
+            offsets = {(mk, k): v.untyped_storage()._checkpoint_offset
+                       for mk, sd in layout_meta.items() if mk.startswith("model") for k, v in sd.items()}
+            files.append((os.open(path, os.O_WRONLY), offsets))
+        try:
+            for pt, slot in todo:
+                canonical = read(pt)
+                if pt.rule.shard.padded:
+                    canonical = pad_rows(canonical, int(margs["padded_vocab_size"]))
+                for rank, shard in enumerate(split(canonical, pt.rule.shard, tp, pt.mcore)):
+                    fd, offsets = files[rank]
+                    os.pwrite(fd, memoryview(shard.contiguous().view(torch.uint8).numpy()).cast("B"),
+                              offsets[(slot.model_key, slot.key)])
+                progress(canonical.numel() * canonical.element_size())
+        finally:
+            for fd, _ in files:
+                os.close(fd)
+
+
+def _local_shape(pt: PlannedTensor, margs: dict[str, Any], tp: int) -> tuple[int, ...]:
+    shape = list(pt.shape)
+    if pt.rule.shard.padded:
+        shape[0] = int(margs["padded_vocab_size"])
+    if pt.rule.shard.axis is not None:
+        shape[pt.rule.shard.axis] //= tp
+    return tuple(shape)
+
+
+class LegacySource:
+    """Canonical tensors read from a legacy checkpoint (strictly inventoried first)."""
+
+    format = "torch"
+
+    def __init__(self, iter_dir: Path):
+        self.iter_dir = Path(iter_dir)
+        found: dict[tuple[int, int], Path] = {}
+        for sub in sorted(self.iter_dir.iterdir()):
+            m = RANK_DIR.match(sub.name)
+            if m and sub.is_dir():
+                found[(int(m.group(1)), int(m.group(2) or 0))] = sub / FILE
+        if not found:
+            raise FormatError(f"{self.iter_dir}: no mp_rank_* folders")
+        first_path = found[min(found)]
+        head = safe_load(first_path, map_location="meta")
+        if "args" not in head:
+            raise FormatError(f"{first_path}: no 'args' in the checkpoint")
+        self.margs = vars(head["args"])
+        self.spec = spec_from_record(head.get("ckptbridge"), first_path)
+        self.layout = ParallelLayout.from_args(self.margs)
+        self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
+        expected = {(t, p) for t in range(self.layout.tp) for p in range(self.layout.pp)}
+        if set(found) != expected:
+            missing = sorted(expected - set(found))
+            extra = sorted(set(found) - expected)
+            raise FormatError(
+                f"{self.iter_dir}: rank folders do not match the layout in args ({self.layout.describe()}): "
+                f"missing {[rank_dir_name(t, p, self.layout) for t, p in missing]}, unexpected {[rank_dir_name(t, p, self.layout) for t, p in extra]}"
+            )
+        self.paths = found
+        self.meta = {rank: (head if path == first_path else safe_load(path, map_location="meta")) for rank, path in found.items()}
+        self.dtype = self._dtype()
+        self._slots = slots(self.spec, self.layout, self.spec_name)
+        self._fds: dict[tuple[int, int], int] = {}
+
+    def _dtype(self) -> torch.dtype:
+        for sd in self.meta.values():
+            for mk, models in sd.items():
+                if mk.startswith("model") and models:
+                    return next(v.dtype for v in models.values() if isinstance(v, torch.Tensor))
+        raise FormatError(f"{self.iter_dir}: checkpoint holds no tensors")
+
+    def verify(self) -> None:
+        """Every key mapped, none missing, every shard shape as the config predicts."""
+        placement = self._slots
+        expected: dict[tuple[int, int, str, str], tuple[int, ...]] = {}
+        for entries in placement.values():
+            for pt, slot in entries:
+                for t in range(self.layout.tp):
+                    expected[(t, slot.pp, slot.model_key, slot.key)] = _local_shape(pt, self.margs, self.layout.tp)
+        seen = set()
+        for (t, p), sd in self.meta.items():
+            for mk, models in sd.items():
+                if not mk.startswith("model"):
+                    continue
+                for key, value in models.items():
+                    if is_extra_state(key):
+                        continue
+                    where = f"{key!r} in {self.paths[(t, p)]} [{mk}]"
+                    if (t, p, mk, key) not in expected:
+                        raise PlanError(f"unmapped source tensor {where}")
+                    want = expected[(t, p, mk, key)]
+                    if tuple(value.shape) != want:
+                        raise PlanError(f"tensor {where} has shape {list(value.shape)}, the config implies {list(want)}")
+                    seen.add((t, p, mk, key))
+        missing = sorted(set(expected) - seen)
+        if missing:
+            t, p, mk, key = missing[0]
+            raise PlanError(f"missing tensor {key!r} [{mk}] in {self.paths[(t, p)]} ({len(missing)} missing in all)")
+
+    def _fd(self, rank: tuple[int, int]) -> int:
+        if rank not in self._fds:
+            self._fds[rank] = open_fd(self.paths[rank])
+        return self._fds[rank]
+
+    def _read_slot(self, pt: PlannedTensor, slot: Slot) -> torch.Tensor:
+        shards = []
+        for t in range(self.layout.tp):
+            meta = self.meta[(t, slot.pp)][slot.model_key][slot.key]
+            shards.append(read_storage(self._fd((t, slot.pp)), meta, f"{self.paths[(t, slot.pp)]}: {slot.key}"))
+        if pt.rule.shard.axis is None:
+            for t, shard in enumerate(shards[1:], 1):
+                if not torch.equal(shard, shards[0]):
+                    raise PlanError(f"replicated tensor {slot.key!r} differs between TP rank 0 and {t} ({self.paths[(t, slot.pp)]})")
+        full = merge(shards, pt.rule.shard, pt.mcore)
+        return full[: pt.shape[0]] if pt.rule.shard.padded else full
+
+    def read(self, pt: PlannedTensor) -> torch.Tensor:
+        return self._read_slot(pt, self._slots[pt.mcore][0][1])
+
+    def check_replicas(self) -> None:
+        """The tied output-layer replica on the last stage must equal the embedding."""
+        for entries in self._slots.values():
+            if len(entries) > 1:
+                pt = entries[0][0]
+                base = self._read_slot(pt, entries[0][1])
+                for _, slot in entries[1:]:
+                    if not torch.equal(self._read_slot(pt, slot), base):
+                        raise PlanError(f"{slot.key!r} on stage {slot.pp} is not an exact replica of {pt.mcore}")
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

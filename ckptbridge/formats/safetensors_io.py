@@ -1,0 +1,144 @@
+"""A strict, streaming reader and writer for the safetensors format.
+
+Reads use ``pread`` into fresh buffers instead of mmap, so pages of tensors we
+are done with never count towards our resident memory; writes lay out the
+header from the plan first and then append tensors one at a time, so a file
+never has to be held in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import FormatError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+
+def read_into(fd: int, offset: int, nbytes: int, what: str) -> torch.Tensor:
+    """Read exactly ``nbytes`` at ``offset`` into a new uint8 tensor."""
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(out.numpy()).cast("B")
+    done = 0
+    while done < nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise FormatError(f"{what}: file ended after {done} of {nbytes} bytes (truncated?)")
+        done += n
+    return out
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: header parsed and checked against the file size."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: file is missing") from None
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > _MAX_HEADER or 8 + hlen > size:
+                raise FormatError(f"{self.path}: header length {hlen} does not fit a {size}-byte file (truncated or not safetensors)")
+            try:
+                header = json.loads(f.read(hlen))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise FormatError(f"{self.path}: corrupt safetensors header ({exc})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        base = 8 + hlen
+        self.entries: dict[str, Entry] = {}
+        end_max = 0
+        for name, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"{self.path}: corrupt header entry for tensor {name!r}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize:
+                raise FormatError(f"{self.path}: tensor {name!r} declares {end - begin} bytes for shape {list(shape)}")
+            self.entries[name] = Entry(dtype, shape, base + begin, end - begin)
+            end_max = max(end_max, end)
+        if base + end_max > size:
+            raise FormatError(
+                f"{self.path}: truncated: tensors need {base + end_max} bytes, file has {size}"
+            )
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            raw = read_into(fd, entry.start, entry.nbytes, f"{self.path}: {name}")
+        finally:
+            os.close(fd)
+        return raw.view(entry.dtype).reshape(entry.shape)
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose tensor list is known before any data is."""
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = Path(path)
+        header: dict[str, object] = {"__metadata__": metadata}
+        offset = 0
+        self._order: list[tuple[str, torch.dtype, tuple[int, ...]]] = list(entries)
+        for name, dtype, shape in self._order:
+            nbytes = dtype.itemsize
+            for d in shape:
+                nbytes *= d
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected_name, dtype, shape = self._order[self._next]
+        if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise AssertionError(f"writer expected {expected_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._file.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise AssertionError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
+        self._file.close()

@@ -1,0 +1,291 @@
+"""Megatron-Core's ``torch_dist`` format (``torch.distributed.checkpoint`` underneath).
+
+Global tensors are layout-independent: homogeneous layers are stacked on a
+leading layer axis and stored as chunks (one per layer and TP region, as
+megatron-core itself writes them). We write the ``.distcp`` data files item by
+item in layer order and the ``.metadata`` index at the end, so no more than
+one canonical tensor is in memory; reading assembles any requested layer from
+whatever chunks cover it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from ..errors import FormatError, PlanError
+from ..layout import ParallelLayout
+from ..sharding import pad_rows
+from ..spec import ModelSpec, PlannedTensor
+from .mcore_common import (
+    CHECKPOINT_VERSION,
+    args_namespace,
+    bridge_record,
+    is_extra_state,
+    is_training_state,
+    open_fd,
+    safe_load,
+    spec_from_record,
+)
+from .safetensors_io import read_into
+
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
+_LAYER_SEGMENT = ".{L}."
+
+
+def storage_key(pt: PlannedTensor) -> str:
+    """torch_dist key: per-layer names lose their index and gain a leading layer axis."""
+    return pt.rule.mcore.replace(_LAYER_SEGMENT, ".") if pt.layer is not None else pt.mcore
+
+
+def global_shape(pt: PlannedTensor, margs: dict[str, Any]) -> tuple[int, ...]:
+    shape = list(pt.shape)
+    if pt.rule.shard.padded:
+        shape[0] = int(margs["padded_vocab_size"])
+    return (int(margs["num_layers"]), *shape) if pt.layer is not None else tuple(shape)
+
+
+def write_torch_dist(
+    spec: ModelSpec,
+    read: Callable[[PlannedTensor], torch.Tensor],
+    iter_dir: Path,
+    layout: ParallelLayout,
+    margs: dict[str, Any],
+    dtype: torch.dtype,
+    spec_name: str,
+    progress: Callable[[int], None],
+) -> None:
+    iter_dir.mkdir(parents=True, exist_ok=True)
+    chunks = layout.chunks(spec.num_layers)
+    stage_of = {layer: c.pp_rank for c in chunks for layer in c.layers}
+    state: dict[str, TensorStorageMetadata] = {}
+    storage: dict[MetadataIndex, _StorageInfo] = {}
+    files: dict[int, io.BufferedWriter] = {}
+    try:
+        for pt in spec.planned():
+            canonical = read(pt)
+            if pt.rule.shard.padded:
+                canonical = pad_rows(canonical, int(margs["padded_vocab_size"]))
+            key = storage_key(pt)
+            meta = state.setdefault(
+                key, TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(global_shape(pt, margs)), [])
+            )
+            stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
+            kind = pt.rule.shard
+            for rank, regions in enumerate(kind.regions(canonical.shape, layout.tp, pt.mcore)):
+                if kind.axis is None and rank:
+                    break  # replicated: stored once
+                for start, length in regions:
+                    piece = canonical if kind.axis is None else canonical.narrow(kind.axis, start, length)
+                    offsets = [0] * canonical.dim()
+                    if kind.axis is not None:
+                        offsets[kind.axis] = start
+                    if pt.layer is not None:
+                        piece, offsets = piece.unsqueeze(0), [pt.layer, *offsets]
+                    owner = stage * layout.tp + rank
+                    if owner not in files:
+                        files[owner] = open(iter_dir / f"__{owner}_0.distcp", "wb")
+                    f = files[owner]
+                    begin = f.tell()
+                    torch.save(_compact(piece), f)
+                    storage[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(f"__{owner}_0.distcp", begin, f.tell() - begin)
+                    meta.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(piece.shape)))
+            progress(canonical.numel() * canonical.element_size())
+    finally:
+        for f in files.values():
+            f.close()
+    metadata = Metadata(
+        state_dict_metadata=dict(state),
+        planner_data={k: (k,) for k in state},
+        storage_data=storage,
+        storage_meta=StorageMeta(checkpoint_id=None, save_id=uuid.uuid4().hex, load_id=None),
+    )
+    with open(iter_dir / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    torch.save(
+        {"args": args_namespace(margs), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+         "ckptbridge": bridge_record(spec, spec_name)},
+        iter_dir / "common.pt",
+    )
+    (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A tensor that owns exactly its bytes (torch.save would otherwise write the whole storage)."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
+_ALLOWED = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, refusing any class that is not checkpoint metadata."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint") or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
+            if name == "Size" or isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return super().find_class(module, name)
+        if module == "builtins" and name in ("set", "frozenset", "slice"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+def read_metadata(iter_dir: Path) -> Metadata:
+    path = iter_dir / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing; not a torch_dist checkpoint") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
+        raise FormatError(f"{path}: corrupt or unsafe metadata ({exc})") from None
+    if not isinstance(md, Metadata):
+        raise FormatError(f"{path}: does not hold torch.distributed.checkpoint Metadata")
+    return md
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    info: _StorageInfo
+
+
+class TorchDistSource:
+    """Canonical tensors read from a torch_dist checkpoint."""
+
+    format = "torch_dist"
+
+    def __init__(self, iter_dir: Path):
+        self.iter_dir = Path(iter_dir)
+        mjson = self.iter_dir / "metadata.json"
+        try:
+            backend = json.loads(mjson.read_text()).get("sharded_backend")
+        except (FileNotFoundError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{mjson}: missing or corrupt ({exc})") from None
+        if backend != "torch_dist":
+            raise FormatError(f"{mjson}: sharded_backend is {backend!r}, only torch_dist is supported")
+        common = safe_load(self.iter_dir / "common.pt")
+        if not isinstance(common, dict) or "args" not in common:
+            raise FormatError(f"{self.iter_dir / 'common.pt'}: no 'args'")
+        self.margs = vars(common["args"])
+        self.spec = spec_from_record(common.get("ckptbridge"), self.iter_dir / "common.pt")
+        self.layout = ParallelLayout.from_args(self.margs)
+        self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
+        self.metadata = read_metadata(self.iter_dir)
+        self.chunks: dict[str, list[_Chunk]] = {}
+        for index, info in self.metadata.storage_data.items():
+            self.chunks.setdefault(index.fqn, []).append(_Chunk(tuple(index.offset or ()), (), info))
+        for key, md in self.metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                by_offset = {c.offsets: c for c in self.chunks.get(key, [])}
+                self.chunks[key] = [
+                    _Chunk(tuple(c.offsets), tuple(c.sizes), by_offset[tuple(c.offsets)].info)
+                    for c in md.chunks if tuple(c.offsets) in by_offset
+                ]
+        dtypes = {md.properties.dtype for md in self.metadata.state_dict_metadata.values() if isinstance(md, TensorStorageMetadata)}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else self.margs.get("params_dtype", torch.float32)
+        self._fds: dict[str, int] = {}
+
+    def skipped(self) -> list[str]:
+        return sorted(k for k in self.metadata.state_dict_metadata if is_training_state(k) or is_extra_state(k))
+
+    def verify(self) -> None:
+        expected = {storage_key(pt): global_shape(pt, self.margs) for pt in self.spec.planned()}
+        where = self.iter_dir / ".metadata"
+        for key, md in self.metadata.state_dict_metadata.items():
+            if is_training_state(key) or is_extra_state(key):
+                continue
+            if key not in expected:
+                raise PlanError(f"unmapped source tensor {key!r} in {where}")
+            if isinstance(md, BytesStorageMetadata):
+                raise PlanError(f"{key!r} in {where} is stored as bytes, expected a tensor")
+            if tuple(md.size) != expected[key]:
+                raise PlanError(f"tensor {key!r} in {where} has shape {list(md.size)}, the config implies {list(expected[key])}")
+            covered = sum(_numel(c.sizes) for c in md.chunks)
+            if covered != _numel(md.size) or len(self.chunks[key]) != len(md.chunks):
+                raise FormatError(f"{where}: chunks of {key!r} do not cover the tensor (or lack storage entries)")
+        missing = sorted(set(expected) - set(self.metadata.state_dict_metadata))
+        if missing:
+            raise PlanError(f"missing tensor {missing[0]!r} in {where} ({len(missing)} missing in all)")
+        for info in {c.info.relative_path: c.info for cs in self.chunks.values() for c in cs}.values():
+            path = self.iter_dir / info.relative_path
+            end = max(c.info.offset + c.info.length for cs in self.chunks.values() for c in cs if c.info.relative_path == info.relative_path)
+            if not path.exists():
+                raise FormatError(f"{path}: data file named by .metadata is missing")
+            if path.stat().st_size < end:
+                raise FormatError(f"{path}: truncated: .metadata needs {end} bytes, file has {path.stat().st_size}")
+
+    def _load_chunk(self, chunk: _Chunk, key: str) -> torch.Tensor:
+        path = self.iter_dir / chunk.info.relative_path
+        if chunk.info.relative_path not in self._fds:
+            self._fds[chunk.info.relative_path] = open_fd(path)
+        raw = read_into(self._fds[chunk.info.relative_path], chunk.info.offset, chunk.info.length, f"{path}: {key}")
+        try:
+            return torch.load(io.BytesIO(raw.numpy().tobytes()), weights_only=True, map_location="cpu")
+        except Exception as exc:  # torch raises RuntimeError/UnpicklingError for a damaged zip record
+            raise FormatError(f"{path}: cannot read chunk {list(chunk.offsets)} of {key!r} ({exc})") from None
+
+    def read(self, pt: PlannedTensor) -> torch.Tensor:
+        key = storage_key(pt)
+        md = self.metadata.state_dict_metadata[key]
+        start = [pt.layer if pt.layer is not None else 0] + [0] * (len(md.size) - 1)
+        if pt.layer is None:
+            start = [0] * len(md.size)
+        size = list(md.size)
+        if pt.layer is not None:
+            size[0] = 1
+        out = torch.empty(size, dtype=md.properties.dtype)
+        filled = 0
+        for chunk in self.chunks[key]:
+            lo = [max(a, b) for a, b in zip(start, chunk.offsets)]
+            hi = [min(a + s, b + t) for a, s, b, t in zip(start, size, chunk.offsets, chunk.sizes)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            data = self._load_chunk(chunk, key)
+            src, dst = data, out
+            for dim, (l, h) in enumerate(zip(lo, hi)):
+                src = src.narrow(dim, l - chunk.offsets[dim], h - l)
+                dst = dst.narrow(dim, l - start[dim], h - l)
+            dst.copy_(src)
+            filled += _numel(tuple(h - l for l, h in zip(lo, hi)))
+        if filled != out.numel():
+            raise FormatError(f"{self.iter_dir}: chunks of {key!r} cover {filled} of {out.numel()} values of layer {pt.layer}")
+        if pt.layer is not None:
+            out = out[0]
+        return out[: pt.shape[0]] if pt.rule.shard.padded else out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _numel(shape: tuple[int, ...] | torch.Size) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

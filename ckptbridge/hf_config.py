@@ -1,0 +1,73 @@
+"""Read an HF ``config.json`` in either transformers dialect into one flat namespace.
+
+Checkpoints saved by transformers 4 carry ``rope_theta``/``rope_scaling``/
+``torch_dtype``; transformers 5 writes ``rope_parameters``/``dtype``. Mapping
+files are written against the normalised names below, once, for every family.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FormatError
+
+#: fields that older or smaller configs omit, with the value transformers assumes
+_DEFAULTS: dict[str, Any] = {
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+}
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no config.json; an HF checkpoint folder needs one") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+
+
+def normalise(raw: dict[str, Any]) -> dict[str, Any]:
+    """Flatten the rope settings and fill defaults; the raw dict is left untouched."""
+    cfg = {**_DEFAULTS, **raw}
+    cfg.setdefault("max_window_layers", cfg.get("num_hidden_layers"))
+    if cfg.get("head_dim") is None and "hidden_size" in cfg and "num_attention_heads" in cfg:
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = cfg.get("num_attention_heads")
+    rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+    cfg["rope_theta"] = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+    cfg["rope_type"] = rope.get("rope_type", rope.get("type", "default")) or "default"
+    cfg["rope_factor"] = rope.get("factor")
+    cfg["rope_low_freq_factor"] = rope.get("low_freq_factor")
+    cfg["rope_high_freq_factor"] = rope.get("high_freq_factor")
+    cfg["rope_original_max_position_embeddings"] = rope.get("original_max_position_embeddings")
+    cfg["architecture"] = (raw.get("architectures") or [None])[0]
+    return cfg
+
+
+def config_dtype(raw: dict[str, Any]) -> torch.dtype | None:
+    """The dtype the config declares (``dtype`` in v5, ``torch_dtype`` in v4)."""
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    return _DTYPES.get(name) if isinstance(name, str) else None
+
+
+def with_dtype(raw: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The config with its dtype field set, in whichever dialect it already uses."""
+    name = {v: k for k, v in _DTYPES.items()}[dtype]
+    out = dict(raw)
+    key = "torch_dtype" if "torch_dtype" in raw and "dtype" not in raw else "dtype"
+    out[key] = name
+    return out

@@ -1,0 +1,194 @@
+"""The in-memory form of one mapping file, validated when it is loaded.
+
+A rule names the HF tensor(s), the canonical MCore name (TE spec, global layer
+index ``{L}``), an optional local-spec name, the expected HF shapes as
+expressions over MCore arguments, an invertible transform and a shard kind.
+Names are compiled to regular expressions once so lookups run both ways.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import expr
+from ..errors import MappingError, UnsupportedArchitectureError
+from ..sharding import ShardKind, get_kind
+from ..transforms import Shape, Transform, check_round_trip, get_transform
+
+LAYER = "{L}"
+
+#: small config used to prove each rule's transform invertible when a file loads
+PROBE_ARGS: dict[str, Any] = {
+    "hidden_size": 8,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "kv_channels": 3,
+    "ffn_hidden_size": 6,
+    "vocab_size": 10,
+    "padded_vocab_size": 16,
+    "num_layers": 2,
+}
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(re.escape(LAYER), r"(?P<L>\d+)") + "$")
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    mcore: str
+    hf: tuple[str, ...]
+    shapes: tuple[tuple[str | int, ...], ...]
+    transform: Transform
+    shard: ShardKind
+    local: str
+    place: str  # "layer", "first" or "last"
+    when: str | None = None
+    _mcore_re: re.Pattern[str] = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    _local_re: re.Pattern[str] = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    _hf_res: tuple[re.Pattern[str], ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.place == "layer"
+
+    def applies(self, args: Mapping[str, Any]) -> bool:
+        return self.when is None or bool(expr.evaluate(self.when, args))
+
+    def hf_names(self, layer: int | None) -> list[str]:
+        return [_fill(n, layer) for n in self.hf]
+
+    def mcore_name(self, layer: int | None, spec: str = "te") -> str:
+        return _fill(self.local if spec == "local" else self.mcore, layer)
+
+    def hf_shapes(self, args: Mapping[str, Any]) -> list[Shape]:
+        return [tuple(int(expr.evaluate(d, args)) for d in shape) for shape in self.shapes]
+
+    def mcore_shape(self, args: Mapping[str, Any]) -> Shape:
+        return tuple(self.transform.mcore_shape(self.hf_shapes(args), args))
+
+    def match_mcore(self, name: str, spec: str = "te") -> int | None | bool:
+        """Layer index if ``name`` is this rule's MCore name (True for a global tensor), else False."""
+        m = (self._local_re if spec == "local" else self._mcore_re).match(name)
+        if not m:
+            return False
+        return int(m.group("L")) if self.per_layer else True
+
+
+def _fill(template: str, layer: int | None) -> str:
+    if LAYER in template:
+        if layer is None:
+            raise MappingError(f"{template}: a per-layer name needs a layer index")
+        return template.replace(LAYER, str(layer))
+    return template
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    when: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ArchMapping:
+    family: str
+    architectures: tuple[str, ...]
+    description: str
+    config: dict[str, str | int | float | bool]
+    checks: tuple[ConfigCheck, ...]
+    tensors: tuple[TensorRule, ...]
+    source: str
+
+    def translate_config(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        """Normalised HF config -> Megatron-LM arguments; refuses unsupported features first."""
+        for check in self.checks:
+            try:
+                failed = expr.evaluate(check.when, hf)
+            except expr.UnknownName as exc:
+                raise UnsupportedArchitectureError(f"{self.family}: config has no field {exc.name!r} needed by a check") from None
+            if failed:
+                raise UnsupportedArchitectureError(f"{self.family}: " + check.error.format_map(_Lenient(hf)))
+        out: dict[str, Any] = {}
+        for key, source in self.config.items():
+            try:
+                out[key] = expr.evaluate(source, hf)
+            except expr.UnknownName as exc:
+                raise UnsupportedArchitectureError(
+                    f"{self.family}: config.json has no field {exc.name!r} (needed for {key})"
+                ) from None
+        return out
+
+    def rules_for(self, args: Mapping[str, Any]) -> list[TensorRule]:
+        return [r for r in self.tensors if r.applies(args)]
+
+
+class _Lenient(dict):
+    def __missing__(self, key: str) -> str:
+        return f"<{key}?>"
+
+
+def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
+    unknown = set(raw) - {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when"}
+    if unknown:
+        raise MappingError(f"{where}: unknown rule field(s) {sorted(unknown)}")
+    for key in ("mcore", "hf", "shapes", "shard"):
+        if key not in raw:
+            raise MappingError(f"{where}: rule needs {key!r}")
+    hf = (raw["hf"],) if isinstance(raw["hf"], str) else tuple(raw["hf"])
+    shapes = tuple(tuple(s) for s in raw["shapes"])
+    transform = get_transform(raw.get("transform", "identity"))
+    try:
+        shard = get_kind(raw["shard"])
+    except KeyError:
+        raise MappingError(f"{where}: unknown shard kind {raw['shard']!r}") from None
+    place = raw.get("place", "layer")
+    mcore, local = raw["mcore"], raw.get("local", raw["mcore"])
+    if place not in ("layer", "first", "last"):
+        raise MappingError(f"{where}: place must be layer, first or last, not {place!r}")
+    names = (mcore, local, *hf)
+    if any((LAYER in n) != (place == "layer") for n in names):
+        raise MappingError(f"{where}: per-layer rules (and only they) must use {LAYER} in every name")
+    if len(shapes) != len(hf):
+        raise MappingError(f"{where}: {len(hf)} HF names but {len(shapes)} shapes")
+    if transform.arity is not None and transform.arity != len(hf):
+        raise MappingError(f"{where}: transform {transform.name!r} takes {transform.arity} HF tensors, rule names {len(hf)}")
+    return TensorRule(
+        mcore=mcore,
+        hf=hf,
+        shapes=shapes,
+        transform=transform,
+        shard=shard,
+        local=local,
+        place=place,
+        when=raw.get("when"),
+        _mcore_re=_compile(mcore),
+        _local_re=_compile(local),
+        _hf_res=tuple(_compile(n) for n in hf),
+    )
+
+
+def validate_rules(rules: Sequence[TensorRule], where: str, config_keys: set[str]) -> None:
+    """Names must be unique in both directions, and each transform must round-trip."""
+    for attr in ("mcore", "local"):
+        seen: set[str] = set()
+        for r in rules:
+            name = getattr(r, attr)
+            if name in seen:
+                raise MappingError(f"{where}: MCore name {name!r} is mapped twice")
+            seen.add(name)
+    hf_seen: set[str] = set()
+    for r in rules:
+        for n in r.hf:
+            if n in hf_seen:
+                raise MappingError(f"{where}: HF name {n!r} is mapped twice")
+            hf_seen.add(n)
+    known = config_keys | set(PROBE_ARGS) | {"padded_vocab_size"}
+    for r in rules:
+        used = set().union(*(expr.names_in(d) for s in r.shapes for d in s), expr.names_in(r.when))
+        missing = used - known
+        if missing:
+            raise MappingError(f"{where}: rule {r.mcore} uses unknown config field(s) {sorted(missing)}")
+        check_round_trip(r.transform, r.hf_shapes(PROBE_ARGS), PROBE_ARGS, f"{where}: rule {r.mcore}")

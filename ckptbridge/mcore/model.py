@@ -1,0 +1,538 @@
+"""Build, load and run a real megatron-core ``GPTModel`` from Megatron-LM ``args``.
+
+Megatron-LM checkpoints carry the training ``argparse.Namespace`` (``common.pt['args']`` for
+torch_dist, ``model_optim_rng.pt['args']`` for the legacy format).  This module turns that
+namespace into the same ``TransformerConfig`` / ``GPTModel`` Megatron-LM's ``pretrain_gpt``
+would build, so that checkpoints written by a converter can be validated by megatron-core's
+*own* loading code (``dist_checkpointing.load`` / ``load_state_dict``) and forward pass.
+
+Typical use inside one process of an initialised gloo/nccl group::
+
+    init_parallel(tp=2, pp=2)
+    models = build_gpt_model(args)
+    load_torch_dist(models, "ckpt/iter_0000010")
+    logits = forward_logits(models, tokens)   # full-vocab logits on the last PP stage
+
+On CPU the minimal patches from :mod:`ckptbridge.mcore.compat` are applied automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ckptbridge.mcore.compat import apply_cpu_patches, cuda_to_cpu
+
+apply_cpu_patches()
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.dist_checkpointing.validation import StrictHandling  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+
+__all__ = [
+    "init_parallel",
+    "transformer_config_from_args",
+    "layer_spec_from_args",
+    "build_gpt_model",
+    "load_torch_dist",
+    "load_legacy_rank",
+    "forward_logits",
+    "LOCAL_TO_TE_LAYER_KEYS",
+    "CheckpointMismatchError",
+]
+
+#: Top-level module prefixes of a ``GPTModel`` (sharded keys and state-dict keys).
+_MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
+
+#: The local spec stores the two pre-norms as separate modules while the TransformerEngine spec
+#: fuses them into the following linear.  ``sharded_state_dict`` already maps local -> TE names
+#: (``get_gpt_layer_local_spec``'s ``sharded_state_dict_keys_map``, gpt_layer_specs.py:417-420)
+#: so torch_dist checkpoints are interchangeable; plain ``state_dict()`` keys are *not*, which is
+#: why :func:`load_legacy_rank` accepts either spelling.
+LOCAL_TO_TE_LAYER_KEYS: dict[str, str] = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+_ARGS_ATTR = "_ckptbridge_args"
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Raised when checkpoint and model disagree on (non ``_extra_state``) keys."""
+
+
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _te_usable() -> bool:
+    """TransformerEngine modules need both the package and a CUDA device."""
+    if _on_cpu():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# parallel state
+# --------------------------------------------------------------------------------------------
+
+
+def init_parallel(
+    tp: int,
+    pp: int,
+    vpp: int | None = None,
+    *,
+    seed: int = 1234,
+    create_gloo_process_groups: bool = False,
+) -> None:
+    """Initialise megatron ``parallel_state`` inside an already initialised process group.
+
+    Order is megatron's default (``tp-cp-ep-dp-pp``): ranks ``[0, tp)`` form the first TP group,
+    PP stages are ``tp * dp`` ranks apart.  Any previous model-parallel state is destroyed
+    first so the function can be called repeatedly in one process (e.g. in tests).
+
+    The RNG is seeded like Megatron-LM's ``_set_random_seed``: the default CPU generator with
+    ``seed`` and the model-parallel tracker via ``model_parallel_cuda_manual_seed`` (which uses
+    the CPU tracker of patch P3 when CUDA is absent).  ``create_gloo_process_groups`` is off by
+    default because on CPU every group already is a gloo group and the extra groups only cost
+    start-up time.
+    """
+    apply_cpu_patches()
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("init_parallel needs torch.distributed.init_process_group() first")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        create_gloo_process_groups=create_gloo_process_groups,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+# --------------------------------------------------------------------------------------------
+# config / spec / model
+# --------------------------------------------------------------------------------------------
+
+
+def transformer_config_from_args(
+    args: argparse.Namespace, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> TransformerConfig:
+    """Map Megatron-LM argument names to a ``TransformerConfig`` for a dense Llama-style model.
+
+    Mirrors ``core_transformer_config_from_args`` of Megatron-LM for the fields a dense
+    Llama / Mistral / Qwen2 / Qwen3 model uses (RMSNorm, SwiGLU, GQA, RoPE, optional QKV bias
+    and QK-norm).  Deliberate differences, because this model is used for *checking* weights:
+
+    * the compute dtype is ``dtype`` (fp32 by default) and *not* ``args.bf16/fp16``;
+    * all dropout is 0;
+    * weights are initialised on CPU when CUDA is absent (``use_cpu_initialization``), which
+      also makes a fresh init independent of the TP layout.
+
+    RoPE base / percent / scaling are *not* config fields in megatron-core 0.16.1; they are
+    ``GPTModel`` constructor arguments (see :func:`build_gpt_model`).  ``overrides`` are
+    applied last and may name any ``TransformerConfig`` field.
+    """
+    pp = int(args.pipeline_model_parallel_size)
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    gqa = bool(getattr(args, "group_query_attention", False))
+    kw: dict[str, Any] = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups if gqa else None,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=bool(args.swiglu),
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=bool(args.add_bias_linear),
+        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
+        qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=_on_cpu(),
+        sequence_parallel=False,
+    )
+    if pp > 1:
+        # Uneven first/last stages (Megatron-LM --decoder-first/last-pipeline-num-layers).
+        kw["num_layers_in_first_pipeline_stage"] = getattr(
+            args, "decoder_first_pipeline_num_layers", None
+        )
+        kw["num_layers_in_last_pipeline_stage"] = getattr(
+            args, "decoder_last_pipeline_num_layers", None
+        )
+    window = getattr(args, "window_size", None)
+    if window is not None:
+        kw["window_size"] = tuple(window)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def layer_spec_from_args(args: argparse.Namespace, use_te: bool | None = None) -> ModuleSpec:
+    """Transformer-layer spec: local (pure PyTorch) unless TE is requested *and* usable.
+
+    ``use_te=None`` follows ``args.transformer_impl`` but falls back to the local spec when
+    TransformerEngine or CUDA is missing; torch_dist checkpoints of both specs share key names
+    for dense models, so the fallback loads the same checkpoints.
+    """
+    if use_te is None:
+        use_te = getattr(args, "transformer_impl", "local") == "transformer_engine"
+    qk_layernorm = bool(getattr(args, "qk_layernorm", False))
+    if use_te and _te_usable():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=args.normalization)
+
+
+def build_gpt_model(
+    args: argparse.Namespace,
+    dtype: torch.dtype = torch.float32,
+    *,
+    use_te: bool | None = None,
+    **config_overrides: Any,
+) -> list[GPTModel]:
+    """Build this rank's ``GPTModel`` chunks (one per virtual pipeline stage), in eval mode.
+
+    Follows Megatron-LM's ``get_model``/``model_provider``: chunk ``i`` gets ``vp_stage=i``,
+    ``pre_process``/``post_process`` from ``parallel_state.is_pipeline_first/last_stage`` with
+    ``ignore_virtual=False``, ``vocab_size=args.padded_vocab_size``,
+    ``max_sequence_length=args.max_position_embeddings`` and shares embedding and output
+    weights unless ``args.untie_embeddings_and_output_weights``.  ``init_parallel`` must have
+    been called with the same TP/PP/VPP as ``args``.
+
+    Construction runs under :func:`cuda_to_cpu` because with tied embeddings and PP>1 the
+    last stage all-reduces its embedding copy after ``weight.data.cuda()``
+    (models/common/language_module/language_module.py:244).
+    """
+    apply_cpu_patches()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    want = (
+        int(args.tensor_model_parallel_size),
+        int(args.pipeline_model_parallel_size),
+        getattr(args, "virtual_pipeline_model_parallel_size", None),
+    )
+    if (tp, pp, vpp) != want:
+        raise ValueError(f"parallel_state has (tp, pp, vpp)={(tp, pp, vpp)} but args want {want}")
+
+    config = transformer_config_from_args(args, dtype=dtype, **config_overrides)
+    spec = layer_spec_from_args(args, use_te=use_te)
+    models: list[GPTModel] = []
+    with cuda_to_cpu():
+        for vp_stage in range(vpp or 1):
+            stage = vp_stage if vpp is not None else None
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=args.padded_vocab_size,
+                max_sequence_length=args.max_position_embeddings,
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=stage
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=stage
+                ),
+                parallel_output=True,
+                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                position_embedding_type=args.position_embedding_type,
+                rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
+                rotary_base=int(getattr(args, "rotary_base", 10000)),
+                rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
+                rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)),
+                seq_len_interpolation_factor=getattr(
+                    args, "rotary_seq_len_interpolation_factor", None
+                ),
+                vp_stage=stage,
+            )
+            model.eval()
+            setattr(model, _ARGS_ATTR, args)
+            models.append(model)
+    return models
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.endswith("_extra_state")
+
+
+def _chunk_key(models: Sequence[torch.nn.Module], i: int) -> str:
+    """Megatron-LM's state-dict key for chunk ``i``: ``model`` or ``model0``, ``model1``..."""
+    return "model" if len(models) == 1 else f"model{i}"
+
+
+def _sharded_sd_metadata(ckpt_dir: str) -> dict[str, Any] | None:
+    """Reconstruct the ``metadata`` the checkpoint's sharded keys were produced with.
+
+    Megatron-LM passes ``sharded_sd_metadata`` to ``model.sharded_state_dict(metadata=...)``
+    and stores it as ``content_metadata`` in ``common.pt``.  Two flags change *model* keys:
+    ``singleton_local_shards`` (SwiGLU ``linear_fc1.weight_w/_v`` and per-layer keys) and
+    ``non_homogeneous_layers`` (per-layer ``decoder.layers.<i>.`` keys instead of one tensor
+    stacked over layers).  Without ``content_metadata`` (e.g. a checkpoint written directly with
+    ``dist_checkpointing.save``) the layout is detected from the tensor names in ``.metadata``.
+    """
+    content = dist_checkpointing.load_content_metadata(ckpt_dir)
+    meta: dict[str, Any] = {}
+    if content:
+        for k in ("singleton_local_shards", "non_homogeneous_layers"):
+            if k in content:
+                meta[k] = content[k]
+        return meta or None
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata.keys()
+    if any(re.match(r"decoder\.layers\.\d+\.", k) for k in keys):
+        meta["non_homogeneous_layers"] = True
+    if any(k.endswith("linear_fc1.weight_w") for k in keys):
+        meta["singleton_local_shards"] = True
+    return meta or None
+
+
+def load_torch_dist(
+    models: Sequence[GPTModel], ckpt_dir: str | os.PathLike[str], *, strict: bool = True
+) -> dict[str, set[str]]:
+    """Load a torch_dist checkpoint folder (``iter_XXXXXXX/`` or ``release/``) into ``models``.
+
+    Uses megatron's own ``dist_checkpointing.load`` with ``StrictHandling.RETURN_ALL``, then
+    ``load_state_dict`` like Megatron-LM.  In megatron's vocabulary "unexpected" keys are keys
+    the *model* requests that the checkpoint lacks and "missing" keys are checkpoint entries no
+    rank requested (computed globally, over all ranks).
+
+    ``_extra_state`` handling (why the strict check needs special-casing): every local-spec
+    ``ColumnParallelLinear``/``RowParallelLinear`` contributes a ``<module>._extra_state``
+    ``ShardedObject`` whose value is ``None`` (``GPTModel`` drops ``output_layer._extra_state``).
+    megatron-core writes these as byte entries; a converter may omit them, and TE checkpoints
+    carry more of them (e.g. ``core_attention._extra_state``).  With RETURN_ALL an absent
+    requested object is removed from the request and the module keeps its (empty) state, and
+    ``load_state_dict`` re-adds ``_extra_state=None`` through the linear layers' pre-hook, so
+    ``_extra_state`` mismatches are harmless in both directions and are ignored here.
+
+    With ``strict`` a ``CheckpointMismatchError`` is raised (on every rank) when a model
+    tensor is absent from the checkpoint or a model-like checkpoint entry (``embedding.``,
+    ``decoder.``, ``output_layer.``, ``mtp.``) is not consumed -- e.g. a wrong layer count.
+    Other checkpoint entries (optimizer state, ``rng_state``...) are always ignored.
+
+    Returns ``{"unexpected": ..., "missing": ...}`` (``_extra_state`` keys included) for
+    inspection.
+    """
+    apply_cpu_patches()
+    ckpt_dir = os.fspath(ckpt_dir)
+    metadata = _sharded_sd_metadata(ckpt_dir)
+    sharded_sd = {
+        _chunk_key(models, i): m.sharded_state_dict(metadata=metadata)
+        for i, m in enumerate(models)
+    }
+    with cuda_to_cpu():
+        loaded, missing, unexpected = dist_checkpointing.load(
+            sharded_sd, ckpt_dir, strict=StrictHandling.RETURN_ALL
+        )
+    if strict:
+        bad_unexpected = sorted(k for k in unexpected if not _is_extra_state(k))
+        bad_missing = sorted(
+            k for k in missing if not _is_extra_state(k) and k.startswith(_MODEL_KEY_PREFIXES)
+        )
+        if bad_unexpected or bad_missing:
+            raise CheckpointMismatchError(
+                f"torch_dist checkpoint {ckpt_dir} does not match the model: "
+                f"absent from checkpoint={bad_unexpected}, unused in checkpoint={bad_missing}"
+            )
+    for i, m in enumerate(models):
+        _load_chunk(m, loaded[_chunk_key(models, i)])
+    return {"unexpected": set(unexpected), "missing": set(missing)}
+
+
+def _load_chunk(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> None:
+    """``load_state_dict`` that only tolerates ``_extra_state`` mismatches."""
+    result = model.load_state_dict(dict(state_dict), strict=False)
+    missing = [k for k in result.missing_keys if not _is_extra_state(k)]
+    unexpected = [k for k in result.unexpected_keys if not _is_extra_state(k)]
+    if missing or unexpected:
+        raise CheckpointMismatchError(f"missing keys={missing}, unexpected keys={unexpected}")
+
+
+def _te_to_local(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename fused-norm TE keys to local-spec module names where the model needs them."""
+    own = set(model.state_dict().keys())
+    out: dict[str, Any] = {}
+    for k, v in state_dict.items():
+        if k not in own:
+            for local, te in LOCAL_TO_TE_LAYER_KEYS.items():
+                if te in k and k.replace(te, local) in own:
+                    k = k.replace(te, local)
+                    break
+        out[k] = v
+    return out
+
+
+def load_legacy_rank(models: Sequence[GPTModel], state_dict: Mapping[str, Any]) -> None:
+    """Load one legacy per-rank checkpoint (``mp_rank_XX[_YYY]/model_optim_rng.pt``).
+
+    ``state_dict`` is the loaded file (or just its model part): ``{'model': sd}`` for a single
+    chunk, ``{'model0': sd0, 'model1': sd1, ...}`` with virtual pipeline stages.  Semantics
+    are ``load_state_dict(strict=True)`` except that ``_extra_state`` keys may be absent or
+    extra.  The local spec's ``state_dict()`` keys per decoder layer ``i`` (*local* index on
+    this stage, starting at 0) are::
+
+        decoder.layers.i.input_layernorm.weight
+        decoder.layers.i.self_attention.linear_qkv.weight   (+ .bias with add_qkv_bias)
+        decoder.layers.i.self_attention.linear_qkv._extra_state
+        decoder.layers.i.self_attention.q_layernorm.weight  (qk_layernorm)
+        decoder.layers.i.self_attention.k_layernorm.weight  (qk_layernorm)
+        decoder.layers.i.self_attention.linear_proj.weight / ._extra_state
+        decoder.layers.i.pre_mlp_layernorm.weight
+        decoder.layers.i.mlp.linear_fc1.weight / ._extra_state   ([gate; up] per TP rank)
+        decoder.layers.i.mlp.linear_fc2.weight / ._extra_state
+
+    plus ``embedding.word_embeddings.weight`` on the first stage, ``decoder.final_layernorm.
+    weight`` and ``output_layer.weight`` (also when tied, as the embedding copy) and
+    ``output_layer._extra_state`` on the last stage.  TE-spec names for the pre-norms
+    (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``)
+    are accepted and renamed (see ``LOCAL_TO_TE_LAYER_KEYS``).
+    """
+    if len(models) == 1 and "model" in state_dict:
+        parts = [state_dict["model"]]
+    elif len(models) > 1 and all(f"model{i}" in state_dict for i in range(len(models))):
+        parts = [state_dict[f"model{i}"] for i in range(len(models))]
+    elif len(models) == 1 and any(k.startswith(_MODEL_KEY_PREFIXES) for k in state_dict):
+        parts = [state_dict]
+    else:
+        raise CheckpointMismatchError(
+            f"expected 'model' or 'model0'..'model{len(models) - 1}' in state dict, "
+            f"got keys {sorted(state_dict)[:10]}"
+        )
+    for m, sd in zip(models, parts):
+        _load_chunk(m, _te_to_local(m, sd))
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+
+def _gather_tp_last_dim(t: torch.Tensor) -> torch.Tensor:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    torch.distributed.all_gather(
+        parts, t, group=parallel_state.get_tensor_model_parallel_group()
+    )
+    return torch.cat(parts, dim=-1)
+
+
+def forward_logits(
+    models: Sequence[GPTModel], tokens: torch.Tensor, *, vocab_size: int | None = None
+) -> torch.Tensor | None:
+    """Forward ``tokens`` ([b, s] int64, identical on every rank) through all PP stages.
+
+    Uses megatron's ``get_forward_backward_func`` with ``forward_only=True`` and
+    ``collect_non_loss_data=True`` (so the last stage's "loss function" receives the logits),
+    under :func:`cuda_to_cpu` for the schedules' ``device="cuda"`` counters (P4).  The
+    attention mask is explicit (``[1, 1, s, s]`` bool, True = masked, like Megatron-LM's
+    ``get_ltor_masks_and_position_ids``) so megatron never builds its CUDA default mask.
+
+    Microbatching: one microbatch of the whole batch, except with virtual pipeline stages
+    where megatron's interleaved schedule needs at least ``pp`` microbatches; there the batch
+    is split per sample (padded by repeating the last sample, padding dropped afterwards) and
+    ``microbatch_group_size_per_vp_stage`` is set to the microbatch count for the call.
+
+    Returns ``[b, s, vocab]`` logits in the model dtype, gathered over TP and sliced to
+    ``args.vocab_size`` (or ``vocab_size``), on last-stage ranks; ``None`` elsewhere.
+    """
+    apply_cpu_patches()
+    models = list(models)
+    args = getattr(models[0], _ARGS_ATTR, None)
+    if vocab_size is None and args is not None:
+        vocab_size = int(args.vocab_size)
+    config = models[0].config
+    b, s = tokens.shape
+    tokens = tokens.to(torch.long)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+
+    if vpp is not None:
+        n_mb = max(b, pp)
+        samples = [tokens[min(i, b - 1) : min(i, b - 1) + 1] for i in range(n_mb)]
+        microbatches, mbs = samples, 1
+    else:
+        n_mb, microbatches, mbs = 1, [tokens], b
+
+    position_ids = torch.arange(s, dtype=torch.long).unsqueeze(0)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+
+    def loss_func(output: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
+        return _gather_tp_last_dim(output)
+
+    def forward_step(data_iterator: Any, model: GPTModel) -> tuple[torch.Tensor, Any]:
+        mb = next(data_iterator)
+        out = model(
+            input_ids=mb,
+            position_ids=position_ids.expand(mb.shape[0], -1),
+            attention_mask=mask,
+        )
+        return out, loss_func
+
+    if vpp is not None:
+        data_iterator: Any = [iter(list(microbatches)) for _ in models]
+    else:
+        data_iterator = iter(microbatches)
+
+    saved_group = config.microbatch_group_size_per_vp_stage
+    if vpp is not None:
+        config.microbatch_group_size_per_vp_stage = n_mb
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad(), cuda_to_cpu():
+            store = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=data_iterator,
+                model=models if len(models) > 1 else models[0],
+                num_microbatches=n_mb,
+                seq_length=s,
+                micro_batch_size=mbs,
+                forward_only=True,
+                collect_non_loss_data=True,
+            )
+    finally:
+        config.microbatch_group_size_per_vp_stage = saved_group
+
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    logits = torch.cat(list(store), dim=0)[:b]
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    return logits

@@ -1,0 +1,71 @@
+"""Model presets (real HF configs in ``alignment/presets``) and tiny seeded models built from them.
+
+There is no model hub here: examples and tests take a real config, shrink
+widths and depth while keeping every structural feature (GQA with several
+groups, rope scaling, tied embeddings, biases, q/k norms, explicit head_dim),
+fill it with seeded random weights and save it with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CkptBridgeError
+
+
+def presets_dir() -> Path:
+    packaged = Path(__file__).resolve().parent / "_data" / "alignment" / "presets"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "alignment" / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = presets_dir() / f"{name}.json"
+    if not path.exists():
+        raise CkptBridgeError(f"unknown preset {name!r}; known: {', '.join(preset_names())}")
+    return json.loads(path.read_text())
+
+
+def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads: int = 8, groups: int = 4,
+                  ffn: int = 128, vocab: int = 1001) -> dict[str, Any]:
+    """Small widths, same structure. An explicit ``head_dim`` stays explicit and is made to differ
+    from hidden/heads, so the ``kv_channels`` path is exercised."""
+    out = dict(cfg)
+    out.update(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=groups,
+               intermediate_size=ffn, vocab_size=vocab)
+    if "head_dim" in cfg:
+        out["head_dim"] = 2 * hidden // heads
+    if out.get("max_window_layers") is not None:
+        out["max_window_layers"] = layers
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in out:
+            out[key] = [1, 2] if isinstance(out[key], list) else 1
+    return out
+
+
+def build_tiny_hf(preset: str, out: Path, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  **shrink: int) -> Path:
+    """Save a seeded random HF model of ``preset``'s architecture to ``out``; returns ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = shrink_config(load_preset(preset)["hf_config"], layers=layers, **shrink)
+    model_type = raw.pop("model_type")
+    raw.pop("architectures", None)
+    config = AutoConfig.for_model(model_type, **raw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.1 if p.dim() == 1 else 0.05
+            base = 1.0 if "norm" in name else 0.0
+            p.copy_(base + scale * torch.randn(p.shape, generator=gen))
+    model.to(dtype).save_pretrained(out)
+    return Path(out)

@@ -1,0 +1,96 @@
+"""How one global MCore tensor is split across tensor-parallel ranks.
+
+Every kind is described by the same primitive: for each TP rank, the list of
+global *regions* (start, length along one axis) whose concatenation is that
+rank's local shard. Splitting, merging and the chunk list of a torch_dist
+checkpoint all derive from it, so a new kind is one small function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LayoutError
+
+Region = tuple[int, int]  # (start, length) along the shard axis
+
+
+@dataclass(frozen=True)
+class ShardKind:
+    name: str
+    axis: int | None  # None: replicated on every rank
+    halves: int = 1  # >1: the axis holds that many equal parts, each split separately (GLU)
+    padded: bool = False  # vocab: pad dim 0 to the padded vocab size before splitting
+
+    def regions(self, shape: Sequence[int], tp: int, what: str = "tensor") -> list[list[Region]]:
+        """Per rank, the global regions that make up its shard."""
+        if self.axis is None:
+            return [[(0, shape[0] if shape else 1)] for _ in range(tp)]
+        size = shape[self.axis]
+        part = size // self.halves
+        if size % self.halves or part % tp:
+            raise LayoutError(
+                f"{what}: dimension {self.axis} of size {size} cannot be split {self.halves}x{tp} ways ({self.name} parallel)"
+            )
+        step = part // tp
+        return [[(h * part + r * step, step) for h in range(self.halves)] for r in range(tp)]
+
+
+KINDS: dict[str, ShardKind] = {
+    k.name: k
+    for k in (
+        ShardKind("replicated", None),
+        ShardKind("column", 0),
+        ShardKind("row", 1),
+        ShardKind("vocab", 0, padded=True),
+        ShardKind("qkv", 0),  # whole query groups per rank; the group check lives in the layout
+        ShardKind("glu", 0, halves=2),
+    )
+}
+
+
+def get_kind(name: str) -> ShardKind:
+    if name not in KINDS:
+        raise KeyError(name)
+    return KINDS[name]
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad dim 0 with zeros to ``rows`` (vocab padding); a no-op when already that size."""
+    if tensor.shape[0] == rows:
+        return tensor
+    if tensor.shape[0] > rows:
+        raise LayoutError(f"cannot pad {tensor.shape[0]} rows down to {rows}")
+    out = tensor.new_zeros((rows, *tensor.shape[1:]))
+    out[: tensor.shape[0]] = tensor
+    return out
+
+
+def split(tensor: torch.Tensor, kind: ShardKind, tp: int, what: str = "tensor") -> list[torch.Tensor]:
+    """Global tensor -> one contiguous shard per TP rank (replicated: the same tensor for every rank)."""
+    if kind.axis is None:
+        return [tensor] * tp
+    shards = []
+    for regions in kind.regions(tensor.shape, tp, what):
+        pieces = [tensor.narrow(kind.axis, start, length) for start, length in regions]
+        shards.append(torch.cat(pieces, dim=kind.axis) if len(pieces) > 1 else pieces[0].contiguous())
+    return shards
+
+
+def merge(shards: Sequence[torch.Tensor], kind: ShardKind, what: str = "tensor") -> torch.Tensor:
+    """TP shards -> global tensor; the exact inverse of `split`."""
+    if kind.axis is None:
+        return shards[0]
+    tp = len(shards)
+    shape = list(shards[0].shape)
+    shape[kind.axis] *= tp
+    out = shards[0].new_empty(shape)
+    for shard, regions in zip(shards, kind.regions(shape, tp, what)):
+        offset = 0
+        for start, length in regions:
+            out.narrow(kind.axis, start, length).copy_(shard.narrow(kind.axis, offset, length))
+            offset += length
+    return out

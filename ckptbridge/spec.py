@@ -1,0 +1,128 @@
+"""A model's identity: its HF config, its mapping, its Megatron arguments, and the
+ordered list of canonical tensors every conversion walks.
+
+The canonical form of a tensor is MCore's *global* tensor (all TP shards
+joined, vocabulary unpadded, TE-spec name, global layer index). Readers
+produce it and writers consume it, so any source pairs with any destination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import LayoutError
+from .hf_config import normalise
+from .layout import ParallelLayout, padded_vocab_size
+from .mapping.registry import MappingRegistry, build_mapping, default_registry
+from .mapping.schema import ArchMapping, TensorRule
+from .transforms import Shape
+
+DEFAULT_VOCAB_DIVISIBLE_BY = 128
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One canonical tensor and where it comes from / goes to on each side."""
+
+    rule: TensorRule
+    layer: int | None
+    mcore: str
+    hf_names: tuple[str, ...]
+    hf_shapes: tuple[Shape, ...]
+    shape: Shape
+
+    def local_name(self) -> str:
+        return self.rule.mcore_name(self.layer, "local")
+
+
+@dataclass
+class ModelSpec:
+    mapping: ArchMapping
+    hf_config: dict[str, Any]  # the raw config.json, exactly as read
+    args: dict[str, Any]  # Megatron-LM argument names (no layout)
+    mapping_data: dict[str, Any] = field(default_factory=dict)  # resolved mapping file, travels with MCore checkpoints
+
+    @classmethod
+    def from_hf_config(cls, raw: dict[str, Any], registry: MappingRegistry | None = None) -> "ModelSpec":
+        registry = registry or default_registry()
+        norm = normalise(raw)
+        mapping = registry.for_architecture(norm["architecture"])
+        return cls(mapping, raw, mapping.translate_config(norm), registry.resolved_dict(mapping.family))
+
+    @classmethod
+    def from_stored(cls, hf_config: dict[str, Any], mapping_data: dict[str, Any]) -> "ModelSpec":
+        """Rebuild from what an MCore checkpoint carries, with the mapping it was written with."""
+        mapping = build_mapping(mapping_data, f"mapping stored in checkpoint ({mapping_data.get('family')})")
+        return cls(mapping, hf_config, mapping.translate_config(normalise(hf_config)), mapping_data)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.args["num_layers"])
+
+    def rules(self) -> list[TensorRule]:
+        return self.mapping.rules_for(self.args)
+
+    def planned(self) -> list[PlannedTensor]:
+        """All canonical tensors in write order: first-stage globals, layers, last-stage globals."""
+        rules = self.rules()
+        out = [self._plan(r, None) for r in rules if r.place == "first"]
+        for layer in range(self.num_layers):
+            out += [self._plan(r, layer) for r in rules if r.per_layer]
+        out += [self._plan(r, None) for r in rules if r.place == "last"]
+        return out
+
+    def by_layer(self) -> Iterator[tuple[int | None, list[PlannedTensor]]]:
+        """Planned tensors grouped by layer (None for the global ones), in write order."""
+        group: list[PlannedTensor] = []
+        current: int | None | str = "start"
+        for pt in self.planned():
+            if pt.layer != current and group:
+                yield current, group  # type: ignore[misc]
+                group = []
+            current = pt.layer
+            group.append(pt)
+        if group:
+            yield current, group  # type: ignore[misc]
+
+    def _plan(self, rule: TensorRule, layer: int | None) -> PlannedTensor:
+        shapes = tuple(rule.hf_shapes(self.args))
+        return PlannedTensor(
+            rule=rule,
+            layer=layer,
+            mcore=rule.mcore_name(layer),
+            hf_names=tuple(rule.hf_names(layer)),
+            hf_shapes=shapes,
+            shape=tuple(rule.transform.mcore_shape(shapes, self.args)),
+        )
+
+    def megatron_args(self, layout: ParallelLayout, dtype: torch.dtype, spec: str, ckpt_format: str,
+                      vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> dict[str, Any]:
+        """Everything a Megatron-LM trainer needs to rebuild this model at this layout."""
+        layout.check_divides(self.args)
+        layout.chunks(self.num_layers)  # raises LayoutError on a layer split that does not fit
+        if self.args["num_query_groups"] % layout.tp:
+            raise LayoutError(f"--tp {layout.tp} does not divide num_query_groups={self.args['num_query_groups']}")
+        return {
+            **self.args,
+            **layout.to_args(),
+            "make_vocab_size_divisible_by": vocab_divisible_by,
+            "padded_vocab_size": padded_vocab_size(self.args["vocab_size"], vocab_divisible_by, layout.tp),
+            "transformer_impl": "transformer_engine" if spec == "te" else "local",
+            "params_dtype": dtype,
+            "bf16": dtype == torch.bfloat16,
+            "fp16": dtype == torch.float16,
+            "ckpt_format": ckpt_format,
+            "seq_length": min(int(self.args.get("max_position_embeddings") or 4096), 4096),
+            "num_layers_per_virtual_pipeline_stage": (
+                self.num_layers // (layout.pp * layout.vpp) if layout.vpp else None
+            ),
+        }
+
+
+def vocab_rows(pt: PlannedTensor, args: Mapping[str, Any]) -> int | None:
+    """Padded row count for vocab-sharded tensors, else None."""
+    return int(args["padded_vocab_size"]) if pt.rule.shard.padded else None

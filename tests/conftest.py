@@ -1,0 +1,18 @@
+"""Shared fixtures: tiny seeded HF models built from real configs (no model hub here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckptbridge.presets import build_tiny_hf
+
+from helpers import DENSE_PRESETS
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> dict[str, Path]:
+    """One 4-layer fp32 model per dense preset (4 layers: room for VPP 2 x PP 2 and uneven stages)."""
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {name: build_tiny_hf(name, root / name, layers=4, seed=i) for i, name in enumerate(DENSE_PRESETS)}

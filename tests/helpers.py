@@ -1,0 +1,53 @@
+"""Small helpers shared by the conversion tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ckptbridge.convert import Target, convert
+from ckptbridge.layout import ParallelLayout
+
+DENSE_PRESETS = ["llama3.1-8b", "llama3.2-1b", "mistral-7b", "qwen2.5-7b", "qwen2.5-0.5b", "qwen3-8b"]
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def hf_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def to_mcore(src: Path, dst: Path, fmt: str = "torch_dist", spec: str = "te", **layout) -> Path:
+    convert(src, dst, None, Target("mcore", ParallelLayout(**layout), fmt, spec))
+    return dst
+
+
+def to_hf(src: Path, dst: Path) -> Path:
+    convert(src, dst, None, Target("hf"))
+    return dst
+
+
+def assert_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(torch.uint8) if a[k].dim() else a[k], b[k].view(torch.uint8) if b[k].dim() else b[k]), k
+
+
+def tree_digest(folder: Path) -> str:
+    """Hash of every file's path and bytes: proves a folder was not modified."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -130,6 +130,52 @@ def inspect(as_json, tensors, path):
         console.print(table)
 
 
+@main.command()
+@click.option("--layers", type=int, default=2, show_default=True, help="Number of transformer layers.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True)
+@click.argument("preset")
+@click.argument("out", type=click.Path(path_type=Path))
+def example(layers, seed, dtype, preset, out):
+    """Build a tiny HF model of PRESET's architecture (real config, shrunk widths, seeded weights) in OUT.
+
+    PRESET is one of the model presets (e.g. llama3.2-1b, qwen3-8b); no download is needed.
+    """
+    from .presets import build_tiny_hf, load_preset
+
+    try:
+        load_preset(preset)
+        if Path(out).exists():
+            raise CkptBridgeError(f"{out} exists")
+        build_tiny_hf(preset, out, layers=layers, seed=seed, dtype=DTYPES[dtype])
+    except CkptBridgeError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    click.echo(f"tiny {preset} ({layers} layers, {dtype}) written to {out}")
+
+
+@main.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+def compare(a, b):
+    """Check that checkpoints A and B hold the same weights, whatever their formats and layouts.
+
+    Exit status 0 when every tensor is bit-identical, 1 otherwise (the differing tensors are listed).
+    """
+    from .compare import compare as run
+
+    try:
+        diffs = run(a, b)
+    except CkptBridgeError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    bad = [d for d in diffs if not d.bit_exact]
+    for d in bad:
+        click.echo(f"DIFF {d.name}: max abs {d.max_abs:.3g}")
+    click.echo(f"{len(diffs) - len(bad)}/{len(diffs)} tensors bit-identical")
+    sys.exit(1 if bad else 0)
+
+
 @main.command("list-architectures")
 def list_architectures():
     """Architectures with a mapping file, and the file that handles each."""

@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +21,7 @@ from .formats.legacy import LegacySource, write_legacy
 from .formats.mcore_common import ASSETS_DIR, RELEASE, write_tracker
 from .formats.torch_dist import write_torch_dist
 from .layout import ParallelLayout
+from .prefetch import Prefetcher
 from .spec import PlannedTensor
 
 Progress = Callable[[int], None]
@@ -108,11 +109,11 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         total = sum(_numel(pt.shape) for pt in planned) * dtype.itemsize
         progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
 
-        def read(pt: PlannedTensor) -> torch.Tensor:
+        def read_cast(pt: PlannedTensor) -> torch.Tensor:
             return source.read(pt).to(dtype)
 
         assets = source_assets(src, source)
-        with staging_dir(dst, force) as tmp:
+        with staging_dir(dst, force) as tmp, closing(Prefetcher(planned, read_cast)) as read:
             if target.kind == "hf":
                 write_hf(spec, read, tmp, dtype, assets, progress)
             else:

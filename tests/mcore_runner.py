@@ -13,10 +13,12 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 __all__ = ["run_distributed", "WorkerError", "free_port"]
 
@@ -38,14 +40,17 @@ def _worker(
     world_size: int,
     port: int,
     args: tuple[Any, ...],
-    results: "mp.Queue[tuple[int, bool, Any]]",
+    results: mp.Queue[tuple[int, bool, bytes]],
     pg_timeout_s: float,
 ) -> None:
     import datetime
 
     import torch
 
-    ok, payload = True, None
+    # Own process group, so that the parent can kill this worker together with anything it
+    # started (megatron's writer processes, the checkpoint-results Manager) on timeout.
+    os.setpgid(0, 0)
+    ok, payload = True, b""
     try:
         os.environ.update(
             MASTER_ADDR="127.0.0.1",
@@ -61,10 +66,11 @@ def _worker(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout_s),
         )
-        payload = fn(rank, world_size, *args)
-        pickle.dumps(payload)  # fail here (with a traceback) rather than in the queue thread
+        # Plain pickle to bytes: torch tensors put on an mp.Queue directly are sent as
+        # shared-memory handles that die with this process before the parent reads them.
+        payload = pickle.dumps(fn(rank, world_size, *args))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
-        ok, payload = False, traceback.format_exc()
+        ok, payload = False, traceback.format_exc().encode()
     try:
         results.put((rank, ok, payload))
     finally:
@@ -77,10 +83,23 @@ def _worker(
                 dist.destroy_process_group()
         except BaseException:  # noqa: BLE001
             pass
-        # Skip interpreter teardown (atexit handlers inherited from the parent, e.g. pytest's).
         results.close()
         results.join_thread()
-        os._exit(0)
+        # Return normally: multiprocessing then runs its own finalizers (shutting down e.g. a
+        # Manager started by a torch_dist save) and os._exit()s without the parent's atexit
+        # handlers.  An explicit os._exit here would orphan such Manager processes.
+
+
+def _context() -> mp.context.BaseContext:
+    """Workers fork from a forkserver that imported megatron-core and never ran torch kernels.
+
+    Forking the pytest process itself is fast but unsafe once earlier tests have used torch's
+    OpenMP thread pool (a forked child can hang in its first parallel region); the forkserver
+    keeps the speed of fork (megatron is imported once, in the server) without that hazard.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "ckptbridge.mcore.model", "mcore_runner"])
+    return ctx
 
 
 def run_distributed(
@@ -91,13 +110,13 @@ def run_distributed(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` forked gloo ranks.
 
-    ``fn`` must be picklable-result-returning; it may be a closure or lambda since workers are
-    forked (nothing is pickled on the way in).  Returns the results ordered by rank.  Raises
+    ``fn`` must be a module-level function (it is pickled by reference to the forkserver) and
+    must return something picklable.  Returns the results ordered by rank.  Raises
     :class:`WorkerError` with the first failing worker's traceback, if a worker exits without
     a result, or when ``timeout`` seconds pass (all workers are then killed).
     """
-    ctx = mp.get_context("fork")
-    results: "mp.Queue[tuple[int, bool, Any]]" = ctx.Queue()
+    ctx = _context()
+    results: mp.Queue[tuple[int, bool, bytes]] = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
@@ -132,7 +151,7 @@ def run_distributed(
                 if dead:
                     # Give a dying worker's queued traceback a moment to arrive.
                     try:
-                        rank, ok, payload = results.get(timeout=2.0)
+                        rank, ok, payload = results.get(timeout=1.0)
                     except queue.Empty:
                         raise WorkerError(
                             f"worker(s) {dead} exited (codes "
@@ -141,14 +160,17 @@ def run_distributed(
                 else:
                     continue
             if not ok:
-                raise WorkerError(f"rank {rank} failed:\n{payload}")
-            out[rank] = payload
+                raise WorkerError(f"rank {rank} failed:\n{payload.decode()}")
+            out[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5.0 if len(out) == world_size else 0.1)
         for p in procs:
-            if p.is_alive():
-                p.kill()
+            if p.is_alive() and p.pid is not None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)  # the worker's own process group
+                except ProcessLookupError:
+                    pass
                 p.join(timeout=5.0)
         results.close()
     return [out[r] for r in range(world_size)]

@@ -125,7 +125,9 @@ def ref2(tmp_path_factory: pytest.TempPathFactory) -> tuple[argparse.Namespace, 
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_layouts_match_tp1(ref2: tuple[argparse.Namespace, str, torch.Tensor], tp: int, pp: int) -> None:
+def test_layouts_match_tp1(
+    ref2: tuple[argparse.Namespace, str, torch.Tensor], tp: int, pp: int
+) -> None:
     args, ckpt, ref = ref2
     largs = with_layout(args, tp, pp, None)
     results = run_distributed(_load_layout, tp * pp, largs, ckpt, timeout=120)
@@ -156,7 +158,7 @@ def test_qk_layernorm_qkv_bias_builds_and_loads(tmp_path: Path) -> None:
         assert (logits - ref).abs().max().item() <= ATOL
 
 
-def _load_wrong_depth(rank: int, world: int, args: argparse.Namespace, ckpt: str) -> str:
+def _load_expect_error(rank: int, world: int, args: argparse.Namespace, ckpt: str) -> str:
     mm.init_parallel(1, 1)
     models = mm.build_gpt_model(args)
     try:
@@ -166,11 +168,14 @@ def _load_wrong_depth(rank: int, world: int, args: argparse.Namespace, ckpt: str
     return "loaded"
 
 
-def test_strict_load_rejects_unused_layers(ref2: tuple[argparse.Namespace, str, torch.Tensor]) -> None:
-    """A 1-layer model must not silently load the first layer of a 2-layer checkpoint."""
+def test_strict_load_rejects_mismatches(ref2: tuple[argparse.Namespace, str, torch.Tensor]) -> None:
+    """A tensor absent from the checkpoint, and a layer-count mismatch (found by megatron's
+    global-shape check: the default layout stacks layers on a leading ``num_layers`` axis)."""
     args, ckpt, _ = ref2
-    (msg,) = run_distributed(_load_wrong_depth, 1, tiny_args(num_layers=1), ckpt, timeout=120)
-    assert msg != "loaded"
+    (absent,) = run_distributed(_load_expect_error, 1, tiny_args(qk_layernorm=True), ckpt)
+    assert "decoder.layers.self_attention.q_layernorm.weight" in absent
+    (depth,) = run_distributed(_load_expect_error, 1, tiny_args(num_layers=1), ckpt)
+    assert "Global shape mismatch" in depth
 
 
 def _legacy_roundtrip(rank: int, world: int, args: argparse.Namespace) -> float:
@@ -184,8 +189,8 @@ def _legacy_roundtrip(rank: int, world: int, args: argparse.Namespace) -> float:
     mm.load_legacy_rank(dst, sd)
     return max(
         (a - b).abs().max().item()
-        for s, d in zip(src, dst)
-        for a, b in zip(s.state_dict().values(), d.state_dict().values())
+        for s, d in zip(src, dst, strict=True)
+        for a, b in zip(s.state_dict().values(), d.state_dict().values(), strict=True)
         if isinstance(a, torch.Tensor)
     )
 
@@ -193,3 +198,26 @@ def _legacy_roundtrip(rank: int, world: int, args: argparse.Namespace) -> float:
 def test_legacy_rank_load_vpp() -> None:
     args = with_layout(tiny_args(num_layers=4), 1, 2, 2)
     assert run_distributed(_legacy_roundtrip, 2, args, timeout=120) == [0.0, 0.0]
+
+
+def _hang_or_die(rank: int, world: int, mode: str) -> int:
+    import time
+
+    if rank == 1:
+        if mode == "die":
+            os._exit(3)
+        if mode == "raise":
+            raise ValueError("boom from rank 1")
+        time.sleep(60)
+    return rank
+
+
+@pytest.mark.parametrize(
+    "mode,match", [("hang", "timeout"), ("die", "without a result"), ("raise", "boom from rank 1")]
+)
+def test_runner_reports_failures(mode: str, match: str) -> None:
+    """The runner never hangs: a stuck, dead or raising worker becomes a WorkerError."""
+    from mcore_runner import WorkerError
+
+    with pytest.raises(WorkerError, match=match):
+        run_distributed(_hang_or_die, 2, mode, timeout=3)

@@ -76,6 +76,20 @@ def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str) -> dict[str, 
     return out
 
 
+def extra_state_keys(spec: ModelSpec, layout: ParallelLayout, pp: int) -> list[tuple[str, str]]:
+    """(model key, state-dict key) of every ``_extra_state`` entry on stage ``pp``."""
+    chunks = layout.stage_chunks(spec.num_layers, pp)
+    last = layout.chunks(spec.num_layers)[-1]
+    out = []
+    for chunk in chunks:
+        for extra in spec.mapping.extra_state:
+            if extra.place == "layer":
+                out += [(model_key(chunk), f"{extra.module.replace('{L}', str(i))}._extra_state") for i in range(chunk.num_layers)]
+            elif chunk == last:
+                out.append((model_key(chunk), f"{extra.module}._extra_state"))
+    return out
+
+
 def write_legacy(
     spec: ModelSpec,
     read: Callable[[PlannedTensor], torch.Tensor],
@@ -99,6 +113,8 @@ def write_legacy(
             for pt, slot in todo:
                 shape = _local_shape(pt, margs, tp)
                 models[slot.model_key][slot.key] = torch.empty(shape, dtype=dtype)  # never touched: skip_data
+            for model_key_, key in extra_state_keys(spec, layout, pp):
+                models[model_key_][key] = None
             path = iter_dir / rank_dir_name(rank, pp, layout) / FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             with torch.serialization.skip_data():
@@ -106,7 +122,8 @@ def write_legacy(
                             "ckptbridge": record}, path)
             layout_meta = safe_load(path, map_location="meta")
             offsets = {(mk, k): v.untyped_storage()._checkpoint_offset
-                       for mk, sd in layout_meta.items() if mk.startswith("model") for k, v in sd.items()}
+                       for mk, sd in layout_meta.items() if mk.startswith("model") for k, v in sd.items()
+                       if isinstance(v, torch.Tensor)}
             files.append((os.open(path, os.O_WRONLY), offsets))
         try:
             for pt, slot in todo:

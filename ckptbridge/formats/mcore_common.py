@@ -93,11 +93,16 @@ def write_tracker(root: Path) -> None:
 
 def read_storage(fd: int, meta: torch.Tensor, what: str) -> torch.Tensor:
     """Materialise a tensor loaded with ``map_location='meta'`` by reading its bytes from the open file."""
+    return read_storage_at(fd, 0, meta, what)
+
+
+def read_storage_at(fd: int, base: int, meta: torch.Tensor, what: str) -> torch.Tensor:
+    """As `read_storage`, for a torch.save archive that starts ``base`` bytes into the file."""
     storage = meta.untyped_storage()
     offset = getattr(storage, "_checkpoint_offset", None)
     if offset is None:
         raise FormatError(f"{what}: torch did not report where the tensor's bytes are")
-    raw = read_into(fd, offset, storage.nbytes(), what)
+    raw = read_into(fd, base + offset, storage.nbytes(), what)
     flat = raw.view(meta.dtype) if storage.nbytes() else torch.empty(0, dtype=meta.dtype)
     return flat.as_strided(meta.shape, meta.stride(), meta.storage_offset())
 

@@ -15,12 +15,14 @@ import json
 import os
 import pickle
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.serialization import config as serialization_config
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -43,10 +45,10 @@ from .mcore_common import (
     is_extra_state,
     is_training_state,
     open_fd,
+    read_storage_at,
     safe_load,
     spec_from_record,
 )
-from .safetensors_io import read_into
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
 _LAYER_SEGMENT = ".{L}."
@@ -80,6 +82,13 @@ def write_torch_dist(
     state: dict[str, TensorStorageMetadata] = {}
     storage: dict[MetadataIndex, _StorageInfo] = {}
     files: dict[int, io.BufferedWriter] = {}
+
+    def data_file(rank: int) -> io.BufferedWriter:
+        """The ``__{rank}_0.distcp`` file of the rank that would own an item in megatron-core."""
+        if rank not in files:
+            files[rank] = open(iter_dir / f"__{rank}_0.distcp", "wb")
+        return files[rank]
+
     try:
         for pt in spec.planned():
             canonical = read(pt)
@@ -101,15 +110,24 @@ def write_torch_dist(
                         offsets[kind.axis] = start
                     if pt.layer is not None:
                         piece, offsets = piece.unsqueeze(0), [pt.layer, *offsets]
-                    owner = stage * layout.tp + rank
-                    if owner not in files:
-                        files[owner] = open(iter_dir / f"__{owner}_0.distcp", "wb")
-                    f = files[owner]
+                    f = data_file(stage * layout.tp + rank)
                     begin = f.tell()
-                    torch.save(_compact(piece), f)
-                    storage[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(f"__{owner}_0.distcp", begin, f.tell() - begin)
+                    with _no_crc():
+                        torch.save(_compact(piece), f)
+                    storage[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(Path(f.name).name, begin, f.tell() - begin)
                     meta.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(piece.shape)))
             progress(canonical.numel() * canonical.element_size())
+        none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
+        for extra in spec.mapping.extra_state:
+            if extra.legacy_only or extra.place != "layer":
+                continue
+            for layer in range(spec.num_layers):
+                key = f"{extra.module.replace(_LAYER_SEGMENT, '.')}._extra_state/shard_{layer}_{spec.num_layers}"
+                f = data_file(stage_of[layer] * layout.tp)
+                begin = f.tell()
+                f.write(none_bytes)
+                state[key] = BytesStorageMetadata()
+                storage[MetadataIndex(key)] = _StorageInfo(Path(f.name).name, begin, len(none_bytes))
     finally:
         for f in files.values():
             f.close()
@@ -127,6 +145,52 @@ def write_torch_dist(
         iter_dir / "common.pt",
     )
     (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
+
+
+def _saved(obj: Any) -> bytes:
+    """``torch.save`` bytes, as megatron-core stores a ShardedObject."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@contextmanager
+def _no_crc() -> Iterator[None]:
+    """Skip the zip CRC32 of each chunk (torch.load never checks it; it halves save time)."""
+    cfg = serialization_config.save
+    old = cfg.compute_crc32
+    cfg.compute_crc32 = False
+    try:
+        yield
+    finally:
+        cfg.compute_crc32 = old
+
+
+class _Window(io.RawIOBase):
+    """A read-only file object over ``length`` bytes at ``offset`` of an open file: one DCP item."""
+
+    def __init__(self, fd: int, offset: int, length: int):
+        self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self._length - self._pos))
+        got = os.preadv(self._fd, [memoryview(buf)[:n]], self._offset + self._pos) if n else 0
+        self._pos += got
+        return got
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -243,18 +307,24 @@ class TorchDistSource:
         path = self.iter_dir / chunk.info.relative_path
         if chunk.info.relative_path not in self._fds:
             self._fds[chunk.info.relative_path] = open_fd(path)
-        raw = read_into(self._fds[chunk.info.relative_path], chunk.info.offset, chunk.info.length, f"{path}: {key}")
+        fd = self._fds[chunk.info.relative_path]
+        what = f"{path}: chunk {list(chunk.offsets)} of {key!r}"
         try:
-            return torch.load(io.BytesIO(raw.numpy().tobytes()), weights_only=True, map_location="cpu")
+            meta = torch.load(io.BufferedReader(_Window(fd, chunk.info.offset, chunk.info.length)),
+                              weights_only=True, map_location="meta")
         except Exception as exc:  # torch raises RuntimeError/UnpicklingError for a damaged zip record
-            raise FormatError(f"{path}: cannot read chunk {list(chunk.offsets)} of {key!r} ({exc})") from None
+            raise FormatError(f"{what}: cannot be read ({str(exc).splitlines()[0]})") from None
+        if not isinstance(meta, torch.Tensor):
+            raise FormatError(f"{what}: does not hold a tensor")
+        storage = meta.untyped_storage()
+        if storage._checkpoint_offset + storage.nbytes() > chunk.info.length:
+            raise FormatError(f"{what}: tensor bytes run past the item's end")
+        return read_storage_at(fd, chunk.info.offset, meta, what)
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
         key = storage_key(pt)
         md = self.metadata.state_dict_metadata[key]
         start = [pt.layer if pt.layer is not None else 0] + [0] * (len(md.size) - 1)
-        if pt.layer is None:
-            start = [0] * len(md.size)
         size = list(md.size)
         if pt.layer is not None:
             size[0] = 1

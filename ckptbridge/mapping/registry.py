@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import MappingError, UnsupportedArchitectureError
-from .schema import ArchMapping, ConfigCheck, parse_rule, validate_rules
+from .schema import ArchMapping, ConfigCheck, parse_extra_state, parse_rule, validate_rules
 
 
 def mappings_dir() -> Path:
@@ -28,7 +28,7 @@ def mappings_dir() -> Path:
 def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
     """Expand ``include: family`` in the config, checks and tensors sections."""
     out = copy.deepcopy(raw)
-    for section in ("config", "tensors", "checks"):
+    for section in ("config", "tensors", "checks", "extra_state"):
         value = out.get(section)
         if isinstance(value, dict) and "include" in value:
             base_name = value.pop("include")
@@ -48,6 +48,7 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
     rules = tuple(parse_rule(r, f"{where}: tensors[{i}]") for i, r in enumerate(raw["tensors"]))
     validate_rules(rules, where, set(config))
     checks = tuple(ConfigCheck(c["when"], c["error"]) for c in raw.get("checks") or [])
+    extra = tuple(parse_extra_state(e, f"{where}: extra_state[{i}]") for i, e in enumerate(raw.get("extra_state") or []))
     return ArchMapping(
         family=raw["family"],
         architectures=tuple(raw["architectures"]),
@@ -55,6 +56,7 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         config=config,
         checks=checks,
         tensors=rules,
+        extra_state=extra,
         source=where,
     )
 

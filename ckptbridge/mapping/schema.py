@@ -93,6 +93,25 @@ class ConfigCheck:
 
 
 @dataclass(frozen=True)
+class ExtraState:
+    """A module whose ``_extra_state`` MCore saves (``None`` for local and fresh TE modules)."""
+
+    module: str
+    place: str  # "layer" or "last"
+    legacy_only: bool = False
+
+
+def parse_extra_state(raw: Mapping[str, Any], where: str) -> ExtraState:
+    unknown = set(raw) - {"module", "place", "legacy_only"}
+    if unknown or "module" not in raw:
+        raise MappingError(f"{where}: needs 'module' (and optionally 'place', 'legacy_only'); unknown {sorted(unknown)}")
+    place = raw.get("place", "layer")
+    if (LAYER in raw["module"]) != (place == "layer") or place not in ("layer", "last"):
+        raise MappingError(f"{where}: per-layer modules (and only they) use {LAYER}; place is layer or last")
+    return ExtraState(raw["module"], place, bool(raw.get("legacy_only", False)))
+
+
+@dataclass(frozen=True)
 class ArchMapping:
     family: str
     architectures: tuple[str, ...]
@@ -100,6 +119,7 @@ class ArchMapping:
     config: dict[str, str | int | float | bool]
     checks: tuple[ConfigCheck, ...]
     tensors: tuple[TensorRule, ...]
+    extra_state: tuple[ExtraState, ...]
     source: str
 
     def translate_config(self, hf: Mapping[str, Any]) -> dict[str, Any]:

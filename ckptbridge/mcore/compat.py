@@ -44,7 +44,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode

@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptbridge.mcore.compat import apply_cpu_patches, cuda_to_cpu
 
 apply_cpu_patches()
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.dist_checkpointing.core import CheckpointingException  # noqa: E402
 from megatron.core.dist_checkpointing.validation import StrictHandling  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
@@ -341,8 +343,10 @@ def load_torch_dist(
 
     With ``strict`` a ``CheckpointMismatchError`` is raised (on every rank) when a model
     tensor is absent from the checkpoint or a model-like checkpoint entry (``embedding.``,
-    ``decoder.``, ``output_layer.``, ``mtp.``) is not consumed -- e.g. a wrong layer count.
-    Other checkpoint entries (optimizer state, ``rng_state``...) are always ignored.
+    ``decoder.``, ``output_layer.``, ``mtp.``) is not consumed.  Other checkpoint entries
+    (optimizer state, ``rng_state``...) are always ignored.  Shape disagreements (including a
+    wrong layer count with the default stacked-layer layout) are detected by megatron itself
+    and re-raised as ``CheckpointMismatchError`` regardless of ``strict``.
 
     Returns ``{"unexpected": ..., "missing": ...}`` (``_extra_state`` keys included) for
     inspection.
@@ -354,10 +358,15 @@ def load_torch_dist(
         _chunk_key(models, i): m.sharded_state_dict(metadata=metadata)
         for i, m in enumerate(models)
     }
-    with cuda_to_cpu():
-        loaded, missing, unexpected = dist_checkpointing.load(
-            sharded_sd, ckpt_dir, strict=StrictHandling.RETURN_ALL
-        )
+    try:
+        with cuda_to_cpu():
+            loaded, missing, unexpected = dist_checkpointing.load(
+                sharded_sd, ckpt_dir, strict=StrictHandling.RETURN_ALL
+            )
+    except (CheckpointingException, CheckpointException) as e:
+        # e.g. "Global shape mismatch ..." when the layer count / TP-invariant shapes differ
+        # (the default layout stacks layers on a leading num_layers axis).
+        raise CheckpointMismatchError(f"megatron could not load {ckpt_dir}: {e}") from e
     if strict:
         bad_unexpected = sorted(k for k in unexpected if not _is_extra_state(k))
         bad_missing = sorted(
@@ -415,9 +424,10 @@ def load_legacy_rank(models: Sequence[GPTModel], state_dict: Mapping[str, Any]) 
         decoder.layers.i.mlp.linear_fc1.weight / ._extra_state   ([gate; up] per TP rank)
         decoder.layers.i.mlp.linear_fc2.weight / ._extra_state
 
-    plus ``embedding.word_embeddings.weight`` on the first stage, ``decoder.final_layernorm.
-    weight`` and ``output_layer.weight`` (also when tied, as the embedding copy) and
-    ``output_layer._extra_state`` on the last stage.  TE-spec names for the pre-norms
+    plus ``embedding.word_embeddings.weight`` on the first stage, and on the last stage
+    ``decoder.final_layernorm.weight``, ``output_layer._extra_state`` (always) and
+    ``output_layer.weight`` (untied; or tied with PP>1, where the last stage keeps its own copy
+    of the embedding -- with tied embeddings and PP=1 there is no ``output_layer.weight``).  TE-spec names for the pre-norms
     (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``)
     are accepted and renamed (see ``LOCAL_TO_TE_LAYER_KEYS``).
     """
@@ -432,7 +442,7 @@ def load_legacy_rank(models: Sequence[GPTModel], state_dict: Mapping[str, Any]) 
             f"expected 'model' or 'model0'..'model{len(models) - 1}' in state dict, "
             f"got keys {sorted(state_dict)[:10]}"
         )
-    for m, sd in zip(models, parts):
+    for m, sd in zip(models, parts, strict=True):
         _load_chunk(m, _te_to_local(m, sd))
 
 

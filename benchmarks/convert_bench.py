@@ -1,0 +1,139 @@
+"""Conversion speed and memory, measured side by side with `cp -r` of the same bytes.
+
+Builds a Llama-3.2-1B-shaped bf16 HF checkpoint (about 2.5 GB at 16 layers)
+with random weights, then times, in one run:
+  hf -> mcore torch_dist, hf -> mcore legacy tp2pp2, mcore torch_dist -> hf,
+each against `cp -r` of its own source folder (alternating, median of
+--repeats runs), and reports the wall-time ratio and the converter's peak RSS
+(measured by GNU time). A second model with 32 layers shows
+whether peak memory grows with depth.
+
+    python benchmarks/convert_bench.py [--workdir DIR] [--layers 16 32] [--repeats 3]
+
+Targets (issue 2): ratio <= 1.3; peak RSS <= 1.5 GiB + the largest tensor;
+peak RSS at 32 layers within 10 % of 16 layers. Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ckptbridge.formats.safetensors_io import SafetensorsWriter
+from ckptbridge.presets import load_preset
+from ckptbridge.spec import ModelSpec
+
+GIB = 1024**3
+
+
+def build_checkpoint(out: Path, layers: int, preset: str = "llama3.2-1b") -> tuple[int, int]:
+    """Write a full-width bf16 checkpoint of ``preset`` with ``layers`` layers, streaming; returns (bytes, largest tensor bytes)."""
+    cfg = dict(load_preset(preset)["hf_config"], num_hidden_layers=layers, torch_dtype="bfloat16")
+    spec = ModelSpec.from_hf_config(cfg)
+    entries = [(n, torch.bfloat16, s) for pt in spec.planned() for n, s in zip(pt.hf_names, pt.hf_shapes)]
+    out.mkdir(parents=True)
+    writer = SafetensorsWriter(out / "model.safetensors", entries, {"format": "pt"})
+    gen = torch.Generator().manual_seed(0)
+    total = largest = 0
+    for name, dtype, shape in entries:
+        t = (torch.rand(shape, generator=gen, dtype=torch.float32) - 0.5).to(dtype)
+        writer.write(name, t)
+        total += t.numel() * 2
+        largest = max(largest, t.numel() * 2)
+    writer.close()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return total, largest
+
+
+TIME = shutil.which("time") or "/usr/bin/time"
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command, started from a clean writeback state.
+
+    GNU time measures the peak RSS: ``ru_maxrss`` from our own wait4 would count
+    the pages a forked child shares with this (large) process before it execs.
+    """
+    subprocess.run(["sync"], check=True)
+    with tempfile.NamedTemporaryFile("r") as report:
+        start = time.perf_counter()
+        done = subprocess.run([TIME, "-f", "%M", "-o", report.name, *cmd], stdout=subprocess.DEVNULL)
+        elapsed = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"command failed: {' '.join(cmd)}")
+        rss_kib = int(report.read().strip().splitlines()[-1])
+    return elapsed, rss_kib * 1024
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def bench_model(work: Path, layers: int, cli: str, repeats: int) -> list[dict]:
+    hf = work / f"hf-{layers}"
+    size, largest = build_checkpoint(hf, layers)
+    subprocess.run(["cat", str(hf / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    cases = [
+        ("hf -> mcore torch_dist", hf, work / f"td-{layers}", ["--src", "hf", "--dst", "mcore"]),
+        ("hf -> mcore torch tp2pp2", hf, work / f"leg-{layers}", ["--src", "hf", "--dst", "mcore", "--format", "torch", "--tp", "2", "--pp", "2"]),
+        ("mcore torch_dist -> hf", work / f"td-{layers}", work / f"hf-out-{layers}", ["--src", "mcore", "--dst", "hf"]),
+    ]
+    rows = []
+    for label, src, dst, args in cases:
+        cps, convs, rss = [], [], 0
+        for _ in range(repeats):  # alternate cp and conversion so both see the same disk weather
+            cps.append(timed(["cp", "-r", str(src), str(work / "cp-copy")])[0])
+            shutil.rmtree(work / "cp-copy")
+            shutil.rmtree(dst, ignore_errors=True)
+            seconds, peak = timed([cli, "convert", "-q", *args, str(src), str(dst)])
+            convs.append(seconds)
+            rss = max(rss, peak)
+        cp, seconds = median(cps), median(convs)
+        rows.append(dict(case=label, layers=layers, model_gib=size / GIB, largest_gib=largest / GIB, seconds=seconds,
+                         cp_seconds=cp, ratio=seconds / cp, peak_rss_gib=rss / GIB,
+                         rss_budget_gib=1.5 + largest / GIB, runs=repeats))
+    for d in (hf, work / f"td-{layers}", work / f"leg-{layers}", work / f"hf-out-{layers}"):
+        shutil.rmtree(d, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (default: a temp dir)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case; medians are reported")
+    args = parser.parse_args()
+    cli = shutil.which("ckptbridge") or str(Path(sys.executable).parent / "ckptbridge")
+    work = Path(tempfile.mkdtemp(prefix="ckptbridge-bench-", dir=args.workdir))
+    try:
+        rows = [r for layers in args.layers for r in bench_model(work, layers, cli, args.repeats)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; source in page cache, "
+          f"`sync` before each run (not timed); median of {args.repeats} runs; wall time includes Python/torch start-up")
+    print(f"{'case':26s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'ratio':>6s} {'peak RSS GiB':>12s} {'budget GiB':>10s}")
+    for r in rows:
+        print(f"{r['case']:26s} {r['layers']:6d} {r['model_gib']:9.2f} {r['seconds']:7.2f} {r['cp_seconds']:6.2f} "
+              f"{r['ratio']:6.2f} {r['peak_rss_gib']:12.2f} {r['rss_budget_gib']:10.2f}")
+    by_case: dict[str, dict[int, float]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["layers"]] = r["peak_rss_gib"]
+    if len(args.layers) > 1:
+        lo, hi = min(args.layers), max(args.layers)
+        for case, rss in by_case.items():
+            print(f"peak RSS {hi} vs {lo} layers, {case}: {rss[hi] / rss[lo]:.3f}x")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Overlap reading with writing.
+
+Conversion alternates between reading a canonical tensor (file reads and the
+transform, both of which release the GIL) and writing it. A one-deep
+prefetch on a worker thread computes the next planned tensor while the
+current one is written, at the cost of holding at most two canonical tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .spec import PlannedTensor
+
+
+class Prefetcher:
+    """``read(pt)`` that has usually computed ``pt`` already, when requests follow ``order``."""
+
+    def __init__(self, order: Sequence[PlannedTensor], read: Callable[[PlannedTensor], torch.Tensor]):
+        self._order = list(order)
+        self._position = {pt.mcore: i for i, pt in enumerate(self._order)}
+        self._read = read
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptbridge-prefetch")
+        self._pending: tuple[int, Future[torch.Tensor]] | None = None
+
+    def __call__(self, pt: PlannedTensor) -> torch.Tensor:
+        index = self._position.get(pt.mcore)
+        if self._pending is not None and self._pending[0] == index:
+            result = self._pending[1].result()
+        else:
+            if self._pending is not None:
+                self._pending[1].result()  # let a stale prefetch finish before reading again
+            result = self._read(pt)
+        self._pending = None
+        if index is not None and index + 1 < len(self._order):
+            nxt = self._order[index + 1]
+            self._pending = (index + 1, self._pool.submit(self._read, nxt))
+        return result
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending[1].cancel()
+        self._pool.shutdown(wait=True)

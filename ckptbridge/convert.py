@@ -3,6 +3,7 @@ folder beside the destination and move it into place only when complete."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -106,7 +107,7 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         if target.kind == "mcore":
             margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format, target.vocab_divisible_by)
         planned = spec.planned()
-        total = sum(_numel(pt.shape) for pt in planned) * dtype.itemsize
+        total = sum(math.prod(pt.shape) for pt in planned) * dtype.itemsize
         progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
 
         def read_cast(pt: PlannedTensor) -> torch.Tensor:
@@ -134,9 +135,3 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         bytes=total, seconds=time.perf_counter() - start,
     )
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

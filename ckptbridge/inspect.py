@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ def describe(path: Path) -> dict[str, Any]:
             "architecture": (spec.hf_config.get("architectures") or [None])[0],
             "dtype": str(source.dtype).replace("torch.", ""),
             "num_layers": spec.num_layers,
-            "parameters": sum(_numel(s) for pt in spec.planned() for s in pt.hf_shapes),
+            "parameters": sum(math.prod(s) for pt in spec.planned() for s in pt.hf_shapes),
         }
         if isinstance(source, HFSource):
             info["layout"] = None
@@ -61,9 +62,3 @@ def _mcore_tensors(source: TorchDistSource | LegacySource) -> list[dict[str, Any
                                     "file": str(source.paths[(tp, pp)].relative_to(source.iter_dir)), "chunk": mk})
     return out
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

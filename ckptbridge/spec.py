@@ -8,13 +8,11 @@ produce it and writers consume it, so any source pairs with any destination.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import LayoutError
 from .hf_config import normalise
 from .layout import ParallelLayout, padded_vocab_size
 from .mapping.registry import MappingRegistry, build_mapping, default_registry
@@ -75,19 +73,6 @@ class ModelSpec:
         out += [self._plan(r, None) for r in rules if r.place == "last"]
         return out
 
-    def by_layer(self) -> Iterator[tuple[int | None, list[PlannedTensor]]]:
-        """Planned tensors grouped by layer (None for the global ones), in write order."""
-        group: list[PlannedTensor] = []
-        current: int | None | str = "start"
-        for pt in self.planned():
-            if pt.layer != current and group:
-                yield current, group  # type: ignore[misc]
-                group = []
-            current = pt.layer
-            group.append(pt)
-        if group:
-            yield current, group  # type: ignore[misc]
-
     def _plan(self, rule: TensorRule, layer: int | None) -> PlannedTensor:
         shapes = tuple(rule.hf_shapes(self.args))
         return PlannedTensor(
@@ -104,8 +89,6 @@ class ModelSpec:
         """Everything a Megatron-LM trainer needs to rebuild this model at this layout."""
         layout.check_divides(self.args)
         layout.chunks(self.num_layers)  # raises LayoutError on a layer split that does not fit
-        if self.args["num_query_groups"] % layout.tp:
-            raise LayoutError(f"--tp {layout.tp} does not divide num_query_groups={self.args['num_query_groups']}")
         return {
             **self.args,
             **layout.to_args(),
@@ -122,7 +105,3 @@ class ModelSpec:
             ),
         }
 
-
-def vocab_rows(pt: PlannedTensor, args: Mapping[str, Any]) -> int | None:
-    """Padded row count for vocab-sharded tensors, else None."""
-    return int(args["padded_vocab_size"]) if pt.rule.shard.padded else None

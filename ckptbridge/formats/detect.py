@@ -45,7 +45,7 @@ def open_source(path: Path, expect: str | None = None) -> Source:
     fmt = detect_format(path)
     family = "hf" if fmt == "hf" else "mcore"
     if expect and expect != family:
-        raise FormatError(f"{path}: --src {expect} given, but this is a{'n' if family == 'hf' else 'n'} {family} checkpoint ({fmt})")
+        raise FormatError(f"{path}: --src {expect} given, but this is an {family} checkpoint ({fmt})")
     if fmt == "hf":
         return HFSource(path)
     it = iteration_dir(path)

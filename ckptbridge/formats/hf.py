@@ -7,6 +7,7 @@ canonical tensor at a time into files whose headers are laid out in advance.
 
 from __future__ import annotations
 
+import math
 import json
 import shutil
 from collections.abc import Callable
@@ -115,7 +116,7 @@ def write_hf(
     groups: list[list[PlannedTensor]] = [[]]
     size = 0
     for pt in spec.planned():
-        nbytes = sum(_numel(s) for s in pt.hf_shapes) * dtype.itemsize
+        nbytes = sum(math.prod(s) for s in pt.hf_shapes) * dtype.itemsize
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -145,9 +146,3 @@ def write_hf(
     for asset in assets:
         shutil.copy2(asset, out / asset.name)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -10,6 +10,7 @@ whatever chunks cover it.
 
 from __future__ import annotations
 
+import math
 import io
 import json
 import os
@@ -289,8 +290,8 @@ class TorchDistSource:
                 raise PlanError(f"{key!r} in {where} is stored as bytes, expected a tensor")
             if tuple(md.size) != expected[key]:
                 raise PlanError(f"tensor {key!r} in {where} has shape {list(md.size)}, the config implies {list(expected[key])}")
-            covered = sum(_numel(c.sizes) for c in md.chunks)
-            if covered != _numel(md.size) or len(self.chunks[key]) != len(md.chunks):
+            covered = sum(math.prod(c.sizes) for c in md.chunks)
+            if covered != math.prod(md.size) or len(self.chunks[key]) != len(md.chunks):
                 raise FormatError(f"{where}: chunks of {key!r} do not cover the tensor (or lack storage entries)")
         missing = sorted(set(expected) - set(self.metadata.state_dict_metadata))
         if missing:
@@ -341,7 +342,7 @@ class TorchDistSource:
                 src = src.narrow(dim, l - chunk.offsets[dim], h - l)
                 dst = dst.narrow(dim, l - start[dim], h - l)
             dst.copy_(src)
-            filled += _numel(tuple(h - l for l, h in zip(lo, hi)))
+            filled += math.prod(tuple(h - l for l, h in zip(lo, hi)))
         if filled != out.numel():
             raise FormatError(f"{self.iter_dir}: chunks of {key!r} cover {filled} of {out.numel()} values of layer {pt.layer}")
         if pt.layer is not None:
@@ -353,9 +354,3 @@ class TorchDistSource:
             os.close(fd)
         self._fds.clear()
 
-
-def _numel(shape: tuple[int, ...] | torch.Size) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -6,8 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
+from .formats.dcp_metadata import TensorStorageMetadata
 from .formats.detect import detect_format, open_source
 from .formats.hf import HFSource
 from .formats.legacy import LegacySource

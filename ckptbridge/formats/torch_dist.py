@@ -10,9 +10,9 @@ whatever chunks cover it.
 
 from __future__ import annotations
 
-import math
 import io
 import json
+import math
 import os
 import pickle
 import uuid
@@ -24,21 +24,22 @@ from typing import Any
 
 import torch
 from torch.utils.serialization import config as serialization_config
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
 
 from ..errors import FormatError, PlanError
 from ..layout import ParallelLayout
 from ..sharding import pad_rows
 from ..spec import ModelSpec, PlannedTensor
+from . import dcp_metadata
+from .dcp_metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from .mcore_common import (
     CHECKPOINT_VERSION,
     args_namespace,
@@ -81,7 +82,7 @@ def write_torch_dist(
     chunks = layout.chunks(spec.num_layers)
     stage_of = {layer: c.pp_rank for c in chunks for layer in c.layers}
     state: dict[str, TensorStorageMetadata] = {}
-    storage: dict[MetadataIndex, _StorageInfo] = {}
+    storage: dict[MetadataIndex, StorageInfo] = {}
     files: dict[int, io.BufferedWriter] = {}
 
     def data_file(rank: int) -> io.BufferedWriter:
@@ -115,7 +116,7 @@ def write_torch_dist(
                     begin = f.tell()
                     with _no_crc():
                         torch.save(_compact(piece), f)
-                    storage[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(Path(f.name).name, begin, f.tell() - begin)
+                    storage[MetadataIndex(key, torch.Size(offsets))] = StorageInfo(Path(f.name).name, begin, f.tell() - begin)
                     meta.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(piece.shape)))
             progress(canonical.numel() * canonical.element_size())
         none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
@@ -128,7 +129,7 @@ def write_torch_dist(
                 begin = f.tell()
                 f.write(none_bytes)
                 state[key] = BytesStorageMetadata()
-                storage[MetadataIndex(key)] = _StorageInfo(Path(f.name).name, begin, len(none_bytes))
+                storage[MetadataIndex(key)] = StorageInfo(Path(f.name).name, begin, len(none_bytes))
     finally:
         for f in files.values():
             f.close()
@@ -139,7 +140,7 @@ def write_torch_dist(
         storage_meta=StorageMeta(checkpoint_id=None, save_id=uuid.uuid4().hex, load_id=None),
     )
     with open(iter_dir / ".metadata", "wb") as f:
-        pickle.dump(metadata, f)
+        dcp_metadata.dump(metadata, f)
     torch.save(
         {"args": args_namespace(margs), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
          "ckptbridge": bridge_record(spec, spec_name)},
@@ -200,29 +201,11 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
-_ALLOWED = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP ``.metadata`` file, refusing any class that is not checkpoint metadata."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint") or (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch":
-            value = getattr(torch, name, None)
-            if name == "Size" or isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-                return super().find_class(module, name)
-        if module == "builtins" and name in ("set", "frozenset", "slice"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
-
-
 def read_metadata(iter_dir: Path) -> Metadata:
     path = iter_dir / ".metadata"
     try:
         with open(path, "rb") as f:
-            md = _MetadataUnpickler(f).load()
+            md = dcp_metadata.load(f)
     except FileNotFoundError:
         raise FormatError(f"{path}: missing; not a torch_dist checkpoint") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
@@ -236,7 +219,7 @@ def read_metadata(iter_dir: Path) -> Metadata:
 class _Chunk:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
-    info: _StorageInfo
+    info: StorageInfo
 
 
 class TorchDistSource:

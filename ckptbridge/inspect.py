@@ -36,7 +36,8 @@ def describe(path: Path) -> dict[str, Any]:
         else:
             info["layout"] = {
                 "tp": source.layout.tp, "pp": source.layout.pp, "vpp": source.layout.vpp,
-                "pp_first": source.layout.pp_first, "pp_last": source.layout.pp_last, "spec": source.spec_name,
+                "pp_first": source.layout.pp_first, "pp_last": source.layout.pp_last,
+                "ep": source.layout.ep, "etp": source.layout.expert_tp, "spec": source.spec_name,
             }
             info["tensors"] = _mcore_tensors(source)
         return info
@@ -52,12 +53,12 @@ def _mcore_tensors(source: TorchDistSource | LegacySource) -> list[dict[str, Any
             for k, md in sorted(source.metadata.state_dict_metadata.items())
         ]
     out = []
-    for (tp, pp), sd in sorted(source.meta.items()):
+    for rank, sd in sorted(source.meta.items()):
         for mk, models in sd.items():
             if mk.startswith("model"):
                 for k, v in models.items():
                     if hasattr(v, "shape"):
                         out.append({"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
-                                    "file": str(source.paths[(tp, pp)].relative_to(source.iter_dir)), "chunk": mk})
+                                    "file": str(source.paths[rank].relative_to(source.iter_dir)), "chunk": mk})
     return out
 

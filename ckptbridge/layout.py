@@ -35,9 +35,19 @@ class ParallelLayout:
     vpp: int | None = None
     pp_first: int | None = None
     pp_last: int | None = None
+    ep: int = 1  # expert parallel: routed experts are spread over this many ranks
+    etp: int | None = None  # expert tensor parallel (None: same as tp)
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    def tp_for(self, parallel: str) -> int:
+        """The tensor-parallel size that splits a rule's tensors ("tp" or "etp")."""
+        return self.expert_tp if parallel == "etp" else self.tp
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"--{name} must be at least 1")
         if self.vpp is not None and self.vpp < 1:
@@ -48,11 +58,15 @@ class ParallelLayout:
             raise LayoutError("uneven first/last pipeline stages cannot be combined with --vpp")
         if self.vpp and self.pp < 2:
             raise LayoutError("--vpp needs --pp of at least 2")
+        if self.etp is not None and (self.etp < 1 or self.tp % self.etp):
+            raise LayoutError(f"--etp {self.etp} must divide --tp {self.tp}")
 
     def describe(self) -> str:
         text = f"tp{self.tp} pp{self.pp}"
         if self.vpp:
             text += f" vpp{self.vpp}"
+        if self.ep > 1 or self.etp is not None:
+            text += f" ep{self.ep} etp{self.expert_tp}"
         if self.pp_first or self.pp_last:
             text += f" (first stage {self.pp_first or '-'}, last stage {self.pp_last or '-'} layers)"
         return text
@@ -98,11 +112,16 @@ class ParallelLayout:
         return sorted((c for c in self.chunks(num_layers) if c.pp_rank == pp_rank), key=lambda c: c.vchunk or 0)
 
     def check_divides(self, cfg: Mapping[str, Any]) -> None:
-        """TP must split heads, query groups and the FFN without remainder."""
-        for field in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        """TP must split heads, query groups and the FFN; EP the experts; ETP the expert FFN."""
+        checks = [("tp", self.tp, f) for f in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                                                "moe_shared_expert_intermediate_size")]
+        checks += [("ep", self.ep, "num_moe_experts"), ("etp", self.expert_tp, "moe_ffn_hidden_size")]
+        for flag, size, field in checks:
             value = cfg.get(field)
-            if value is not None and value % self.tp:
-                raise LayoutError(f"--tp {self.tp} does not divide {field}={value}")
+            if value is not None and value % size:
+                raise LayoutError(f"--{flag} {size} does not divide {field}={value}")
+        if self.ep > 1 and not cfg.get("num_moe_experts"):
+            raise LayoutError(f"--ep {self.ep} needs a mixture-of-experts model")
 
     def to_args(self) -> dict[str, Any]:
         """The layout as Megatron-LM argument names."""
@@ -112,6 +131,8 @@ class ParallelLayout:
             "virtual_pipeline_model_parallel_size": self.vpp,
             "decoder_first_pipeline_num_layers": self.pp_first,
             "decoder_last_pipeline_num_layers": self.pp_last,
+            "expert_model_parallel_size": self.ep,
+            "expert_tensor_parallel_size": self.expert_tp,
         }
 
     @classmethod
@@ -122,6 +143,8 @@ class ParallelLayout:
             vpp=args.get("virtual_pipeline_model_parallel_size") or None,
             pp_first=args.get("decoder_first_pipeline_num_layers"),
             pp_last=args.get("decoder_last_pipeline_num_layers"),
+            ep=int(args.get("expert_model_parallel_size") or 1),
+            etp=args.get("expert_tensor_parallel_size"),
         )
 
 

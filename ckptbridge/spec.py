@@ -28,13 +28,12 @@ class PlannedTensor:
 
     rule: TensorRule
     layer: int | None
+    expert: int | None
     mcore: str
     hf_names: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     shape: Shape
 
-    def local_name(self) -> str:
-        return self.rule.mcore_name(self.layer, "local")
 
 
 @dataclass
@@ -68,18 +67,24 @@ class ModelSpec:
         """All canonical tensors in write order: first-stage globals, layers, last-stage globals."""
         rules = self.rules()
         out = [self._plan(r, None) for r in rules if r.place == "first"]
+        experts = int(self.args.get("num_moe_experts") or 0)
         for layer in range(self.num_layers):
-            out += [self._plan(r, layer) for r in rules if r.per_layer]
+            for r in rules:
+                if r.per_expert:
+                    out += [self._plan(r, layer, e) for e in range(experts)]
+                elif r.per_layer:
+                    out.append(self._plan(r, layer))
         out += [self._plan(r, None) for r in rules if r.place == "last"]
         return out
 
-    def _plan(self, rule: TensorRule, layer: int | None) -> PlannedTensor:
+    def _plan(self, rule: TensorRule, layer: int | None, expert: int | None = None) -> PlannedTensor:
         shapes = tuple(rule.hf_shapes(self.args))
         return PlannedTensor(
             rule=rule,
             layer=layer,
-            mcore=rule.mcore_name(layer),
-            hf_names=tuple(rule.hf_names(layer)),
+            expert=expert,
+            mcore=rule.mcore_name(layer, expert=expert),
+            hf_names=tuple(rule.hf_names(layer, expert)),
             hf_shapes=shapes,
             shape=tuple(rule.transform.mcore_shape(shapes, self.args)),
         )

@@ -1,6 +1,8 @@
-"""Megatron's legacy ``torch`` format: one ``model_optim_rng.pt`` per (TP, PP) rank.
+"""Megatron's legacy ``torch`` format: one ``model_optim_rng.pt`` per (TP, PP, EP) rank.
 
-Layer numbers are local to each stage and virtual chunk. Writing streams: each
+Layer numbers are local to each stage and virtual chunk, expert numbers local
+to each expert-parallel rank; every EP rank holds a replica of the dense
+weights. Writing streams: each
 rank file is first laid out with ``torch.serialization.skip_data`` (shapes
 only), then every tensor's bytes are written at the offset torch reports, one
 canonical tensor at a time. Reading loads each file onto the ``meta`` device
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, PlanError
+from ..errors import FormatError, LayoutError, PlanError
 from ..layout import ParallelLayout, StageChunk
 from ..sharding import pad_rows, split, merge
 from ..spec import ModelSpec, PlannedTensor
@@ -34,12 +36,28 @@ from .mcore_common import (
     spec_from_record,
 )
 
-RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+RANK_DIR = re.compile(r"^mp_rank_\d{2}(?:_\d{3}){0,2}$")
 FILE = "model_optim_rng.pt"
+Rank = tuple[int, int, int]  # (tp, pp, ep)
 
 
-def rank_dir_name(tp: int, pp: int, layout: ParallelLayout) -> str:
-    return f"mp_rank_{tp:02d}" if layout.pp == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+def rank_dir_name(tp: int, pp: int, layout: ParallelLayout, ep: int = 0) -> str:
+    """``mp_rank_TT``, then ``_PPP`` when PP > 1, then ``_EEE`` when EP > 1 (Megatron's naming)."""
+    name = f"mp_rank_{tp:02d}"
+    if layout.pp > 1:
+        name += f"_{pp:03d}"
+    if layout.ep > 1:
+        name += f"_{ep:03d}"
+    return name
+
+
+def all_ranks(layout: ParallelLayout) -> list[Rank]:
+    return [(t, p, e) for p in range(layout.pp) for e in range(layout.ep) for t in range(layout.tp)]
+
+
+def shard_index(tp_rank: int, pt: PlannedTensor, layout: ParallelLayout) -> int:
+    """Which of the rule's shards a TP rank holds (routed experts split by ETP, which is 1 or TP)."""
+    return tp_rank if layout.tp_for(pt.rule.parallel) == layout.tp else 0
 
 
 def model_key(chunk: StageChunk) -> str:
@@ -51,6 +69,7 @@ class Slot:
     """Where one canonical tensor lives in a legacy checkpoint of a given layout."""
 
     pp: int
+    ep: int | None  # None: replicated on every expert-parallel rank
     model_key: str
     key: str
 
@@ -60,19 +79,24 @@ def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str) -> dict[str, 
     chunks = layout.chunks(spec.num_layers)
     first, last = chunks[0], chunks[-1]
     by_layer = {layer: c for c in chunks for layer in c.layers}
+    local_experts = int(spec.args.get("num_moe_experts") or 1) // layout.ep
     out: dict[str, list[tuple[PlannedTensor, Slot]]] = {}
     for pt in spec.planned():
+        ep = None
         if pt.layer is None:
             chunk = first if pt.rule.place == "first" else last
             key = pt.rule.mcore_name(None, spec_name)
         else:
             chunk = by_layer[pt.layer]
-            key = pt.rule.mcore_name(pt.layer - chunk.first_layer, spec_name)
-        out[pt.mcore] = [(pt, Slot(chunk.pp_rank, model_key(chunk), key))]
+            expert = None
+            if pt.expert is not None:
+                ep, expert = divmod(pt.expert, local_experts)
+            key = pt.rule.mcore_name(pt.layer - chunk.first_layer, spec_name, expert)
+        out[pt.mcore] = [(pt, Slot(chunk.pp_rank, ep, model_key(chunk), key))]
         tied = not spec.args["untie_embeddings_and_output_weights"]
         if tied and pt.rule.place == "first" and pt.rule.shard.padded and layout.pp > 1:
             # MCore keeps a replica of the tied embedding as output_layer.weight on the last stage
-            out[pt.mcore].append((pt, Slot(last.pp_rank, model_key(last), "output_layer.weight")))
+            out[pt.mcore].append((pt, Slot(last.pp_rank, None, model_key(last), "output_layer.weight")))
     return out
 
 
@@ -101,21 +125,24 @@ def write_legacy(
     progress: Callable[[int], None],
 ) -> None:
     """Write every rank file of ``layout``; ``read`` yields canonical tensors already in ``dtype``."""
+    if layout.expert_tp not in (1, layout.tp):
+        raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
     placement = slots(spec, layout, spec_name)
     ns = args_namespace(margs)
     record = bridge_record(spec, spec_name)
     tp = layout.tp
-    for pp in range(layout.pp):
-        todo = [(pt, slot) for entries in placement.values() for pt, slot in entries if slot.pp == pp]
+    for pp, ep in [(p, e) for p in range(layout.pp) for e in range(layout.ep)]:
+        todo = [(pt, slot) for entries in placement.values() for pt, slot in entries
+                if slot.pp == pp and slot.ep in (None, ep)]
         files = []
         for rank in range(tp):
             models: dict[str, dict[str, torch.Tensor]] = {model_key(c): {} for c in layout.stage_chunks(spec.num_layers, pp)}
             for pt, slot in todo:
-                shape = _local_shape(pt, margs, tp)
+                shape = _local_shape(pt, margs, layout)
                 models[slot.model_key][slot.key] = torch.empty(shape, dtype=dtype)  # never touched: skip_data
             for model_key_, key in extra_state_keys(spec, layout, pp):
                 models[model_key_][key] = None
-            path = iter_dir / rank_dir_name(rank, pp, layout) / FILE
+            path = iter_dir / rank_dir_name(rank, pp, layout, ep) / FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             with torch.serialization.skip_data():
                 torch.save({**models, "args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
@@ -130,8 +157,10 @@ def write_legacy(
                 canonical = read(pt)
                 if pt.rule.shard.padded:
                     canonical = pad_rows(canonical, int(margs["padded_vocab_size"]))
-                for rank, shard in enumerate(split(canonical, pt.rule.shard, tp, pt.mcore)):
+                shards = split(canonical, pt.rule.shard, layout.tp_for(pt.rule.parallel), pt.mcore)
+                for rank in range(tp):
                     fd, offsets = files[rank]
+                    shard = shards[shard_index(rank, pt, layout)]
                     os.pwrite(fd, memoryview(shard.contiguous().view(torch.uint8).numpy()).cast("B"),
                               offsets[(slot.model_key, slot.key)])
                 progress(canonical.numel() * canonical.element_size())
@@ -140,12 +169,12 @@ def write_legacy(
                 os.close(fd)
 
 
-def _local_shape(pt: PlannedTensor, margs: dict[str, Any], tp: int) -> tuple[int, ...]:
+def _local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout) -> tuple[int, ...]:
     shape = list(pt.shape)
     if pt.rule.shard.padded:
         shape[0] = int(margs["padded_vocab_size"])
     if pt.rule.shard.axis is not None:
-        shape[pt.rule.shard.axis] //= tp
+        shape[pt.rule.shard.axis] //= layout.tp_for(pt.rule.parallel)
     return tuple(shape)
 
 
@@ -156,14 +185,10 @@ class LegacySource:
 
     def __init__(self, iter_dir: Path):
         self.iter_dir = Path(iter_dir)
-        found: dict[tuple[int, int], Path] = {}
-        for sub in sorted(self.iter_dir.iterdir()):
-            m = RANK_DIR.match(sub.name)
-            if m and sub.is_dir():
-                found[(int(m.group(1)), int(m.group(2) or 0))] = sub / FILE
-        if not found:
+        dirs = sorted(p.name for p in self.iter_dir.iterdir() if p.is_dir() and RANK_DIR.match(p.name))
+        if not dirs:
             raise FormatError(f"{self.iter_dir}: no mp_rank_* folders")
-        first_path = found[min(found)]
+        first_path = self.iter_dir / dirs[0] / FILE
         head = safe_load(first_path, map_location="meta")
         if "args" not in head:
             raise FormatError(f"{first_path}: no 'args' in the checkpoint")
@@ -171,19 +196,18 @@ class LegacySource:
         self.spec = spec_from_record(head.get("ckptbridge"), first_path)
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
-        expected = {(t, p) for t in range(self.layout.tp) for p in range(self.layout.pp)}
-        if set(found) != expected:
-            missing = sorted(expected - set(found))
-            extra = sorted(set(found) - expected)
+        expected = {rank_dir_name(t, p, self.layout, e): (t, p, e) for t, p, e in all_ranks(self.layout)}
+        if set(dirs) != set(expected):
             raise FormatError(
                 f"{self.iter_dir}: rank folders do not match the layout in args ({self.layout.describe()}): "
-                f"missing {[rank_dir_name(t, p, self.layout) for t, p in missing]}, unexpected {[rank_dir_name(t, p, self.layout) for t, p in extra]}"
+                f"missing {sorted(set(expected) - set(dirs))}, unexpected {sorted(set(dirs) - set(expected))}"
             )
-        self.paths = found
-        self.meta = {rank: (head if path == first_path else safe_load(path, map_location="meta")) for rank, path in found.items()}
+        self.paths: dict[Rank, Path] = {rank: self.iter_dir / name / FILE for name, rank in expected.items()}
+        self.meta = {rank: (head if path == first_path else safe_load(path, map_location="meta"))
+                     for rank, path in self.paths.items()}
         self.dtype = self._dtype()
         self._slots = slots(self.spec, self.layout, self.spec_name)
-        self._fds: dict[tuple[int, int], int] = {}
+        self._fds: dict[Rank, int] = {}
 
     def _dtype(self) -> torch.dtype:
         for sd in self.meta.values():
@@ -194,46 +218,47 @@ class LegacySource:
 
     def verify(self) -> None:
         """Every key mapped, none missing, every shard shape as the config predicts."""
-        placement = self._slots
-        expected: dict[tuple[int, int, str, str], tuple[int, ...]] = {}
-        for entries in placement.values():
+        expected: dict[tuple[Rank, str, str], tuple[int, ...]] = {}
+        for entries in self._slots.values():
             for pt, slot in entries:
-                for t in range(self.layout.tp):
-                    expected[(t, slot.pp, slot.model_key, slot.key)] = _local_shape(pt, self.margs, self.layout.tp)
+                for t, p, e in all_ranks(self.layout):
+                    if p == slot.pp and slot.ep in (None, e):
+                        expected[((t, p, e), slot.model_key, slot.key)] = _local_shape(pt, self.margs, self.layout)
         seen = set()
-        for (t, p), sd in self.meta.items():
+        for rank, sd in self.meta.items():
             for mk, models in sd.items():
                 if not mk.startswith("model"):
                     continue
                 for key, value in models.items():
                     if is_extra_state(key):
                         continue
-                    where = f"{key!r} in {self.paths[(t, p)]} [{mk}]"
-                    if (t, p, mk, key) not in expected:
+                    where = f"{key!r} in {self.paths[rank]} [{mk}]"
+                    if (rank, mk, key) not in expected:
                         raise PlanError(f"unmapped source tensor {where}")
-                    want = expected[(t, p, mk, key)]
+                    want = expected[(rank, mk, key)]
                     if tuple(value.shape) != want:
                         raise PlanError(f"tensor {where} has shape {list(value.shape)}, the config implies {list(want)}")
-                    seen.add((t, p, mk, key))
+                    seen.add((rank, mk, key))
         missing = sorted(set(expected) - seen)
         if missing:
-            t, p, mk, key = missing[0]
-            raise PlanError(f"missing tensor {key!r} [{mk}] in {self.paths[(t, p)]} ({len(missing)} missing in all)")
+            rank, mk, key = missing[0]
+            raise PlanError(f"missing tensor {key!r} [{mk}] in {self.paths[rank]} ({len(missing)} missing in all)")
 
-    def _fd(self, rank: tuple[int, int]) -> int:
+    def _fd(self, rank: Rank) -> int:
         if rank not in self._fds:
             self._fds[rank] = open_fd(self.paths[rank])
         return self._fds[rank]
 
     def _read_slot(self, pt: PlannedTensor, slot: Slot) -> torch.Tensor:
-        shards = []
-        for t in range(self.layout.tp):
-            meta = self.meta[(t, slot.pp)][slot.model_key][slot.key]
-            shards.append(read_storage(self._fd((t, slot.pp)), meta, f"{self.paths[(t, slot.pp)]}: {slot.key}"))
-        if pt.rule.shard.axis is None:
-            for t, shard in enumerate(shards[1:], 1):
+        ranks = [(t, slot.pp, slot.ep or 0) for t in range(self.layout.tp)]
+        shards = [read_storage(self._fd(r), self.meta[r][slot.model_key][slot.key], f"{self.paths[r]}: {slot.key}")
+                  for r in ranks]
+        parts = self.layout.tp_for(pt.rule.parallel)
+        if pt.rule.shard.axis is None or parts == 1:
+            for rank, shard in zip(ranks[1:], shards[1:]):
                 if not torch.equal(shard, shards[0]):
-                    raise PlanError(f"replicated tensor {slot.key!r} differs between TP rank 0 and {t} ({self.paths[(t, slot.pp)]})")
+                    raise PlanError(f"replicated tensor {slot.key!r} differs between TP rank 0 and {self.paths[rank]}")
+            shards = shards[:1]
         full = merge(shards, pt.rule.shard, pt.mcore)
         return full[: pt.shape[0]] if pt.rule.shard.padded else full
 

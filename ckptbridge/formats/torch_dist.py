@@ -57,15 +57,22 @@ _LAYER_SEGMENT = ".{L}."
 
 
 def storage_key(pt: PlannedTensor) -> str:
-    """torch_dist key: per-layer names lose their index and gain a leading layer axis."""
-    return pt.rule.mcore.replace(_LAYER_SEGMENT, ".") if pt.layer is not None else pt.mcore
+    return pt.rule.dist_key()
+
+
+def lead_index(pt: PlannedTensor) -> list[int]:
+    """Position of one canonical tensor on the stacked axes: [layer] or [layer, expert]."""
+    return [i for i in (pt.layer, pt.expert) if i is not None]
 
 
 def global_shape(pt: PlannedTensor, margs: dict[str, Any]) -> tuple[int, ...]:
     shape = list(pt.shape)
     if pt.rule.shard.padded:
         shape[0] = int(margs["padded_vocab_size"])
-    return (int(margs["num_layers"]), *shape) if pt.layer is not None else tuple(shape)
+    lead = [int(margs["num_layers"])] if pt.layer is not None else []
+    if pt.expert is not None:
+        lead.append(int(margs["num_moe_experts"]))
+    return (*lead, *shape)
 
 
 def write_torch_dist(
@@ -102,7 +109,8 @@ def write_torch_dist(
             )
             stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
             kind = pt.rule.shard
-            for rank, regions in enumerate(kind.regions(canonical.shape, layout.tp, pt.mcore)):
+            lead = lead_index(pt)
+            for rank, regions in enumerate(kind.regions(canonical.shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
                 if kind.axis is None and rank:
                     break  # replicated: stored once
                 for start, length in regions:
@@ -110,8 +118,8 @@ def write_torch_dist(
                     offsets = [0] * canonical.dim()
                     if kind.axis is not None:
                         offsets[kind.axis] = start
-                    if pt.layer is not None:
-                        piece, offsets = piece.unsqueeze(0), [pt.layer, *offsets]
+                    piece = piece.reshape([1] * len(lead) + list(piece.shape))
+                    offsets = lead + offsets
                     f = data_file(stage * layout.tp + rank)
                     begin = f.tell()
                     with _no_crc():
@@ -308,10 +316,9 @@ class TorchDistSource:
     def read(self, pt: PlannedTensor) -> torch.Tensor:
         key = storage_key(pt)
         md = self.metadata.state_dict_metadata[key]
-        start = [pt.layer if pt.layer is not None else 0] + [0] * (len(md.size) - 1)
-        size = list(md.size)
-        if pt.layer is not None:
-            size[0] = 1
+        lead = lead_index(pt)
+        start = lead + [0] * (len(md.size) - len(lead))
+        size = [1] * len(lead) + list(md.size)[len(lead):]
         out = torch.empty(size, dtype=md.properties.dtype)
         filled = 0
         for chunk in self.chunks[key]:
@@ -328,8 +335,7 @@ class TorchDistSource:
             filled += math.prod(tuple(h - l for l, h in zip(lo, hi)))
         if filled != out.numel():
             raise FormatError(f"{self.iter_dir}: chunks of {key!r} cover {filled} of {out.numel()} values of layer {pt.layer}")
-        if pt.layer is not None:
-            out = out[0]
+        out = out.reshape(size[len(lead):])
         return out[: pt.shape[0]] if pt.rule.shard.padded else out
 
     def close(self) -> None:

@@ -1,16 +1,16 @@
 """The in-memory form of one mapping file, validated when it is loaded.
 
 A rule names the HF tensor(s), the canonical MCore name (TE spec, global layer
-index ``{L}``), an optional local-spec name, the expected HF shapes as
-expressions over MCore arguments, an invertible transform and a shard kind.
-Names are compiled to regular expressions once so lookups run both ways.
+index ``{L}``, global expert index ``{E}``), an optional local-spec name, the
+expected HF shapes as expressions over MCore arguments, an invertible
+transform and a shard kind. Every concrete name is generated from the plan,
+so lookups both ways are dictionary lookups over planned names.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import expr
@@ -19,6 +19,7 @@ from ..sharding import ShardKind, get_kind
 from ..transforms import Shape, Transform, check_round_trip, get_transform
 
 LAYER = "{L}"
+EXPERT = "{E}"
 
 #: small config used to prove each rule's transform invertible when a file loads
 PROBE_ARGS: dict[str, Any] = {
@@ -33,10 +34,6 @@ PROBE_ARGS: dict[str, Any] = {
 }
 
 
-def _compile(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(re.escape(LAYER), r"(?P<L>\d+)") + "$")
-
-
 @dataclass(frozen=True)
 class TensorRule:
     mcore: str
@@ -47,22 +44,32 @@ class TensorRule:
     local: str
     place: str  # "layer", "first" or "last"
     when: str | None = None
-    _mcore_re: re.Pattern[str] = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
-    _local_re: re.Pattern[str] = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
-    _hf_res: tuple[re.Pattern[str], ...] = field(default=(), compare=False, repr=False)
+    parallel: str = "tp"  # which tensor-parallel size splits it: "tp", or "etp" for routed experts
+    dist: str | None = None  # torch_dist key, when it is not the MCore name without ".{L}"
 
     @property
     def per_layer(self) -> bool:
         return self.place == "layer"
 
+    @property
+    def per_expert(self) -> bool:
+        return EXPERT in self.mcore
+
     def applies(self, args: Mapping[str, Any]) -> bool:
         return self.when is None or bool(expr.evaluate(self.when, args))
 
-    def hf_names(self, layer: int | None) -> list[str]:
-        return [_fill(n, layer) for n in self.hf]
+    def hf_names(self, layer: int | None, expert: int | None = None) -> list[str]:
+        return [_fill(n, layer, expert) for n in self.hf]
 
-    def mcore_name(self, layer: int | None, spec: str = "te") -> str:
-        return _fill(self.local if spec == "local" else self.mcore, layer)
+    def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None) -> str:
+        return _fill(self.local if spec == "local" else self.mcore, layer, expert)
+
+    def dist_key(self) -> str:
+        """torch_dist key: per-layer names lose their index and gain a leading layer axis
+        (experts gain an expert axis after it)."""
+        if self.dist:
+            return self.dist
+        return self.mcore.replace("." + LAYER + ".", ".") if self.per_layer else self.mcore
 
     def hf_shapes(self, args: Mapping[str, Any]) -> list[Shape]:
         return [tuple(int(expr.evaluate(d, args)) for d in shape) for shape in self.shapes]
@@ -70,19 +77,13 @@ class TensorRule:
     def mcore_shape(self, args: Mapping[str, Any]) -> Shape:
         return tuple(self.transform.mcore_shape(self.hf_shapes(args), args))
 
-    def match_mcore(self, name: str, spec: str = "te") -> int | None | bool:
-        """Layer index if ``name`` is this rule's MCore name (True for a global tensor), else False."""
-        m = (self._local_re if spec == "local" else self._mcore_re).match(name)
-        if not m:
-            return False
-        return int(m.group("L")) if self.per_layer else True
 
-
-def _fill(template: str, layer: int | None) -> str:
-    if LAYER in template:
-        if layer is None:
-            raise MappingError(f"{template}: a per-layer name needs a layer index")
-        return template.replace(LAYER, str(layer))
+def _fill(template: str, layer: int | None, expert: int | None = None) -> str:
+    for key, value in ((LAYER, layer), (EXPERT, expert)):
+        if key in template:
+            if value is None:
+                raise MappingError(f"{template}: needs a value for {key}")
+            template = template.replace(key, str(value))
     return template
 
 
@@ -151,7 +152,7 @@ class _Lenient(dict):
 
 
 def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
-    unknown = set(raw) - {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when"}
+    unknown = set(raw) - {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist"}
     if unknown:
         raise MappingError(f"{where}: unknown rule field(s) {sorted(unknown)}")
     for key in ("mcore", "hf", "shapes", "shard"):
@@ -171,6 +172,11 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     names = (mcore, local, *hf)
     if any((LAYER in n) != (place == "layer") for n in names):
         raise MappingError(f"{where}: per-layer rules (and only they) must use {LAYER} in every name")
+    if any((EXPERT in n) != (EXPERT in mcore) for n in names) or (EXPERT in mcore and place != "layer"):
+        raise MappingError(f"{where}: per-expert rules (and only they) must use {EXPERT} in every name, inside a layer")
+    parallel = raw.get("parallel", "tp")
+    if parallel not in ("tp", "etp"):
+        raise MappingError(f"{where}: parallel must be tp or etp, not {parallel!r}")
     if len(shapes) != len(hf):
         raise MappingError(f"{where}: {len(hf)} HF names but {len(shapes)} shapes")
     if transform.arity is not None and transform.arity != len(hf):
@@ -184,9 +190,8 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
         local=local,
         place=place,
         when=raw.get("when"),
-        _mcore_re=_compile(mcore),
-        _local_re=_compile(local),
-        _hf_res=tuple(_compile(n) for n in hf),
+        parallel=parallel,
+        dist=raw.get("dist"),
     )
 
 

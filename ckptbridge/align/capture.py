@@ -1,0 +1,148 @@
+"""Forward hooks that record activations of an HF model and of megatron-core ``GPTModel`` chunks.
+
+Hooks only -- neither library is edited.  Both recorders store CPU copies laid out
+``[batch, seq, ...]`` under the names of :mod:`.points`.  The MCore recorder can also
+
+* *inject* HF's hidden state at the input of each decoder layer and of the final norm
+  (isolated mode: every layer of both models sees the same input, so each layer's own error
+  shows instead of the error accumulated below it), and
+* shift the rotary positions by an offset (the long-position probe): megatron's
+  ``RotaryEmbedding.forward(max_seq_len, offset=0)`` already takes an offset, but ``GPTModel``
+  never passes one, so a pre-hook adds it.  ``GPTModel``'s ``position_ids`` do not reach RoPE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import points as P
+
+
+def _first(out: Any) -> torch.Tensor:
+    """Modules return a tensor, or a tuple whose first item is the activation (MCore's (out, bias))."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _keep(t: torch.Tensor, seq_first: bool = False) -> torch.Tensor:
+    t = t.detach()
+    if seq_first:
+        t = t.transpose(0, 1)
+    return t.to("cpu", copy=True).contiguous()
+
+
+class _Hooks:
+    """Owns hook handles; removes them all on exit, even when the forward raised."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> "_Hooks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _record(self, module: torch.nn.Module, name: str, seq_first: bool = False) -> None:
+        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
+            self.tensors[name] = _keep(_first(out), seq_first)
+
+        self.handles.append(module.register_forward_hook(hook))
+
+
+def hf_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (``model.model``) of an HF ``*ForCausalLM``."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise TypeError(f"{type(model).__name__} has no .model.layers; not a decoder-only HF model")
+    return inner
+
+
+class HFRecorder(_Hooks):
+    """Records every point of an HF decoder-only model, plus each layer's and the final norm's
+    input (what isolated mode feeds to MCore).  Logits are taken from the model output by the
+    caller, so they are not hooked here."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        dec = hf_decoder(model)
+        self._record(dec.embed_tokens, P.EMBEDDING)
+        for i, layer in enumerate(dec.layers):
+            self._record_input(layer, P.layer_input(i))
+            self._record(layer.input_layernorm, P.layer_point(i, "attn_norm"))
+            self._record(layer.self_attn, P.layer_point(i, "attn_out"))
+            self._record(layer.post_attention_layernorm, P.layer_point(i, "mlp_norm"))
+            self._record(layer.mlp, P.layer_point(i, "mlp_out"))
+            self._record(layer, P.layer_point(i, "output"))
+        self._record_input(dec.norm, P.FINAL_NORM_INPUT)
+        self._record(dec.norm, P.FINAL_NORM)
+
+    def _record_input(self, module: torch.nn.Module, name: str) -> None:
+        def pre(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.tensors[name] = _keep(hidden)
+
+        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+
+class MCoreRecorder(_Hooks):
+    """Records every point of this rank's ``GPTModel`` chunks (global layer numbers), optionally
+    injecting HF inputs (``inject``: ``layer{i}.input`` / ``final_norm.input`` -> ``[b, s, h]``)
+    and shifting rotary positions by ``position_offset``.
+
+    Without sequence parallelism every hooked output is the full tensor on every TP rank (the
+    row-parallel outputs are all-reduced inside the module), so rank 0's record is complete for
+    PP=1; with PP each stage records its own layers.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module], inject: dict[str, torch.Tensor] | None = None,
+                 position_offset: int = 0) -> None:
+        super().__init__()
+        self.inject = inject or {}
+        self.injected: list[str] = []
+        for m in models:
+            if getattr(m, "pre_process", False):
+                self._record(m.embedding, P.EMBEDDING, seq_first=True)
+            if position_offset and getattr(m, "rotary_pos_emb", None) is not None:
+                self._shift_rope(m.rotary_pos_emb, position_offset)
+            for layer in m.decoder.layers:
+                i = int(layer.layer_number) - 1
+                self._inject(layer, P.layer_input(i), kw="hidden_states")
+                self._record(layer.input_layernorm, P.layer_point(i, "attn_norm"), seq_first=True)
+                self._record(layer.self_attention, P.layer_point(i, "attn_out"), seq_first=True)
+                self._record(layer.pre_mlp_layernorm, P.layer_point(i, "mlp_norm"), seq_first=True)
+                self._record(layer.mlp, P.layer_point(i, "mlp_out"), seq_first=True)
+                self._record(layer, P.layer_point(i, "output"), seq_first=True)
+            final = getattr(m.decoder, "final_layernorm", None)
+            if final is not None:
+                self._inject(final, P.FINAL_NORM_INPUT, kw=None)
+                self._record(final, P.FINAL_NORM, seq_first=True)
+
+    def _inject(self, module: torch.nn.Module, name: str, kw: str | None) -> None:
+        if name not in self.inject:
+            return
+        source = self.inject[name]
+
+        def pre(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+            current = args[0] if args else kwargs[kw]  # type: ignore[index]
+            if tuple(current.shape) != (source.shape[1], source.shape[0], *source.shape[2:]):
+                raise ValueError(f"cannot inject {name}: MCore has {tuple(current.shape)} [s, b, h], "
+                                 f"HF gave {tuple(source.shape)} [b, s, h]")
+            new = source.transpose(0, 1).to(device=current.device, dtype=current.dtype).contiguous()
+            self.injected.append(name)
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, kw: new}
+
+        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def _shift_rope(self, rope: torch.nn.Module, offset: int) -> None:
+        def pre(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+            return args, {**kwargs, "offset": int(offset)}
+
+        self.handles.append(rope.register_forward_pre_hook(pre, with_kwargs=True))

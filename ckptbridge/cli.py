@@ -59,6 +59,8 @@ def main() -> None:
 @click.option("--vpp", type=int, default=None, help="Virtual pipeline chunks per stage (interleaved schedule).")
 @click.option("--pp-first", type=int, default=None, help="Layers on the first pipeline stage (uneven split).")
 @click.option("--pp-last", type=int, default=None, help="Layers on the last pipeline stage (uneven split).")
+@click.option("--ep", type=int, default=1, show_default=True, help="Expert-parallel size (MoE models): routed experts per rank = experts / ep.")
+@click.option("--etp", type=int, default=None, help="Expert tensor-parallel size (MoE; default: --tp). Legacy format: 1 or --tp.")
 @click.option("--format", "ckpt_format", type=click.Choice(["torch_dist", "torch"]), default="torch_dist", show_default=True,
               help="MCore on-disk format: torch_dist (dist_checkpointing) or legacy per-rank torch files.")
 @click.option("--spec", "spec_name", type=click.Choice(["te", "local"]), default="te", show_default=True,
@@ -69,7 +71,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ckpt_format, spec_name, dtype, vocab_divisible_by, force, quiet, src, dst):
+def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, dtype, vocab_divisible_by, force, quiet, src, dst):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -82,10 +84,10 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ckpt_format, spe
     from .convert import Target, convert as run
     from .layout import ParallelLayout
 
-    if dst_kind == "hf" and (tp, pp, vpp, pp_first, pp_last) != (1, 1, None, None, None):
-        raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last describe an MCore output; they make no sense with --dst hf")
+    if dst_kind == "hf" and (tp, pp, vpp, pp_first, pp_last, ep, etp) != (1, 1, None, None, None, 1, None):
+        raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
     try:
-        target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last), ckpt_format, spec_name,
+        target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
                         DTYPES[dtype] if dtype else None, vocab_divisible_by)
         result = run(src, dst, src_kind, target, force, _progress_factory(quiet))
     except CkptBridgeError as exc:

@@ -26,6 +26,9 @@ _DEFAULTS: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
 }
 
+#: names one transformers version writes where another writes the other (its ``attribute_map``)
+_ALIASES = [("num_experts", "num_local_experts")]
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,6 +46,11 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
     """Flatten the rope settings and fill defaults; the raw dict is left untouched."""
     cfg = {**_DEFAULTS, **raw}
     cfg.setdefault("max_window_layers", cfg.get("num_hidden_layers"))
+    for a, b in _ALIASES:
+        if a in cfg and b not in cfg:
+            cfg[b] = cfg[a]
+        elif b in cfg and a not in cfg:
+            cfg[a] = cfg[b]
     if cfg.get("head_dim") is None and "hidden_size" in cfg and "num_attention_heads" in cfg:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     if cfg.get("num_key_value_heads") is None:

@@ -34,7 +34,7 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads: int = 8, groups: int = 4,
-                  ffn: int = 128, vocab: int = 1001) -> dict[str, Any]:
+                  ffn: int = 128, vocab: int = 1001, experts: int = 8, topk: int = 2) -> dict[str, Any]:
     """Small widths, same structure. An explicit ``head_dim`` stays explicit and is made to differ
     from hidden/heads, so the ``kv_channels`` path is exercised."""
     out = dict(cfg)
@@ -42,6 +42,14 @@ def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads:
                intermediate_size=ffn, vocab_size=vocab)
     if "head_dim" in cfg:
         out["head_dim"] = 2 * hidden // heads
+    for key in ("num_local_experts", "num_experts"):  # mixture of experts: fewer, narrower experts
+        if key in cfg:
+            out[key] = experts
+            out["num_experts_per_tok"] = topk
+    if "moe_intermediate_size" in cfg:
+        out["moe_intermediate_size"] = ffn // 4
+    if "shared_expert_intermediate_size" in cfg:
+        out["shared_expert_intermediate_size"] = ffn // 2
     if out.get("max_window_layers") is not None:
         out["max_window_layers"] = layers
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

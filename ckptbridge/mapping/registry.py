@@ -26,7 +26,12 @@ def mappings_dir() -> Path:
 
 
 def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
-    """Expand ``include: family`` in the config, checks and tensors sections."""
+    """Expand ``include: family`` in the config, checks, tensors and extra_state sections.
+
+    A dict section (config) merges the included one with the fields given beside ``include``.
+    A list section takes the included list, drops the entries whose ``mcore``/``module`` name is
+    listed under ``exclude`` and appends the entries under ``add``.
+    """
     out = copy.deepcopy(raw)
     for section in ("config", "tensors", "checks", "extra_state"):
         value = out.get(section)
@@ -34,8 +39,18 @@ def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], whe
             base_name = value.pop("include")
             if base_name not in others:
                 raise MappingError(f"{where}: {section} includes unknown family {base_name!r}")
-            base = resolve_includes(others[base_name], others, base_name)[section]
-            out[section] = {**base, **value} if isinstance(base, dict) else copy.deepcopy(base)
+            base = resolve_includes(others[base_name], others, base_name).get(section) or []
+            if isinstance(base, dict):
+                out[section] = {**base, **value}
+                continue
+            exclude = set(value.pop("exclude", []))
+            add = value.pop("add", [])
+            if value:
+                raise MappingError(f"{where}: {section}: only include, exclude and add may stand together")
+            kept = [e for e in base if not (isinstance(e, dict) and (e.get("mcore") in exclude or e.get("module") in exclude))]
+            if len(base) - len(kept) != len(exclude):
+                raise MappingError(f"{where}: {section} excludes names that {base_name} does not have")
+            out[section] = copy.deepcopy(kept) + list(add)
     return out
 
 
@@ -68,7 +83,10 @@ class MappingRegistry:
         raws: dict[str, dict[str, Any]] = {}
         self._files: dict[str, Path] = {}
         for path in sorted(Path(folder).glob("*.yaml")):
-            data = yaml.safe_load(path.read_text())
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as exc:
+                raise MappingError(f"{path}: not valid YAML ({exc})") from None
             if not isinstance(data, dict) or "family" not in data:
                 raise MappingError(f"{path}: not a mapping file (needs a 'family')")
             raws[data["family"]] = data

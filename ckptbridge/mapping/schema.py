@@ -31,6 +31,9 @@ PROBE_ARGS: dict[str, Any] = {
     "vocab_size": 10,
     "padded_vocab_size": 16,
     "num_layers": 2,
+    "num_moe_experts": 4,
+    "moe_ffn_hidden_size": 4,
+    "moe_shared_expert_intermediate_size": 6,
 }
 
 

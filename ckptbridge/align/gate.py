@@ -1,0 +1,153 @@
+"""Pass/fail thresholds for CI: a gate file or flags, evaluated on the baseline and the probe.
+
+Defaults per dtype come from /work/shared/notes/numerics.md: fp32 logits max abs <= 1e-4 with
+100 % top-1 agreement and KL <= 1e-4 (MaxText's fp32 checker); reduced precision gates on
+scale-aware metrics only -- KL <= 0.015 (MaxText bf16) and cosine >= 0.99 (Megatron-Bridge) --
+because max-abs is dominated by outliers there and top-1 of random-init models is a coin toss
+between near-tied logits.
+
+Gate file (YAML or JSON), any subset; a top-level ``fp32:``/``bf16:``/``fp16:`` section applies
+only to that dtype::
+
+    logits: {max_abs: 1.0e-4, min_top1: 1.0, max_kl: 1.0e-4, min_cosine: 0.9999}
+    points: {min_cosine: 0.9999, max_rel_err: 1.0e-5}
+    probe:  {max_abs: 1.0e-4, min_top1: 1.0, max_kl: 1.0e-4, min_cosine: 0.9999}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import CkptBridgeError
+
+GROUPS = ("logits", "points", "probe")
+KEYS = ("max_abs", "min_top1", "max_kl", "min_cosine", "max_rel_err")
+_METRIC = {"max_abs": "max_abs", "min_top1": "top1", "max_kl": "kl", "min_cosine": "cosine", "max_rel_err": "rel_err"}
+
+Thresholds = dict[str, dict[str, float]]
+
+DEFAULTS: dict[str, Thresholds] = {
+    "fp32": {"logits": {"max_abs": 1e-4, "min_top1": 1.0, "max_kl": 1e-4},
+             "points": {"min_cosine": 0.9999},
+             "probe": {"max_abs": 1e-4, "min_top1": 1.0, "max_kl": 1e-4}},
+    "bf16": {"logits": {"max_kl": 0.015, "min_cosine": 0.99},
+             "points": {"min_cosine": 0.99},
+             "probe": {"max_kl": 0.015, "min_cosine": 0.99}},
+}
+DEFAULTS["fp16"] = DEFAULTS["bf16"]
+
+
+@dataclass
+class Check:
+    """One verdict; becomes one JUnit test case."""
+
+    name: str
+    metric: str
+    value: float
+    limit: float
+    passed: bool
+    where: str = ""
+
+    @property
+    def message(self) -> str:
+        op = ">=" if self.metric.startswith("min_") else "<="
+        return f"{_METRIC[self.metric]} = {self.value:.6g} (limit {op} {self.limit:g}){' at ' + self.where if self.where else ''}"
+
+
+def _validated(raw: Any, where: str) -> Thresholds:
+    if not isinstance(raw, dict):
+        raise CkptBridgeError(f"{where}: expected a mapping of {GROUPS}")
+    out: Thresholds = {}
+    for group, values in raw.items():
+        if group not in GROUPS or not isinstance(values, dict):
+            raise CkptBridgeError(f"{where}: unknown section {group!r} (known: {', '.join(GROUPS)})")
+        for key, v in values.items():
+            if key not in KEYS:
+                raise CkptBridgeError(f"{where}: {group}.{key} is not one of {', '.join(KEYS)}")
+            out.setdefault(group, {})[key] = float(v)
+    return out
+
+
+def load_thresholds(dtype: str, gate_file: Path | None = None, overrides: Thresholds | None = None) -> Thresholds:
+    """Defaults for ``dtype``, then the gate file (common part, then its ``dtype`` section), then flags."""
+    merged: Thresholds = {g: dict(v) for g, v in DEFAULTS[dtype].items()}
+    layers: list[Thresholds] = []
+    if gate_file is not None:
+        try:
+            text = Path(gate_file).read_text()
+            raw = json.loads(text) if str(gate_file).endswith(".json") else yaml.safe_load(text)
+        except (OSError, json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise CkptBridgeError(f"--gate {gate_file}: cannot read ({exc})") from None
+        raw = raw or {}
+        per_dtype = {k: raw.pop(k) for k in list(raw) if k in DEFAULTS}
+        layers.append(_validated(raw, str(gate_file)))
+        if dtype in per_dtype:
+            layers.append(_validated(per_dtype[dtype], f"{gate_file} [{dtype}]"))
+    if overrides:
+        layers.append(overrides)
+    for layer in layers:
+        for group, values in layer.items():
+            merged.setdefault(group, {}).update(values)
+    return merged
+
+
+def _judge(name: str, limits: dict[str, float], rows: list[dict[str, Any]], where_key: str = "point") -> list[Check]:
+    checks = []
+    for key, limit in limits.items():
+        metric = _METRIC[key]
+        vals = [(r[metric], r) for r in rows if metric in r and r[metric] is not None and not _isnan(r[metric])]
+        if not vals:
+            continue
+        worst_val, worst = (min if key.startswith("min_") else max)(vals, key=lambda t: t[0])
+        ok = worst_val >= limit if key.startswith("min_") else worst_val <= limit
+        checks.append(Check(f"{name}.{metric}", key, float(worst_val), limit, bool(ok), str(worst.get(where_key, ""))))
+    return checks
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def evaluate(rows: list[dict[str, Any]], thresholds: Thresholds, modes: list[str], num_layers: int) -> list[Check]:
+    """Judge the *baseline* setting: logits and per-layer points in each mode, and each probe position."""
+    base = [r for r in rows if r["setting"] == "baseline"]
+    checks: list[Check] = []
+    for mode in modes:
+        mode_rows = [r for r in base if r["mode"] == mode]
+        checks += _judge(f"{mode}.logits", thresholds.get("logits", {}), [r for r in mode_rows if r["point"] == "logits"])
+        points = [r for r in mode_rows if r["point"] != "logits"]
+        for layer in range(-1, num_layers):
+            group = [r for r in points if r["layer"] == layer]
+            label = f"layer{layer}" if layer >= 0 else "embedding_final_norm"
+            checks += _judge(f"{mode}.{label}", thresholds.get("points", {}), group)
+    for pos in sorted({r["position"] for r in base if r["mode"] == "probe"}):
+        probe = [r for r in base if r["mode"] == "probe" and r["position"] == pos and r["point"] == "logits"]
+        checks += _judge(f"probe@{pos}.logits", thresholds.get("probe", {}), probe)
+    return checks
+
+
+def write_junit(checks: list[Check], path: Path, suite: str, seconds: float = 0.0) -> None:
+    """JUnit XML (one test case per check; failures carry the measured value and the limit)."""
+    failures = sum(not c.passed for c in checks)
+    root = ET.Element("testsuites", name="ckptbridge-align", tests=str(len(checks)), failures=str(failures))
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(checks)), failures=str(failures), errors="0",
+                       skipped="0", time=f"{seconds:.1f}")
+    for c in checks:
+        tc = ET.SubElement(ts, "testcase", classname=f"{suite}.{c.name.split('.')[0]}", name=f"{c.name} {c.metric}", time="0")
+        if not c.passed:
+            ET.SubElement(tc, "failure", message=c.message, type="AlignmentGate").text = c.message
+        else:
+            ET.SubElement(tc, "system-out").text = c.message
+    ET.indent(root)
+    Path(path).write_text(ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n")
+
+
+def checks_json(checks: list[Check]) -> list[dict[str, Any]]:
+    return [{**asdict(c), "message": c.message} for c in checks]

@@ -1,0 +1,60 @@
+"""Load the HF model and run it with recording hooks (and HF-side ablations) on fixed token ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import points as P
+from .ablations import Ablation, applied
+from .capture import HFRecorder, hf_decoder
+from .variants import HFRope, VariantContext
+
+#: HF's attention implementation for the baseline, pinned so the reference does not change with
+#: whatever transformers would pick by default on a given machine.
+BASELINE_ATTENTION = "sdpa"
+
+
+def load_hf(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """``from_pretrained`` in ``dtype`` with SDPA attention, in eval mode, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=BASELINE_ATTENTION)
+    return model.to(device).eval()
+
+
+def fill_context(model: torch.nn.Module, ctx: VariantContext) -> VariantContext:
+    """Record the HF family's modeling module, norm/MLP classes and rotary parameters in ``ctx``.
+
+    Works on a meta-device skeleton too (only classes and the rotary *buffer* are read; buffers
+    are real there, see :mod:`.layerwise`).
+    """
+    dec = hf_decoder(model)
+    layer = dec.layers[0]
+    ctx.hf_modeling = type(layer).__module__
+    ctx.hf_norm_class = type(dec.norm).__name__
+    ctx.hf_mlp_class = type(layer.mlp).__name__
+    rot = dec.rotary_emb
+    ctx.hf_rope = HFRope(inv_freq=rot.inv_freq.detach().float().cpu().clone(),
+                         attention_scaling=float(getattr(rot, "attention_scaling", 1.0)))
+    return ctx
+
+
+def inv_freq_dtype(model: torch.nn.Module) -> str:
+    """dtype of HF's ``inv_freq`` buffer (``model.to(bf16)`` rounds it in some versions, #30709)."""
+    return str(hf_decoder(model).rotary_emb.inv_freq.dtype).replace("torch.", "")
+
+
+def run_hf(model: torch.nn.Module, tokens: torch.Tensor, ctx: VariantContext, variants: tuple[str, ...] = (),
+           position_offset: int = 0, registry: dict[str, Ablation] | None = None) -> dict[str, torch.Tensor]:
+    """One forward of ``tokens`` ([b, s]) at positions ``offset .. offset+s-1``; returns every
+    point, the layer inputs and the logits (sliced to the config's vocabulary)."""
+    b, s = tokens.shape
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    position_ids = (torch.arange(s) + position_offset).expand(b, s).to(device)
+    with torch.no_grad(), applied(variants, "hf", model, ctx, registry), HFRecorder(model) as rec:
+        out = model(input_ids=tokens.to(device), position_ids=position_ids, use_cache=False)
+    caps = dict(rec.tensors)
+    caps[P.LOGITS] = out.logits[..., : model.config.vocab_size].detach().cpu()
+    return caps

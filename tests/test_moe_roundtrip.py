@@ -1,0 +1,69 @@
+"""Mixture-of-experts models round-trip HF -> MCore -> HF bit-exactly under EP x TP x PP x ETP, both formats."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from click.testing import CliRunner
+
+from ckptbridge.cli import main
+from ckptbridge.formats.detect import open_source
+from ckptbridge.formats.legacy import FILE
+from ckptbridge.formats.mcore_common import safe_load
+from helpers import MOE_PRESETS, assert_bit_exact, hf_config, hf_tensors, to_hf, to_mcore
+
+LAYOUTS = sorted({
+    (ep, tp, pp, etp if tp > 1 else 1)
+    for ep, tp, pp, etp in itertools.product([1, 2, 4], [1, 2], [1, 2], [1, 2])
+})
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+@pytest.mark.parametrize("ep, tp, pp, etp", LAYOUTS)
+@pytest.mark.parametrize("preset", MOE_PRESETS)
+def test_moe_round_trip_bit_exact(tiny_moe, tmp_path, preset, ep, tp, pp, etp, fmt):
+    src = tiny_moe[preset]
+    mcore = to_mcore(src, tmp_path / "mcore", fmt, tp=tp, pp=pp, ep=ep, etp=etp)
+    back = to_hf(mcore, tmp_path / "hf")
+    assert_bit_exact(hf_tensors(src), hf_tensors(back))
+    assert hf_config(back) == hf_config(src)
+
+
+def test_legacy_expert_folders_and_local_numbering(tiny_moe, tmp_path):
+    mcore = to_mcore(tiny_moe["mixtral-8x7b"], tmp_path / "m", "torch", tp=2, pp=2, ep=4, etp=1)
+    dirs = sorted(p.name for p in (mcore / "release").iterdir())
+    assert len(dirs) == 16 and dirs[0] == "mp_rank_00_000_000" and dirs[-1] == "mp_rank_01_001_003"
+    sd = safe_load(mcore / "release" / "mp_rank_01_000_003" / FILE)["model"]
+    experts = sorted(k for k in sd if "local_experts" in k)
+    # 8 experts over EP 4: two local experts, numbered 0 and 1 on every EP rank; ETP 1 keeps them whole
+    assert experts == [f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc{i}.weight" for e in (0, 1) for i in (1, 2)]
+    assert sd["decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"].shape == (256, 64)  # [gate; up] of 128
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in sd  # dense weights on every EP rank
+    src = hf_tensors(tiny_moe["mixtral-8x7b"])
+    ep3_expert1 = sd["decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight"]
+    assert ep3_expert1.equal(src["model.layers.0.block_sparse_moe.experts.7.w2.weight"])
+
+
+def test_torch_dist_expert_axis(tiny_moe, tmp_path):
+    mcore = to_mcore(tiny_moe["qwen3-30b-a3b"], tmp_path / "m", "torch_dist", tp=2, ep=2)
+    md = open_source(mcore).metadata.state_dict_metadata
+    fc1 = md["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
+    assert tuple(fc1.size) == (2, 8, 64, 64)  # (layers, experts, [gate; up], hidden)
+    assert len(fc1.chunks) == 2 * 8 * 4  # per layer, expert and (gate, up) x ETP 2 region
+    assert "decoder.layers.pre_mlp_layernorm.weight" in md and "decoder.layers.mlp.router.weight" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ep", "3"], "--ep 3 does not divide num_moe_experts=8"),
+    (["--format", "torch", "--tp", "4", "--etp", "2"], "legacy format supports --etp 1 or --etp 4"),
+])
+def test_moe_layout_errors(tiny_moe, tmp_path, args, message):
+    r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", *args, str(tiny_moe["mixtral-8x7b"]), str(tmp_path / "o")])
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_ep_on_dense_model_refused(tiny_hf, tmp_path):
+    r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", "--ep", "2", str(tiny_hf["llama3.1-8b"]), str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--ep 2 needs a mixture-of-experts model" in r.output

@@ -1,14 +1,16 @@
 """Conversion speed and memory, measured side by side with `cp -r` of the same bytes.
 
-Builds a Llama-3.2-1B-shaped bf16 HF checkpoint (about 2.5 GB at 16 layers)
-with random weights, then times, in one run:
-  hf -> mcore torch_dist, hf -> mcore legacy tp2pp2, mcore torch_dist -> hf,
+Builds a Llama-3.2-1B-shaped bf16 HF checkpoint (about 2.5 GB at 16 layers;
+--preset qwen3-30b-a3b gives the MoE case: 128 experts a layer, about 1.2 GB a
+layer) with random weights, then times, in one run:
+  hf -> mcore torch_dist, hf -> mcore legacy tp2pp2 (MoE: + ep4 etp1), mcore torch_dist -> hf,
 each against `cp -r` of its own source folder (alternating, median of
 --repeats runs), and reports the wall-time ratio and the converter's peak RSS
 (measured by GNU time). A second model with 32 layers shows
 whether peak memory grows with depth.
 
     python benchmarks/convert_bench.py [--workdir DIR] [--layers 16 32] [--repeats 3]
+    python benchmarks/convert_bench.py --preset qwen3-30b-a3b --layers 2 4
 
 Targets (issue 2): ratio <= 1.3; peak RSS <= 1.5 GiB + the largest tensor;
 peak RSS at 32 layers within 10 % of 16 layers. Numbers are printed, never asserted.
@@ -36,7 +38,7 @@ from ckptbridge.spec import ModelSpec
 GIB = 1024**3
 
 
-def build_checkpoint(out: Path, layers: int, preset: str = "llama3.2-1b") -> tuple[int, int]:
+def build_checkpoint(out: Path, layers: int, preset: str) -> tuple[int, int]:
     """Write a full-width bf16 checkpoint of ``preset`` with ``layers`` layers, streaming; returns (bytes, largest tensor bytes)."""
     cfg = dict(load_preset(preset)["hf_config"], num_hidden_layers=layers, torch_dtype="bfloat16")
     spec = ModelSpec.from_hf_config(cfg)
@@ -79,13 +81,16 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def bench_model(work: Path, layers: int, cli: str, repeats: int) -> list[dict]:
+def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int) -> list[dict]:
     hf = work / f"hf-{layers}"
-    size, largest = build_checkpoint(hf, layers)
+    size, largest = build_checkpoint(hf, layers, preset)
+    moe = "num_experts" in load_preset(preset)["hf_config"] or "num_local_experts" in load_preset(preset)["hf_config"]
+    legacy = ["--tp", "2", "--pp", "2"] + (["--ep", "4", "--etp", "1"] if moe else [])
     subprocess.run(["cat", str(hf / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     cases = [
         ("hf -> mcore torch_dist", hf, work / f"td-{layers}", ["--src", "hf", "--dst", "mcore"]),
-        ("hf -> mcore torch tp2pp2", hf, work / f"leg-{layers}", ["--src", "hf", "--dst", "mcore", "--format", "torch", "--tp", "2", "--pp", "2"]),
+        ("hf -> mcore torch " + "".join(legacy).replace("--", " ").strip(), hf, work / f"leg-{layers}",
+         ["--src", "hf", "--dst", "mcore", "--format", "torch", *legacy]),
         ("mcore torch_dist -> hf", work / f"td-{layers}", work / f"hf-out-{layers}", ["--src", "mcore", "--dst", "hf"]),
     ]
     rows = []
@@ -99,7 +104,7 @@ def bench_model(work: Path, layers: int, cli: str, repeats: int) -> list[dict]:
             convs.append(seconds)
             rss = max(rss, peak)
         cp, seconds = median(cps), median(convs)
-        rows.append(dict(case=label, layers=layers, model_gib=size / GIB, largest_gib=largest / GIB, seconds=seconds,
+        rows.append(dict(case=label, preset=preset, layers=layers, model_gib=size / GIB, largest_gib=largest / GIB, seconds=seconds,
                          cp_seconds=cp, ratio=seconds / cp, peak_rss_gib=rss / GIB,
                          rss_budget_gib=1.5 + largest / GIB, runs=repeats))
     for d in (hf, work / f"td-{layers}", work / f"leg-{layers}", work / f"hf-out-{layers}"):
@@ -110,20 +115,23 @@ def bench_model(work: Path, layers: int, cli: str, repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (default: a temp dir)")
+    parser.add_argument("--preset", default="llama3.2-1b",
+                        help="model shape (full widths); e.g. qwen3-30b-a3b with --layers 2 4 for the MoE case")
     parser.add_argument("--layers", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; medians are reported")
     args = parser.parse_args()
     cli = shutil.which("ckptbridge") or str(Path(sys.executable).parent / "ckptbridge")
     work = Path(tempfile.mkdtemp(prefix="ckptbridge-bench-", dir=args.workdir))
     try:
-        rows = [r for layers in args.layers for r in bench_model(work, layers, cli, args.repeats)]
+        rows = [r for layers in args.layers for r in bench_model(work, args.preset, layers, cli, args.repeats)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; source in page cache, "
           f"`sync` before each run (not timed); median of {args.repeats} runs; wall time includes Python/torch start-up")
-    print(f"{'case':26s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'ratio':>6s} {'peak RSS GiB':>12s} {'budget GiB':>10s}")
+    print(f"preset {args.preset} (full widths, random bf16 weights)")
+    print(f"{'case':34s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'ratio':>6s} {'peak RSS GiB':>12s} {'budget GiB':>10s}")
     for r in rows:
-        print(f"{r['case']:26s} {r['layers']:6d} {r['model_gib']:9.2f} {r['seconds']:7.2f} {r['cp_seconds']:6.2f} "
+        print(f"{r['case']:34s} {r['layers']:6d} {r['model_gib']:9.2f} {r['seconds']:7.2f} {r['cp_seconds']:6.2f} "
               f"{r['ratio']:6.2f} {r['peak_rss_gib']:12.2f} {r['rss_budget_gib']:10.2f}")
     by_case: dict[str, dict[int, float]] = {}
     for r in rows:

@@ -67,3 +67,16 @@ def test_moe_layout_errors(tiny_moe, tmp_path, args, message):
 def test_ep_on_dense_model_refused(tiny_hf, tmp_path):
     r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", "--ep", "2", str(tiny_hf["llama3.1-8b"]), str(tmp_path / "o")])
     assert r.exit_code == 2 and "--ep 2 needs a mixture-of-experts model" in r.output
+
+
+def test_dense_replica_mismatch_across_ep_ranks_is_an_error(tiny_moe, tmp_path):
+    import torch
+
+    mcore = to_mcore(tiny_moe["qwen3-30b-a3b"], tmp_path / "m", "torch", ep=2)
+    path = mcore / "release" / "mp_rank_00_001" / FILE
+    state = torch.load(path, weights_only=False)
+    state["model"]["decoder.layers.1.self_attention.linear_proj.weight"][0, 0] += 1
+    torch.save(state, path)
+    r = CliRunner().invoke(main, ["convert", "--src", "mcore", "--dst", "hf", str(mcore), str(tmp_path / "o")])
+    assert r.exit_code == 2 and "differs between EP rank 0 and EP rank 1" in r.output, r.output
+    assert not (tmp_path / "o").exists()

@@ -250,7 +250,16 @@ class LegacySource:
         return self._fds[rank]
 
     def _read_slot(self, pt: PlannedTensor, slot: Slot) -> torch.Tensor:
-        ranks = [(t, slot.pp, slot.ep or 0) for t in range(self.layout.tp)]
+        """The global tensor from one EP rank's TP shards; a dense weight must be identical on every EP rank."""
+        eps = [slot.ep] if slot.ep is not None else list(range(self.layout.ep))
+        copies = [self._read_ep(pt, slot, ep) for ep in eps]
+        for ep, copy in zip(eps[1:], copies[1:]):
+            if not torch.equal(copy, copies[0]):
+                raise PlanError(f"{slot.key!r} differs between EP rank 0 and EP rank {ep} (stage {slot.pp})")
+        return copies[0]
+
+    def _read_ep(self, pt: PlannedTensor, slot: Slot, ep: int) -> torch.Tensor:
+        ranks = [(t, slot.pp, ep) for t in range(self.layout.tp)]
         shards = [read_storage(self._fd(r), self.meta[r][slot.model_key][slot.key], f"{self.paths[r]}: {slot.key}")
                   for r in ranks]
         parts = self.layout.tp_for(pt.rule.parallel)

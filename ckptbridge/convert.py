@@ -107,11 +107,11 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         if target.kind == "mcore":
             margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format, target.vocab_divisible_by)
         planned = spec.planned()
-        total = sum(math.prod(pt.shape) for pt in planned) * dtype.itemsize
+        total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
 
         def read_cast(pt: PlannedTensor) -> torch.Tensor:
-            return source.read(pt).to(dtype)
+            return source.read(pt).to(pt.dtype(dtype))
 
         assets = source_assets(src, source)
         with staging_dir(dst, force) as tmp, closing(Prefetcher(planned, read_cast)) as read:

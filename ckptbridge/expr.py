@@ -95,6 +95,8 @@ def _eval(node: ast.AST, env: Mapping[str, Any], source: str) -> Any:
         return True
     if isinstance(node, ast.IfExp):
         return _eval(node.body if _eval(node.test, env, source) else node.orelse, env, source)
+    if isinstance(node, ast.Subscript):
+        return _eval(node.value, env, source)[_eval(node.slice, env, source)]
     if isinstance(node, (ast.Tuple, ast.List)):
         return tuple(_eval(e, env, source) for e in node.elts)
     raise MappingError(f"expression {source!r}: {type(node).__name__} is not allowed in mapping files")

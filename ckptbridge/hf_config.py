@@ -62,6 +62,8 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
     cfg["rope_low_freq_factor"] = rope.get("low_freq_factor")
     cfg["rope_high_freq_factor"] = rope.get("high_freq_factor")
     cfg["rope_original_max_position_embeddings"] = rope.get("original_max_position_embeddings")
+    for key, value in rope.items():  # every other rope field (yarn's beta_fast, mscale...) as rope_<field>
+        cfg.setdefault(f"rope_{key}", value)
     cfg["architecture"] = (raw.get("architectures") or [None])[0]
     return cfg
 

@@ -42,7 +42,14 @@ def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads:
                intermediate_size=ffn, vocab_size=vocab)
     if "head_dim" in cfg:
         out["head_dim"] = 2 * hidden // heads
-    for key in ("num_local_experts", "num_experts"):  # mixture of experts: fewer, narrower experts
+    if "kv_lora_rank" in cfg:  # multi-latent attention: every head has its own K/V, small latent ranks
+        out["num_key_value_heads"] = heads
+        out.update(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+        if cfg.get("q_lora_rank") is not None:
+            out["q_lora_rank"] = 32
+        out["first_k_dense_replace"] = min(cfg.get("first_k_dense_replace", 0), 1)
+        out["n_group"], out["topk_group"] = 2, 1
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):  # mixture of experts: fewer, narrower experts
         if key in cfg:
             out[key] = experts
             out["num_experts_per_tok"] = topk

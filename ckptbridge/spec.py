@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .errors import MappingError
 from .hf_config import normalise
 from .layout import ParallelLayout, padded_vocab_size
 from .mapping.registry import MappingRegistry, build_mapping, default_registry
@@ -33,6 +34,10 @@ class PlannedTensor:
     hf_names: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     shape: Shape
+
+    def dtype(self, default: torch.dtype) -> torch.dtype:
+        """The dtype this tensor is stored in: the rule's pinned dtype, else the conversion's."""
+        return self.rule.dtype or default
 
 
 
@@ -70,12 +75,24 @@ class ModelSpec:
         experts = int(self.args.get("num_moe_experts") or 0)
         for layer in range(self.num_layers):
             for r in rules:
+                if r.per_layer and not r.in_layer(layer, self.args):
+                    continue
                 if r.per_expert:
                     out += [self._plan(r, layer, e) for e in range(experts)]
                 elif r.per_layer:
                     out.append(self._plan(r, layer))
         out += [self._plan(r, None) for r in rules if r.place == "last"]
+        if not self.stacked:
+            for side, names in (("HF", [n for pt in out for n in pt.hf_names]), ("MCore", [pt.mcore for pt in out])):
+                if len(set(names)) != len(names):
+                    dup = next(n for n in names if names.count(n) > 1)
+                    raise MappingError(f"{self.mapping.source}: {side} tensor {dup!r} is produced by two rules")
         return out
+
+    @property
+    def stacked(self) -> bool:
+        """Whether every layer has the same tensors (torch_dist then stacks them on a layer axis)."""
+        return all(r.layers is None for r in self.rules())
 
     def _plan(self, rule: TensorRule, layer: int | None, expert: int | None = None) -> PlannedTensor:
         shapes = tuple(rule.hf_shapes(self.args))

@@ -20,6 +20,8 @@ def tiny_hf(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_moe(tmp_path_factory) -> dict[str, Path]:
-    """One 2-layer fp32 model per MoE preset, 8 experts, top-2 (EP 4 leaves 2 experts per rank)."""
+    """One 2-layer fp32 model per MoE preset, 8 experts, top-2 (EP 4 leaves 2 experts per rank);
+    DeepSeek-V3 gets 4 layers: one dense, then three MoE layers."""
     root = tmp_path_factory.mktemp("tiny_moe")
-    return {name: build_tiny_hf(name, root / name, layers=2, seed=10 + i) for i, name in enumerate(MOE_PRESETS)}
+    return {name: build_tiny_hf(name, root / name, layers=4 if name == "deepseek-v3" else 2, seed=10 + i)
+            for i, name in enumerate(MOE_PRESETS)}

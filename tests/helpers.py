@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from ckptbridge.convert import Target, convert
 from ckptbridge.layout import ParallelLayout
 
-MOE_PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"]
+MOE_PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "deepseek-v3"]
 DENSE_PRESETS = ["llama3.1-8b", "llama3.2-1b", "mistral-7b", "qwen2.5-7b", "qwen2.5-0.5b", "qwen3-8b"]
 
 

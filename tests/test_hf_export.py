@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import DENSE_PRESETS, to_hf, to_mcore
+from helpers import DENSE_PRESETS, MOE_PRESETS, to_hf, to_mcore
 
 
 @pytest.mark.parametrize("preset", DENSE_PRESETS)
@@ -21,7 +21,7 @@ def test_exported_hf_logits_identical(tiny_hf, tmp_path, preset):
     assert torch.equal(original, reloaded)
 
 
-@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"])
+@pytest.mark.parametrize("preset", MOE_PRESETS)
 def test_exported_moe_hf_logits_identical(tiny_moe, tmp_path, preset):
     src = tiny_moe[preset]
     mcore = to_mcore(src, tmp_path / "mcore", "torch", tp=2, pp=2, ep=2, etp=1)

@@ -80,3 +80,46 @@ def test_dense_replica_mismatch_across_ep_ranks_is_an_error(tiny_moe, tmp_path):
     r = CliRunner().invoke(main, ["convert", "--src", "mcore", "--dst", "hf", str(mcore), str(tmp_path / "o")])
     assert r.exit_code == 2 and "differs between EP rank 0 and EP rank 1" in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_deepseek_non_homogeneous_layers_and_fp32_router_bias(tiny_moe, tmp_path):
+    """First-k-dense layers keep per-layer torch_dist keys; the expert-score bias stays fp32 under --dtype bf16."""
+    import torch
+
+    from ckptbridge.convert import Target, convert
+    from ckptbridge.layout import ParallelLayout
+
+    src = tiny_moe["deepseek-v3"]
+    convert(src, tmp_path / "m", None, Target("mcore", ParallelLayout(tp=2, ep=2), dtype=torch.bfloat16))
+    md = open_source(tmp_path / "m").metadata.state_dict_metadata
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in md and "decoder.layers.0.mlp.router.weight" not in md
+    assert tuple(md["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"].size) == (8, 64, 64)
+    assert md["decoder.layers.3.mlp.router.expert_bias"].properties.dtype == torch.float32
+    assert md["decoder.layers.3.mlp.router.weight"].properties.dtype == torch.bfloat16
+    assert not any(k.startswith("decoder.layers.self_attention") for k in md)  # nothing stacked
+    back = hf_tensors(to_hf(tmp_path / "m", tmp_path / "hf"))
+    original = hf_tensors(src)
+    bias = "model.layers.2.mlp.gate.e_score_correction_bias"
+    assert back[bias].dtype == torch.float32 and back[bias].equal(original[bias])
+    assert back["model.layers.2.mlp.gate.weight"].equal(original["model.layers.2.mlp.gate.weight"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_deepseek_mla_without_q_lora(tmp_path, fmt):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ckptbridge.presets import load_preset, shrink_config
+
+    raw = shrink_config(load_preset("deepseek-v3")["hf_config"], layers=2)
+    raw["q_lora_rank"] = None
+    model_type = raw.pop("model_type")
+    raw.pop("architectures")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **raw)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "src")
+    mcore = to_mcore(tmp_path / "src", tmp_path / "m", fmt, tp=2, ep=2)
+    back = to_hf(mcore, tmp_path / "hf")
+    original = hf_tensors(tmp_path / "src")
+    assert "model.layers.1.self_attn.q_proj.weight" in original
+    assert_bit_exact(original, hf_tensors(back))

@@ -116,7 +116,7 @@ def write_hf(
     groups: list[list[PlannedTensor]] = [[]]
     size = 0
     for pt in spec.planned():
-        nbytes = sum(math.prod(s) for s in pt.hf_shapes) * dtype.itemsize
+        nbytes = sum(math.prod(s) for s in pt.hf_shapes) * pt.dtype(dtype).itemsize
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -126,7 +126,7 @@ def write_hf(
     weight_map: dict[str, str] = {}
     total = 0
     for fname, group in zip(names, groups):
-        entries = [(n, dtype, s) for pt in group for n, s in zip(pt.hf_names, pt.hf_shapes)]
+        entries = [(n, pt.dtype(dtype), s) for pt in group for n, s in zip(pt.hf_names, pt.hf_shapes)]
         writer = SafetensorsWriter(out / fname, entries, {"format": "pt"})
         for pt in group:
             canonical = read(pt)

@@ -139,7 +139,7 @@ def write_legacy(
             models: dict[str, dict[str, torch.Tensor]] = {model_key(c): {} for c in layout.stage_chunks(spec.num_layers, pp)}
             for pt, slot in todo:
                 shape = _local_shape(pt, margs, layout)
-                models[slot.model_key][slot.key] = torch.empty(shape, dtype=dtype)  # never touched: skip_data
+                models[slot.model_key][slot.key] = torch.empty(shape, dtype=pt.dtype(dtype))  # never touched: skip_data
             for model_key_, key in extra_state_keys(spec, layout, pp):
                 models[model_key_][key] = None
             path = iter_dir / rank_dir_name(rank, pp, layout, ep) / FILE

@@ -56,20 +56,20 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, 
 _LAYER_SEGMENT = ".{L}."
 
 
-def storage_key(pt: PlannedTensor) -> str:
-    return pt.rule.dist_key()
+def storage_key(pt: PlannedTensor, stacked: bool) -> str:
+    return pt.rule.dist_key(pt.layer, stacked)
 
 
-def lead_index(pt: PlannedTensor) -> list[int]:
-    """Position of one canonical tensor on the stacked axes: [layer] or [layer, expert]."""
-    return [i for i in (pt.layer, pt.expert) if i is not None]
+def lead_index(pt: PlannedTensor, stacked: bool) -> list[int]:
+    """Position of one canonical tensor on the leading axes: [layer] when stacked, then [expert]."""
+    return [i for i in (pt.layer if stacked else None, pt.expert) if i is not None]
 
 
-def global_shape(pt: PlannedTensor, margs: dict[str, Any]) -> tuple[int, ...]:
+def global_shape(pt: PlannedTensor, margs: dict[str, Any], stacked: bool) -> tuple[int, ...]:
     shape = list(pt.shape)
     if pt.rule.shard.padded:
         shape[0] = int(margs["padded_vocab_size"])
-    lead = [int(margs["num_layers"])] if pt.layer is not None else []
+    lead = [int(margs["num_layers"])] if stacked and pt.layer is not None else []
     if pt.expert is not None:
         lead.append(int(margs["num_moe_experts"]))
     return (*lead, *shape)
@@ -87,6 +87,7 @@ def write_torch_dist(
 ) -> None:
     iter_dir.mkdir(parents=True, exist_ok=True)
     chunks = layout.chunks(spec.num_layers)
+    stacked = spec.stacked
     stage_of = {layer: c.pp_rank for c in chunks for layer in c.layers}
     state: dict[str, TensorStorageMetadata] = {}
     storage: dict[MetadataIndex, StorageInfo] = {}
@@ -103,13 +104,13 @@ def write_torch_dist(
             canonical = read(pt)
             if pt.rule.shard.padded:
                 canonical = pad_rows(canonical, int(margs["padded_vocab_size"]))
-            key = storage_key(pt)
+            key = storage_key(pt, stacked)
             meta = state.setdefault(
-                key, TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(global_shape(pt, margs)), [])
+                key, TensorStorageMetadata(TensorProperties(dtype=pt.dtype(dtype)), torch.Size(global_shape(pt, margs, stacked)), [])
             )
             stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
             kind = pt.rule.shard
-            lead = lead_index(pt)
+            lead = lead_index(pt, stacked)
             for rank, regions in enumerate(kind.regions(canonical.shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
                 if kind.axis is None and rank:
                     break  # replicated: stored once
@@ -132,7 +133,8 @@ def write_torch_dist(
             if extra.legacy_only or extra.place != "layer":
                 continue
             for layer in range(spec.num_layers):
-                key = f"{extra.module.replace(_LAYER_SEGMENT, '.')}._extra_state/shard_{layer}_{spec.num_layers}"
+                key = (f"{extra.module.replace(_LAYER_SEGMENT, '.')}._extra_state/shard_{layer}_{spec.num_layers}" if stacked
+                       else f"{extra.module.replace('{L}', str(layer))}._extra_state/shard_0_1")
                 f = data_file(stage_of[layer] * layout.tp)
                 begin = f.tell()
                 f.write(none_bytes)
@@ -270,7 +272,8 @@ class TorchDistSource:
         return sorted(k for k in self.metadata.state_dict_metadata if is_training_state(k) or is_extra_state(k))
 
     def verify(self) -> None:
-        expected = {storage_key(pt): global_shape(pt, self.margs) for pt in self.spec.planned()}
+        stacked = self.spec.stacked
+        expected = {storage_key(pt, stacked): global_shape(pt, self.margs, stacked) for pt in self.spec.planned()}
         where = self.iter_dir / ".metadata"
         for key, md in self.metadata.state_dict_metadata.items():
             if is_training_state(key) or is_extra_state(key):
@@ -314,9 +317,10 @@ class TorchDistSource:
         return read_storage_at(fd, chunk.info.offset, meta, what)
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
-        key = storage_key(pt)
+        stacked = self.spec.stacked
+        key = storage_key(pt, stacked)
         md = self.metadata.state_dict_metadata[key]
-        lead = lead_index(pt)
+        lead = lead_index(pt, stacked)
         start = lead + [0] * (len(md.size) - len(lead))
         size = [1] * len(lead) + list(md.size)[len(lead):]
         out = torch.empty(size, dtype=md.properties.dtype)

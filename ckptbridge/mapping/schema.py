@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .. import expr
 from ..errors import MappingError, UnsupportedArchitectureError
 from ..sharding import ShardKind, get_kind
@@ -20,6 +22,7 @@ from ..transforms import Shape, Transform, check_round_trip, get_transform
 
 LAYER = "{L}"
 EXPERT = "{E}"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: small config used to prove each rule's transform invertible when a file loads
 PROBE_ARGS: dict[str, Any] = {
@@ -48,7 +51,9 @@ class TensorRule:
     place: str  # "layer", "first" or "last"
     when: str | None = None
     parallel: str = "tp"  # which tensor-parallel size splits it: "tp", or "etp" for routed experts
-    dist: str | None = None  # torch_dist key, when it is not the MCore name without ".{L}"
+    dist: str | None = None  # torch_dist key template, when it is not the MCore name
+    layers: str | None = None  # which layers have it (an expression over the args and L); None: all
+    dtype: torch.dtype | None = None  # kept in this dtype whatever --dtype says (e.g. a router bias in fp32)
 
     @property
     def per_layer(self) -> bool:
@@ -67,12 +72,17 @@ class TensorRule:
     def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None) -> str:
         return _fill(self.local if spec == "local" else self.mcore, layer, expert)
 
-    def dist_key(self) -> str:
-        """torch_dist key: per-layer names lose their index and gain a leading layer axis
-        (experts gain an expert axis after it)."""
-        if self.dist:
-            return self.dist
-        return self.mcore.replace("." + LAYER + ".", ".") if self.per_layer else self.mcore
+    def in_layer(self, layer: int, args: Mapping[str, Any]) -> bool:
+        return self.layers is None or bool(expr.evaluate(self.layers, {**args, "L": layer}))
+
+    def dist_key(self, layer: int | None, stacked: bool) -> str:
+        """torch_dist key. In a model whose layers all look alike (``stacked``) per-layer names lose
+        their index and gain a leading layer axis; otherwise each layer keeps its own keys, as
+        megatron-core writes non-homogeneous models. Experts always gain an expert axis."""
+        template = self.dist or self.mcore
+        if not self.per_layer:
+            return template
+        return template.replace("." + LAYER + ".", ".") if stacked else template.replace(LAYER, str(layer))
 
     def hf_shapes(self, args: Mapping[str, Any]) -> list[Shape]:
         return [tuple(int(expr.evaluate(d, args)) for d in shape) for shape in self.shapes]
@@ -155,7 +165,8 @@ class _Lenient(dict):
 
 
 def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
-    unknown = set(raw) - {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist"}
+    unknown = set(raw) - {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist",
+                          "layers", "dtype"}
     if unknown:
         raise MappingError(f"{where}: unknown rule field(s) {sorted(unknown)}")
     for key in ("mcore", "hf", "shapes", "shard"):
@@ -180,6 +191,12 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     parallel = raw.get("parallel", "tp")
     if parallel not in ("tp", "etp"):
         raise MappingError(f"{where}: parallel must be tp or etp, not {parallel!r}")
+    if raw.get("dist") and (LAYER in raw["dist"]) != (place == "layer"):
+        raise MappingError(f"{where}: a per-layer rule's dist key must use {LAYER} too")
+    if "layers" in raw and place != "layer":
+        raise MappingError(f"{where}: 'layers' applies to per-layer rules only")
+    if "dtype" in raw and raw["dtype"] not in _DTYPES:
+        raise MappingError(f"{where}: dtype must be one of {sorted(_DTYPES)}")
     if len(shapes) != len(hf):
         raise MappingError(f"{where}: {len(hf)} HF names but {len(shapes)} shapes")
     if transform.arity is not None and transform.arity != len(hf):
@@ -195,28 +212,37 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
         when=raw.get("when"),
         parallel=parallel,
         dist=raw.get("dist"),
+        layers=raw.get("layers"),
+        dtype=_DTYPES[raw["dtype"]] if "dtype" in raw else None,
     )
 
 
 def validate_rules(rules: Sequence[TensorRule], where: str, config_keys: set[str]) -> None:
-    """Names must be unique in both directions, and each transform must round-trip."""
+    """Names must be unique in both directions, and each transform must round-trip.
+
+    Rules restricted to some layers (``layers:``) may share a name template with other such
+    rules (DeepSeek's post-attention norm is a fused fc1 norm in dense layers and a separate
+    norm in MoE layers); the plan then checks that no concrete name occurs twice.
+    """
     for attr in ("mcore", "local"):
         seen: set[str] = set()
         for r in rules:
             name = getattr(r, attr)
-            if name in seen:
+            if name in seen and r.layers is None:
                 raise MappingError(f"{where}: MCore name {name!r} is mapped twice")
             seen.add(name)
     hf_seen: set[str] = set()
     for r in rules:
         for n in r.hf:
-            if n in hf_seen:
+            if n in hf_seen and r.layers is None:
                 raise MappingError(f"{where}: HF name {n!r} is mapped twice")
             hf_seen.add(n)
     known = config_keys | set(PROBE_ARGS) | {"padded_vocab_size"}
     for r in rules:
-        used = set().union(*(expr.names_in(d) for s in r.shapes for d in s), expr.names_in(r.when))
+        used = set().union(*(expr.names_in(d) for s in r.shapes for d in s), expr.names_in(r.when),
+                           expr.names_in(r.layers) - {"L"})
         missing = used - known
         if missing:
             raise MappingError(f"{where}: rule {r.mcore} uses unknown config field(s) {sorted(missing)}")
-        check_round_trip(r.transform, r.hf_shapes(PROBE_ARGS), PROBE_ARGS, f"{where}: rule {r.mcore}")
+        probe = {**{name: 3 for name in used}, **PROBE_ARGS}  # small sizes for any width the file names
+        check_round_trip(r.transform, r.hf_shapes(probe), probe, f"{where}: rule {r.mcore}")

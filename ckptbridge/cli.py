@@ -65,13 +65,15 @@ def main() -> None:
               help="MCore on-disk format: torch_dist (dist_checkpointing) or legacy per-rank torch files.")
 @click.option("--spec", "spec_name", type=click.Choice(["te", "local"]), default="te", show_default=True,
               help="MCore module names: TransformerEngine spec (what Megatron-LM trains with) or the local spec.")
+@click.option("--moe-grouped-gemm", is_flag=True, help="MoE, legacy format: grouped-expert names (experts.linear_fc1.weight<e>) "
+              "as TEGroupedMLP saves them, instead of sequential experts (local_experts.<e>.linear_fc1.weight).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast weights (default: keep the source dtype).")
 @click.option("--vocab-divisible-by", type=int, default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, dtype, vocab_divisible_by, force, quiet, src, dst):
+def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype, vocab_divisible_by, force, quiet, src, dst):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -88,7 +90,7 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
-                        DTYPES[dtype] if dtype else None, vocab_divisible_by)
+                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm)
         result = run(src, dst, src_kind, target, force, _progress_factory(quiet))
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)

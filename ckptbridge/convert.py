@@ -50,6 +50,7 @@ class Target:
     spec_name: str = "te"  # or "local"
     dtype: torch.dtype | None = None  # None: keep the source dtype
     vocab_divisible_by: int = 128
+    grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
 
     @property
     def format_name(self) -> str:
@@ -105,7 +106,8 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         dtype = target.dtype or source.dtype
         margs = None
         if target.kind == "mcore":
-            margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format, target.vocab_divisible_by)
+            margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format,
+                                       target.vocab_divisible_by, target.grouped_gemm)
         planned = spec.planned()
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)

@@ -17,7 +17,7 @@ from .errors import MappingError
 from .hf_config import normalise
 from .layout import ParallelLayout, padded_vocab_size
 from .mapping.registry import MappingRegistry, build_mapping, default_registry
-from .mapping.schema import ArchMapping, TensorRule
+from .mapping.schema import EXPERT, ArchMapping, ExtraState, TensorRule
 from .transforms import Shape
 
 DEFAULT_VOCAB_DIVISIBLE_BY = 128
@@ -89,6 +89,19 @@ class ModelSpec:
                     raise MappingError(f"{self.mapping.source}: {side} tensor {dup!r} is produced by two rules")
         return out
 
+    def extra_states(self) -> list[tuple[ExtraState, int | None, int | None]]:
+        """Every (module, global layer, global expert) whose empty ``_extra_state`` MCore saves."""
+        experts = int(self.args.get("num_moe_experts") or 0)
+        out: list[tuple[ExtraState, int | None, int | None]] = []
+        for extra in self.mapping.extra_state:
+            if extra.place != "layer":
+                out.append((extra, None, None))
+                continue
+            for layer in range(self.num_layers):
+                if extra.in_layer(layer, self.args):
+                    out += [(extra, layer, e) for e in range(experts)] if EXPERT in extra.module else [(extra, layer, None)]
+        return out
+
     @property
     def stacked(self) -> bool:
         """Whether every layer has the same tensors (torch_dist then stacks them on a layer axis)."""
@@ -107,7 +120,7 @@ class ModelSpec:
         )
 
     def megatron_args(self, layout: ParallelLayout, dtype: torch.dtype, spec: str, ckpt_format: str,
-                      vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> dict[str, Any]:
+                      vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY, grouped_gemm: bool = False) -> dict[str, Any]:
         """Everything a Megatron-LM trainer needs to rebuild this model at this layout."""
         layout.check_divides(self.args)
         layout.chunks(self.num_layers)  # raises LayoutError on a layer split that does not fit
@@ -121,6 +134,7 @@ class ModelSpec:
             "bf16": dtype == torch.bfloat16,
             "fp16": dtype == torch.float16,
             "ckpt_format": ckpt_format,
+            "moe_grouped_gemm": bool(grouped_gemm and self.args.get("num_moe_experts")),
             "seq_length": min(int(self.args.get("max_position_embeddings") or 4096), 4096),
             "num_layers_per_virtual_pipeline_stage": (
                 self.num_layers // (layout.pp * layout.vpp) if layout.vpp else None

@@ -35,7 +35,7 @@ def test_legacy_expert_folders_and_local_numbering(tiny_moe, tmp_path):
     dirs = sorted(p.name for p in (mcore / "release").iterdir())
     assert len(dirs) == 16 and dirs[0] == "mp_rank_00_000_000" and dirs[-1] == "mp_rank_01_001_003"
     sd = safe_load(mcore / "release" / "mp_rank_01_000_003" / FILE)["model"]
-    experts = sorted(k for k in sd if "local_experts" in k)
+    experts = sorted(k for k in sd if "local_experts" in k and k.endswith(".weight"))
     # 8 experts over EP 4: two local experts, numbered 0 and 1 on every EP rank; ETP 1 keeps them whole
     assert experts == [f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc{i}.weight" for e in (0, 1) for i in (1, 2)]
     assert sd["decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"].shape == (256, 64)  # [gate; up] of 128
@@ -123,3 +123,19 @@ def test_deepseek_mla_without_q_lora(tmp_path, fmt):
     original = hf_tensors(tmp_path / "src")
     assert "model.layers.1.self_attn.q_proj.weight" in original
     assert_bit_exact(original, hf_tensors(back))
+
+
+def test_grouped_gemm_legacy_names(tiny_moe, tmp_path):
+    from ckptbridge.convert import Target, convert
+    from ckptbridge.layout import ParallelLayout
+
+    src = tiny_moe["qwen3-30b-a3b"]
+    convert(src, tmp_path / "g", None, Target("mcore", ParallelLayout(tp=2, ep=2), "torch", grouped_gemm=True))
+    sd = safe_load(tmp_path / "g" / "release" / "mp_rank_01_001" / FILE)
+    assert sd["args"].moe_grouped_gemm is True
+    keys = sorted(k for k in sd["model"] if ".experts." in k)
+    assert keys[:2] == ["decoder.layers.0.mlp.experts.linear_fc1.weight0", "decoder.layers.0.mlp.experts.linear_fc1.weight1"]
+    assert not any("local_experts" in k for k in sd["model"])
+    sequential = to_mcore(tmp_path / "g", tmp_path / "s", "torch", tp=1, ep=4)  # regroup and re-layout
+    assert_bit_exact(hf_tensors(src), hf_tensors(to_hf(sequential, tmp_path / "hf")))
+    assert_bit_exact(hf_tensors(src), hf_tensors(to_hf(tmp_path / "g", tmp_path / "hf2")))

@@ -74,7 +74,8 @@ class Slot:
     key: str
 
 
-def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str) -> dict[str, list[tuple[PlannedTensor, Slot]]]:
+def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str,
+          grouped: bool = False) -> dict[str, list[tuple[PlannedTensor, Slot]]]:
     """Per canonical name, every (stage, chunk, key) it is written to (the tied output replica adds one)."""
     chunks = layout.chunks(spec.num_layers)
     first, last = chunks[0], chunks[-1]
@@ -91,7 +92,7 @@ def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str) -> dict[str, 
             expert = None
             if pt.expert is not None:
                 ep, expert = divmod(pt.expert, local_experts)
-            key = pt.rule.mcore_name(pt.layer - chunk.first_layer, spec_name, expert)
+            key = pt.rule.mcore_name(pt.layer - chunk.first_layer, spec_name, expert, grouped)
         out[pt.mcore] = [(pt, Slot(chunk.pp_rank, ep, model_key(chunk), key))]
         tied = not spec.args["untie_embeddings_and_output_weights"]
         if tied and pt.rule.place == "first" and pt.rule.shard.padded and layout.pp > 1:
@@ -100,17 +101,28 @@ def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str) -> dict[str, 
     return out
 
 
-def extra_state_keys(spec: ModelSpec, layout: ParallelLayout, pp: int) -> list[tuple[str, str]]:
-    """(model key, state-dict key) of every ``_extra_state`` entry on stage ``pp``."""
-    chunks = layout.stage_chunks(spec.num_layers, pp)
-    last = layout.chunks(spec.num_layers)[-1]
+def extra_state_keys(spec: ModelSpec, layout: ParallelLayout, pp: int, ep: int, grouped: bool) -> list[tuple[str, str]]:
+    """(model key, state-dict key) of every ``_extra_state`` entry in the files of stage ``pp``, EP rank ``ep``.
+
+    Grouped experts (TEGroupedMLP) keep theirs under other names, which are not written.
+    """
+    chunks = layout.chunks(spec.num_layers)
+    by_layer = {layer: c for c in chunks for layer in c.layers}
+    local_experts = int(spec.args.get("num_moe_experts") or 1) // layout.ep
     out = []
-    for chunk in chunks:
-        for extra in spec.mapping.extra_state:
-            if extra.place == "layer":
-                out += [(model_key(chunk), f"{extra.module.replace('{L}', str(i))}._extra_state") for i in range(chunk.num_layers)]
-            elif chunk == last:
-                out.append((model_key(chunk), f"{extra.module}._extra_state"))
+    for extra, layer, expert in spec.extra_states():
+        chunk = chunks[-1] if layer is None else by_layer[layer]
+        if chunk.pp_rank != pp:
+            continue
+        name = extra.module
+        if layer is not None:
+            name = name.replace("{L}", str(layer - chunk.first_layer))
+        if expert is not None:
+            expert_rank, local = divmod(expert, local_experts)
+            if expert_rank != ep or grouped:
+                continue
+            name = name.replace("{E}", str(local))
+        out.append((model_key(chunk), f"{name}._extra_state"))
     return out
 
 
@@ -127,46 +139,55 @@ def write_legacy(
     """Write every rank file of ``layout``; ``read`` yields canonical tensors already in ``dtype``."""
     if layout.expert_tp not in (1, layout.tp):
         raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
-    placement = slots(spec, layout, spec_name)
+    grouped = bool(margs.get("moe_grouped_gemm"))
+    placement = slots(spec, layout, spec_name, grouped)
     ns = args_namespace(margs)
     record = bridge_record(spec, spec_name)
-    tp = layout.tp
-    for pp, ep in [(p, e) for p in range(layout.pp) for e in range(layout.ep)]:
-        todo = [(pt, slot) for entries in placement.values() for pt, slot in entries
-                if slot.pp == pp and slot.ep in (None, ep)]
-        files = []
-        for rank in range(tp):
-            models: dict[str, dict[str, torch.Tensor]] = {model_key(c): {} for c in layout.stage_chunks(spec.num_layers, pp)}
-            for pt, slot in todo:
-                shape = _local_shape(pt, margs, layout)
-                models[slot.model_key][slot.key] = torch.empty(shape, dtype=pt.dtype(dtype))  # never touched: skip_data
-            for model_key_, key in extra_state_keys(spec, layout, pp):
-                models[model_key_][key] = None
-            path = iter_dir / rank_dir_name(rank, pp, layout, ep) / FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with torch.serialization.skip_data():
-                torch.save({**models, "args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
-                            "ckptbridge": record}, path)
-            layout_meta = safe_load(path, map_location="meta")
-            offsets = {(mk, k): v.untyped_storage()._checkpoint_offset
-                       for mk, sd in layout_meta.items() if mk.startswith("model") for k, v in sd.items()
-                       if isinstance(v, torch.Tensor)}
-            files.append((os.open(path, os.O_WRONLY), offsets))
+    for pp in range(layout.pp):
+        # every (TP, EP) file of the stage at once: each canonical tensor is read once, however many
+        # EP ranks hold a replica of it
+        todo = [(pt, slot) for entries in placement.values() for pt, slot in entries if slot.pp == pp]
+        files: dict[tuple[int, int], tuple[int, dict[tuple[str, str], int]]] = {}
         try:
+            for rank in [(t, e) for e in range(layout.ep) for t in range(layout.tp)]:
+                path = iter_dir / rank_dir_name(rank[0], pp, layout, rank[1]) / FILE
+                mine = [(pt, slot) for pt, slot in todo if slot.ep in (None, rank[1])]
+                files[rank] = _lay_out(path, spec, layout, margs, dtype, pp, rank[1], grouped, mine,
+                                       {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                                        "ckptbridge": record})
             for pt, slot in todo:
                 canonical = read(pt)
                 if pt.rule.shard.padded:
                     canonical = pad_rows(canonical, int(margs["padded_vocab_size"]))
                 shards = split(canonical, pt.rule.shard, layout.tp_for(pt.rule.parallel), pt.mcore)
-                for rank in range(tp):
-                    fd, offsets = files[rank]
-                    shard = shards[shard_index(rank, pt, layout)]
-                    os.pwrite(fd, memoryview(shard.contiguous().view(torch.uint8).numpy()).cast("B"),
-                              offsets[(slot.model_key, slot.key)])
+                for (t, e), (fd, offsets) in files.items():
+                    if slot.ep in (None, e):
+                        shard = shards[shard_index(t, pt, layout)]
+                        os.pwrite(fd, memoryview(shard.contiguous().view(torch.uint8).numpy()).cast("B"),
+                                  offsets[(slot.model_key, slot.key)])
                 progress(canonical.numel() * canonical.element_size())
         finally:
-            for fd, _ in files:
+            for fd, _ in files.values():
                 os.close(fd)
+
+
+def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], dtype: torch.dtype,
+             pp: int, ep: int, grouped: bool, entries: list[tuple[PlannedTensor, Slot]],
+             extra: dict[str, Any]) -> tuple[int, dict[tuple[str, str], int]]:
+    """Write one rank file's structure (no tensor bytes) and return an open fd and each tensor's byte offset."""
+    models: dict[str, dict[str, torch.Tensor | None]] = {model_key(c): {} for c in layout.stage_chunks(spec.num_layers, pp)}
+    for pt, slot in entries:
+        shape = _local_shape(pt, margs, layout)
+        models[slot.model_key][slot.key] = torch.empty(shape, dtype=pt.dtype(dtype))  # never touched: skip_data
+    for mk, key in extra_state_keys(spec, layout, pp, ep, grouped):
+        models[mk][key] = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.serialization.skip_data():
+        torch.save({**models, **extra}, path)
+    meta = safe_load(path, map_location="meta")
+    offsets = {(mk, k): v.untyped_storage()._checkpoint_offset
+               for mk, sd in meta.items() if mk.startswith("model") for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return os.open(path, os.O_WRONLY), offsets
 
 
 def _local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout) -> tuple[int, ...]:
@@ -206,7 +227,7 @@ class LegacySource:
         self.meta = {rank: (head if path == first_path else safe_load(path, map_location="meta"))
                      for rank, path in self.paths.items()}
         self.dtype = self._dtype()
-        self._slots = slots(self.spec, self.layout, self.spec_name)
+        self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")))
         self._fds: dict[Rank, int] = {}
 
     def _dtype(self) -> torch.dtype:

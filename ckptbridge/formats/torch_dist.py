@@ -129,17 +129,23 @@ def write_torch_dist(
                     meta.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(piece.shape)))
             progress(canonical.numel() * canonical.element_size())
         none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
-        for extra in spec.mapping.extra_state:
-            if extra.legacy_only or extra.place != "layer":
+        experts = int(spec.args.get("num_moe_experts") or 0)
+        for extra, layer, expert in spec.extra_states():
+            if extra.legacy_only or layer is None:
                 continue
-            for layer in range(spec.num_layers):
-                key = (f"{extra.module.replace(_LAYER_SEGMENT, '.')}._extra_state/shard_{layer}_{spec.num_layers}" if stacked
-                       else f"{extra.module.replace('{L}', str(layer))}._extra_state/shard_0_1")
-                f = data_file(stage_of[layer] * layout.tp)
-                begin = f.tell()
-                f.write(none_bytes)
-                state[key] = BytesStorageMetadata()
-                storage[MetadataIndex(key)] = StorageInfo(Path(f.name).name, begin, len(none_bytes))
+            template = extra.dist or extra.module
+            if stacked:
+                base, shard = template.replace(_LAYER_SEGMENT, "."), f"{layer}_{spec.num_layers}"
+                if expert is not None:
+                    shard = f"{layer}.{expert}_{spec.num_layers}.{experts}"
+            else:
+                base, shard = template.replace("{L}", str(layer)), "0_1" if expert is None else f"{expert}_{experts}"
+            key = f"{base}._extra_state/shard_{shard}"
+            f = data_file(stage_of[layer] * layout.tp)
+            begin = f.tell()
+            f.write(none_bytes)
+            state[key] = BytesStorageMetadata()
+            storage[MetadataIndex(key)] = StorageInfo(Path(f.name).name, begin, len(none_bytes))
     finally:
         for f in files.values():
             f.close()

@@ -53,6 +53,7 @@ class TensorRule:
     parallel: str = "tp"  # which tensor-parallel size splits it: "tp", or "etp" for routed experts
     dist: str | None = None  # torch_dist key template, when it is not the MCore name
     layers: str | None = None  # which layers have it (an expression over the args and L); None: all
+    grouped: str | None = None  # legacy name when experts are grouped (TEGroupedMLP: ...linear_fc1.weight{E})
     dtype: torch.dtype | None = None  # kept in this dtype whatever --dtype says (e.g. a router bias in fp32)
 
     @property
@@ -69,7 +70,10 @@ class TensorRule:
     def hf_names(self, layer: int | None, expert: int | None = None) -> list[str]:
         return [_fill(n, layer, expert) for n in self.hf]
 
-    def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None) -> str:
+    def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None, grouped: bool = False) -> str:
+        """The name in a model's state dict: TE or local spec, sequential or grouped experts."""
+        if grouped and self.grouped:
+            return _fill(self.grouped, layer, expert)
         return _fill(self.local if spec == "local" else self.mcore, layer, expert)
 
     def in_layer(self, layer: int, args: Mapping[str, Any]) -> bool:
@@ -110,19 +114,24 @@ class ConfigCheck:
 class ExtraState:
     """A module whose ``_extra_state`` MCore saves (``None`` for local and fresh TE modules)."""
 
-    module: str
+    module: str  # state-dict module name ({L} local layer, {E} local expert in a rank's file)
     place: str  # "layer" or "last"
     legacy_only: bool = False
+    dist: str | None = None  # torch_dist module name, when it differs (routed experts)
+    layers: str | None = None  # which layers have it, as for tensor rules
+
+    def in_layer(self, layer: int, args: Mapping[str, Any]) -> bool:
+        return self.layers is None or bool(expr.evaluate(self.layers, {**args, "L": layer}))
 
 
 def parse_extra_state(raw: Mapping[str, Any], where: str) -> ExtraState:
-    unknown = set(raw) - {"module", "place", "legacy_only"}
+    unknown = set(raw) - {"module", "place", "legacy_only", "dist", "layers"}
     if unknown or "module" not in raw:
-        raise MappingError(f"{where}: needs 'module' (and optionally 'place', 'legacy_only'); unknown {sorted(unknown)}")
+        raise MappingError(f"{where}: needs 'module' (and optionally place, legacy_only, dist, layers); unknown {sorted(unknown)}")
     place = raw.get("place", "layer")
     if (LAYER in raw["module"]) != (place == "layer") or place not in ("layer", "last"):
         raise MappingError(f"{where}: per-layer modules (and only they) use {LAYER}; place is layer or last")
-    return ExtraState(raw["module"], place, bool(raw.get("legacy_only", False)))
+    return ExtraState(raw["module"], place, bool(raw.get("legacy_only", False)), raw.get("dist"), raw.get("layers"))
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,7 @@ class _Lenient(dict):
 
 def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     unknown = set(raw) - {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist",
-                          "layers", "dtype"}
+                          "layers", "dtype", "grouped"}
     if unknown:
         raise MappingError(f"{where}: unknown rule field(s) {sorted(unknown)}")
     for key in ("mcore", "hf", "shapes", "shard"):
@@ -191,6 +200,8 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     parallel = raw.get("parallel", "tp")
     if parallel not in ("tp", "etp"):
         raise MappingError(f"{where}: parallel must be tp or etp, not {parallel!r}")
+    if raw.get("grouped") and not (EXPERT in raw["grouped"] and LAYER in raw["grouped"] and EXPERT in mcore):
+        raise MappingError(f"{where}: a grouped-experts name belongs to a per-expert rule and uses {LAYER} and {EXPERT}")
     if raw.get("dist") and (LAYER in raw["dist"]) != (place == "layer"):
         raise MappingError(f"{where}: a per-layer rule's dist key must use {LAYER} too")
     if "layers" in raw and place != "layer":
@@ -213,6 +224,7 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
         parallel=parallel,
         dist=raw.get("dist"),
         layers=raw.get("layers"),
+        grouped=raw.get("grouped"),
         dtype=_DTYPES[raw["dtype"]] if "dtype" in raw else None,
     )
 

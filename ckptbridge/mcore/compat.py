@@ -34,9 +34,17 @@ relative to ``megatron/core`` of megatron-core 0.16.1:
 * S1 the first torch_dist save per process starts a *spawn* ``Manager`` (+5 s, re-imports
   ``__main__``; dist_checkpointing/strategies/filesystem_async.py:54) -> fork-context Manager.
 
-Not applied (not needed for dense GPT models): P5 (``te_general_gemm`` undefined in
-transformer/moe/moe_utils.py without TransformerEngine) and P6 (CUDA streams in the MoE
-alltoall dispatcher).
+* P5 ``te_general_gemm`` is only bound when TransformerEngine imports
+  (transformer/moe/moe_utils.py:22-39) but is read unconditionally by the router's
+  ``RouterGatingLinearFunction`` (moe_utils.py:1192 forward, :1225 backward) -> NameError on
+  every MoE forward without TE -> bind it to ``None`` (the ``torch.mm`` branch runs).
+* P6 the alltoall token dispatcher creates a class-level ``torch.cuda.Stream()``
+  (transformer/moe/token_dispatcher.py:444-445) and copies its split sizes to the host on it
+  (``_maybe_dtoh_and_synchronize``, token_dispatcher.py:862-901) -> a placeholder stream object
+  and a stream-free ``_maybe_dtoh_and_synchronize`` that does the same host conversion (split
+  sizes as numpy arrays, like ``maybe_move_tensor_to_cpu(as_numpy=True)``) with nothing to
+  synchronize.  The router's ``torch.cuda.current_device()`` (moe/router.py:90,92) and the
+  expert-parallel ``_AllToAll`` (tensor_parallel/mappings.py:442) are covered by P1.
 """
 
 from __future__ import annotations
@@ -200,5 +208,33 @@ def apply_cpu_patches() -> bool:
 
     filesystem_async._get_write_results_queue = _fork_results_queue
 
+    # P5 / P6: MoE without TransformerEngine / CUDA streams.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    moe_utils.te_general_gemm = None  # type: ignore[attr-defined]
+    a2a = token_dispatcher.MoEAlltoAllTokenDispatcher
+    a2a.cuda_dtoh_stream = _NoStream()  # non-None: __init__ then skips torch.cuda.Stream()
+    a2a._maybe_dtoh_and_synchronize = _host_dtoh_and_synchronize  # type: ignore[method-assign]
+
     _APPLIED = True
     return True
+
+
+class _NoStream:
+    """Placeholder for ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` (P6); never used."""
+
+
+def _host_dtoh_and_synchronize(
+    self: Any, point: str, tokens_per_expert: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Stream-free twin of ``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` (P6).
+
+    On CUDA the split sizes become numpy arrays at ``cuda_dtoh_point``; tensors are already on
+    the host here, so only that conversion remains and there is no event to wait for.
+    """
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert

@@ -50,6 +50,8 @@ __all__ = [
     "load_legacy_rank",
     "forward_logits",
     "LOCAL_TO_TE_LAYER_KEYS",
+    "LOCAL_TO_TE_MOE_LAYER_KEYS",
+    "MOE_CONFIG_FIELDS",
     "CheckpointMismatchError",
 ]
 
@@ -65,6 +67,36 @@ LOCAL_TO_TE_LAYER_KEYS: dict[str, str] = {
     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
 }
+
+#: MoE layers: only the input norm is fused into a TE linear; ``pre_mlp_layernorm`` stays a module
+#: of its own in the TE MoE spec, so its key is unchanged.
+LOCAL_TO_TE_MOE_LAYER_KEYS: dict[str, str] = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+}
+
+#: ``TransformerConfig`` MoE fields copied from Megatron-LM ``args`` under the same name when set.
+MOE_CONFIG_FIELDS: tuple[str, ...] = (
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "moe_router_pre_softmax",
+    "moe_router_score_function",
+    "moe_router_dtype",
+    "moe_router_topk_scaling_factor",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_router_enable_expert_bias",
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "moe_z_loss_coeff",
+    "moe_input_jitter_eps",
+    "moe_grouped_gemm",
+    "moe_token_dispatcher_type",
+    "moe_expert_capacity_factor",
+    "moe_pad_expert_input_to_capacity",
+    "moe_token_drop_policy",
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+)
 
 _ARGS_ATTR = "_ckptbridge_args"
 
@@ -100,11 +132,16 @@ def init_parallel(
     *,
     seed: int = 1234,
     create_gloo_process_groups: bool = False,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> None:
     """Initialise megatron ``parallel_state`` inside an already initialised process group.
 
     Order is megatron's default (``tp-cp-ep-dp-pp``): ranks ``[0, tp)`` form the first TP group,
-    PP stages are ``tp * dp`` ranks apart.  Any previous model-parallel state is destroyed
+    PP stages are ``tp * dp`` ranks apart.  ``ep`` / ``etp`` are the expert-model-parallel and
+    expert-tensor-parallel sizes of MoE models (``etp=None`` means ``etp = tp``, megatron's
+    default); the expert grid is ``etp * ep * edp * pp`` over the same ranks, so ``world`` must
+    be divisible by ``etp * ep * pp``.  Any previous model-parallel state is destroyed
     first so the function can be called repeatedly in one process (e.g. in tests).
 
     The RNG is seeded like Megatron-LM's ``_set_random_seed``: the default CPU generator with
@@ -122,6 +159,8 @@ def init_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         create_gloo_process_groups=create_gloo_process_groups,
     )
     torch.manual_seed(seed)
@@ -150,6 +189,23 @@ def transformer_config_from_args(
     RoPE base / percent / scaling are *not* config fields in megatron-core 0.16.1; they are
     ``GPTModel`` constructor arguments (see :func:`build_gpt_model`).  ``overrides`` are
     applied last and may name any ``TransformerConfig`` field.
+
+    Mixture-of-experts models (``args.num_moe_experts`` set): every ``moe_*`` field in
+    :data:`MOE_CONFIG_FIELDS` that ``args`` carries (not ``None``) is copied under its own name,
+    as Megatron-LM does, plus ``expert_model_parallel_size`` / ``expert_tensor_parallel_size``.
+    Fixed for checking: ``moe_grouped_gemm=False`` without TransformerEngine (the local spec
+    runs ``SequentialMLP``, whose sharded state dict is interchangeable with ``TEGroupedMLP``'s,
+    moe/experts.py:773), no token dropping / capacity padding unless ``args`` asks for it
+    (``moe_expert_capacity_factor=None`` is megatron's default) and no
+    ``moe_shared_expert_overlap`` (it needs CUDA streams).  Router defaults are megatron's:
+    softmax score function, ``moe_router_pre_softmax`` False (top-k on logits, then softmax
+    over the k = HF's renormalised top-k) and ``moe_router_dtype`` None (router math in the
+    model dtype, exact in fp32; pass ``moe_router_dtype="fp32"`` as override for bf16 models to
+    match HF's fp32 routing softmax).  ``moe_aux_loss_coeff`` is taken from ``args``; it only
+    acts in training (moe/router.py:598).  The dispatcher is ``args.moe_token_dispatcher_type``
+    (Megatron-LM's default ``allgather`` when absent); both ``alltoall`` (with compat patch P6)
+    and ``allgather`` run on gloo.  Mixed dense/MoE stacks (``moe_layer_freq`` != 1) are not
+    supported.
     """
     pp = int(args.pipeline_model_parallel_size)
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
@@ -191,8 +247,36 @@ def transformer_config_from_args(
     window = getattr(args, "window_size", None)
     if window is not None:
         kw["window_size"] = tuple(window)
+    kw.update(_moe_config_kwargs(args))
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def _num_experts(args: argparse.Namespace) -> int | None:
+    n = getattr(args, "num_moe_experts", None)
+    return int(n) if n else None
+
+
+def _moe_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """MoE ``TransformerConfig`` fields from Megatron-LM args (empty for dense models)."""
+    if _num_experts(args) is None:
+        return {}
+    freq = getattr(args, "moe_layer_freq", 1)
+    if freq not in (1, None) and not (isinstance(freq, list) and all(f == 1 for f in freq)):
+        raise NotImplementedError(f"mixed dense/MoE layers (moe_layer_freq={freq!r})")
+    kw: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in MOE_CONFIG_FIELDS
+        if getattr(args, name, None) is not None
+    }
+    kw["num_moe_experts"] = _num_experts(args)
+    kw["expert_model_parallel_size"] = int(getattr(args, "expert_model_parallel_size", 1) or 1)
+    kw["expert_tensor_parallel_size"] = getattr(args, "expert_tensor_parallel_size", None)
+    if not _te_usable():
+        kw["moe_grouped_gemm"] = False
+    kw.setdefault("moe_token_dispatcher_type", "allgather")
+    kw["moe_shared_expert_overlap"] = False
+    return kw
 
 
 def layer_spec_from_args(args: argparse.Namespace, use_te: bool | None = None) -> ModuleSpec:
@@ -201,17 +285,40 @@ def layer_spec_from_args(args: argparse.Namespace, use_te: bool | None = None) -
     ``use_te=None`` follows ``args.transformer_impl`` but falls back to the local spec when
     TransformerEngine or CUDA is missing; torch_dist checkpoints of both specs share key names
     for dense models, so the fallback loads the same checkpoints.
+
+    MoE models (``args.num_moe_experts``) get the MoE layer spec (router, ``SequentialMLP``
+    experts with ``moe_grouped_gemm=False`` on the local spec, shared experts when
+    ``args.moe_shared_expert_intermediate_size`` is set; shared-expert gating is a config
+    field).  For MoE the local spec's ``sharded_state_dict_keys_map`` is replaced by
+    :data:`LOCAL_TO_TE_MOE_LAYER_KEYS`: the stock map renames ``pre_mlp_layernorm.`` to
+    ``mlp.linear_fc1.layer_norm_`` (gpt_layer_specs.py:417-420), a key that does not exist for
+    MoE layers, whereas the TE MoE spec keeps a separate ``pre_mlp_layernorm`` module
+    (gpt_layer_specs.py:291) -- with the override the local model requests
+    ``decoder.layers.pre_mlp_layernorm.weight`` exactly like TE-spec Megatron-LM.
     """
     if use_te is None:
         use_te = getattr(args, "transformer_impl", "local") == "transformer_engine"
     qk_layernorm = bool(getattr(args, "qk_layernorm", False))
+    num_experts = _num_experts(args)
     if use_te and _te_usable():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=args.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts,
+            moe_grouped_gemm=bool(getattr(args, "moe_grouped_gemm", False)),
+            qk_layernorm=qk_layernorm,
+        )
+    spec = get_gpt_layer_local_spec(
+        num_experts=num_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=qk_layernorm,
+        normalization=args.normalization,
+    )
+    if num_experts is not None:
+        spec.submodules.sharded_state_dict_keys_map = dict(LOCAL_TO_TE_MOE_LAYER_KEYS)
+    return spec
 
 
 def build_gpt_model(
@@ -228,7 +335,8 @@ def build_gpt_model(
     ``ignore_virtual=False``, ``vocab_size=args.padded_vocab_size``,
     ``max_sequence_length=args.max_position_embeddings`` and shares embedding and output
     weights unless ``args.untie_embeddings_and_output_weights``.  ``init_parallel`` must have
-    been called with the same TP/PP/VPP as ``args``.
+    been called with the same TP/PP/VPP as ``args`` (and, for MoE models, the same
+    ``expert_model_parallel_size`` / ``expert_tensor_parallel_size``; ETP ``None`` = TP).
 
     Construction runs under :func:`cuda_to_cpu` because with tied embeddings and PP>1 the
     last stage all-reduces its embedding copy after ``weight.data.cuda()``
@@ -245,6 +353,14 @@ def build_gpt_model(
     )
     if (tp, pp, vpp) != want:
         raise ValueError(f"parallel_state has (tp, pp, vpp)={(tp, pp, vpp)} but args want {want}")
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    want_ep = int(getattr(args, "expert_model_parallel_size", 1) or 1)
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    want_etp = int(getattr(args, "expert_tensor_parallel_size", None) or tp)
+    if _num_experts(args) is not None and (ep, etp) != (want_ep, want_etp):
+        raise ValueError(
+            f"parallel_state has (ep, etp)={(ep, etp)} but args want {(want_ep, want_etp)}"
+        )
 
     config = transformer_config_from_args(args, dtype=dtype, **config_overrides)
     spec = layer_spec_from_args(args, use_te=use_te)
@@ -391,8 +507,14 @@ def _load_chunk(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> None:
         raise CheckpointMismatchError(f"missing keys={missing}, unexpected keys={unexpected}")
 
 
+#: TE ``GroupedLinear`` (``TEGroupedMLP``, ``moe_grouped_gemm``) state-dict names of local expert
+#: ``e``: ``mlp.experts.linear_fc1.weight<e>``; ``SequentialMLP`` names it
+#: ``mlp.experts.local_experts.<e>.linear_fc1.weight``.
+_GROUPED_EXPERT_KEY = re.compile(r"(.*\.mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
+
+
 def _te_to_local(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename fused-norm TE keys to local-spec module names where the model needs them."""
+    """Rename fused-norm / grouped-expert TE keys to local-spec names where the model needs them."""
     own = set(model.state_dict().keys())
     out: dict[str, Any] = {}
     for k, v in state_dict.items():
@@ -401,6 +523,12 @@ def _te_to_local(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> dict[
                 if te in k and k.replace(te, local) in own:
                     k = k.replace(te, local)
                     break
+            else:
+                m = _GROUPED_EXPERT_KEY.match(k)
+                if m:
+                    local_key = f"{m[1]}local_experts.{m[4]}.{m[2]}.{m[3]}"
+                    if local_key in own:
+                        k = local_key
         out[k] = v
     return out
 
@@ -430,6 +558,18 @@ def load_legacy_rank(models: Sequence[GPTModel], state_dict: Mapping[str, Any]) 
     of the embedding -- with tied embeddings and PP=1 there is no ``output_layer.weight``).  TE-spec names for the pre-norms
     (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``)
     are accepted and renamed (see ``LOCAL_TO_TE_LAYER_KEYS``).
+
+    MoE layers (``SequentialMLP`` experts; ``e`` is the *local* expert index on this EP rank,
+    global expert ``ep_rank * num_local_experts + e``) have instead of ``mlp.linear_fc1/2``::
+
+        decoder.layers.i.pre_mlp_layernorm.weight           (a module in both specs)
+        decoder.layers.i.mlp.router.weight                  ([num_experts, hidden], replicated)
+        decoder.layers.i.mlp.experts.local_experts.e.linear_fc1.weight / ._extra_state
+        decoder.layers.i.mlp.experts.local_experts.e.linear_fc2.weight / ._extra_state
+        decoder.layers.i.mlp.shared_experts.linear_fc1.weight / linear_fc2.weight (+ _extra_state)
+        decoder.layers.i.mlp.shared_experts.gate_weight     ([1, hidden], with the shared gate)
+
+    TE grouped-GEMM expert names (``mlp.experts.linear_fc1.weight<e>``) are renamed to these.
     """
     if len(models) == 1 and "model" in state_dict:
         parts = [state_dict["model"]]

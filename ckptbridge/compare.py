@@ -22,6 +22,8 @@ def compare(a: Path, b: Path) -> list[TensorDiff]:
     """Canonical (global MCore) tensors of ``a`` and ``b``, compared pairwise in a common dtype."""
     sa, sb = open_source(a), open_source(b)
     try:
+        sa.verify()
+        sb.verify()
         pa, pb = sa.spec.planned(), sb.spec.planned()
         if [p.mcore for p in pa] != [p.mcore for p in pb] or [p.shape for p in pa] != [p.shape for p in pb]:
             raise CkptBridgeError(f"{a} and {b} are not the same model (tensor names or shapes differ)")

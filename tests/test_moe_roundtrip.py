@@ -139,3 +139,17 @@ def test_grouped_gemm_legacy_names(tiny_moe, tmp_path):
     sequential = to_mcore(tmp_path / "g", tmp_path / "s", "torch", tp=1, ep=4)  # regroup and re-layout
     assert_bit_exact(hf_tensors(src), hf_tensors(to_hf(sequential, tmp_path / "hf")))
     assert_bit_exact(hf_tensors(src), hf_tensors(to_hf(tmp_path / "g", tmp_path / "hf2")))
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "deepseek-v3"])
+def test_reads_transformers5_fused_expert_layout(tiny_moe, tmp_path, preset):
+    """``save_pretrained(save_original_format=False)`` stores experts fused; we read it and write per-expert."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_moe[preset]
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "fused", save_original_format=False)
+    fused = hf_tensors(tmp_path / "fused")
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in fused)
+    mcore = to_mcore(tmp_path / "fused", tmp_path / "m", "torch", tp=2, ep=2)
+    back = hf_tensors(to_hf(mcore, tmp_path / "hf"))
+    assert_bit_exact(hf_tensors(src), back)  # the per-expert on-disk layout, bit for bit

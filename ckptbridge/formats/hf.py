@@ -74,12 +74,38 @@ class HFSource:
         dtypes = {e.dtype for f in self.files.values() for e in f.entries.values()}
         self.dtype = config_dtype(self.raw_config) if len(dtypes) != 1 else dtypes.pop()
         self.dtype = self.dtype or torch.float32
+        self.fused: dict[str, tuple[str, int]] = {}
+        self.renamed: dict[str, str] = {}
+
+    def _fused(self) -> dict[str, tuple[str, int]]:
+        """Per-expert HF names that this folder holds inside a fused tensor instead: name -> (fused, expert)."""
+        out: dict[str, tuple[str, int]] = {}
+        for pt in self.spec.planned():
+            fused = pt.rule.hf_fused and pt.rule.hf_fused.replace("{L}", str(pt.layer))
+            if fused and fused in self.where and not any(n in self.where for n in pt.hf_names):
+                out.update({n: (fused, pt.expert) for n in pt.hf_names})
+        return out
+
+    def _renamed(self) -> dict[str, str]:
+        """Planned HF names this folder holds under a rule's alternative names (``hf_alt``)."""
+        out: dict[str, str] = {}
+        for pt in self.spec.planned():
+            alt = pt.rule.hf_alt_names(pt.layer, pt.expert)
+            if alt and all(a in self.where for a in alt) and not any(n in self.where for n in pt.hf_names):
+                out.update(zip(pt.hf_names, alt))
+        return out
 
     def verify(self) -> None:
         expected: dict[str, tuple[int, ...]] = {}
+        self.renamed = self._renamed()
+        self.fused = self._fused()
+        experts = int(self.spec.args.get("num_moe_experts") or 0)
         for pt in self.spec.planned():
+            if pt.hf_names[0] in self.fused:
+                expected[self.fused[pt.hf_names[0]][0]] = (experts, *pt.shape)
+                continue
             for name, shape in zip(pt.hf_names, pt.hf_shapes):
-                expected[name] = shape
+                expected[self.renamed.get(name, name)] = shape
         for tensor, fname in sorted(self.where.items()):
             entry = self.files[fname].entries[tensor]
             if tensor not in expected:
@@ -93,7 +119,11 @@ class HFSource:
             raise PlanError(f"missing tensor {missing[0]!r}: not in any file of {self.folder} ({len(missing)} missing in all)")
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
-        tensors = [self.files[self.where[n]].read(n) for n in pt.hf_names]
+        if pt.hf_names[0] in self.fused:  # transformers-5 fused experts: slot E already is the MCore tensor
+            name, expert = self.fused[pt.hf_names[0]]
+            return self.files[self.where[name]].read(name, expert)
+        names = [self.renamed.get(n, n) for n in pt.hf_names]
+        tensors = [self.files[self.where[n]].read(n) for n in names]
         return pt.rule.transform.to_mcore(tensors, self.spec.args)
 
     def assets(self) -> list[Path]:

@@ -101,14 +101,20 @@ class SafetensorsFile:
                 f"{self.path}: truncated: tensors need {base + end_max} bytes, file has {size}"
             )
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The whole tensor, or only ``tensor[index]`` (a contiguous run of bytes: one expert of a fused tensor)."""
         entry = self.entries[name]
+        start, nbytes, shape = entry.start, entry.nbytes, entry.shape
+        if index is not None:
+            nbytes //= shape[0]
+            start += index * nbytes
+            shape = shape[1:]
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            raw = read_into(fd, entry.start, entry.nbytes, f"{self.path}: {name}")
+            raw = read_into(fd, start, nbytes, f"{self.path}: {name}")
         finally:
             os.close(fd)
-        return raw.view(entry.dtype).reshape(entry.shape)
+        return raw.view(entry.dtype).reshape(shape)
 
 
 class SafetensorsWriter:

@@ -54,6 +54,8 @@ class TensorRule:
     dist: str | None = None  # torch_dist key template, when it is not the MCore name
     layers: str | None = None  # which layers have it (an expression over the args and L); None: all
     grouped: str | None = None  # legacy name when experts are grouped (TEGroupedMLP: ...linear_fc1.weight{E})
+    hf_fused: str | None = None  # HF tensor holding every expert's MCore tensor on a leading axis (transformers 5)
+    hf_alt: tuple[str, ...] = ()  # the same HF tensors under the names another transformers layout uses
     dtype: torch.dtype | None = None  # kept in this dtype whatever --dtype says (e.g. a router bias in fp32)
 
     @property
@@ -69,6 +71,9 @@ class TensorRule:
 
     def hf_names(self, layer: int | None, expert: int | None = None) -> list[str]:
         return [_fill(n, layer, expert) for n in self.hf]
+
+    def hf_alt_names(self, layer: int | None, expert: int | None = None) -> list[str]:
+        return [_fill(n, layer, expert) for n in self.hf_alt]
 
     def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None, grouped: bool = False) -> str:
         """The name in a model's state dict: TE or local spec, sequential or grouped experts."""
@@ -175,7 +180,7 @@ class _Lenient(dict):
 
 def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     unknown = set(raw) - {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist",
-                          "layers", "dtype", "grouped"}
+                          "layers", "dtype", "grouped", "hf_fused", "hf_alt"}
     if unknown:
         raise MappingError(f"{where}: unknown rule field(s) {sorted(unknown)}")
     for key in ("mcore", "hf", "shapes", "shard"):
@@ -202,6 +207,10 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
         raise MappingError(f"{where}: parallel must be tp or etp, not {parallel!r}")
     if raw.get("grouped") and not (EXPERT in raw["grouped"] and LAYER in raw["grouped"] and EXPERT in mcore):
         raise MappingError(f"{where}: a grouped-experts name belongs to a per-expert rule and uses {LAYER} and {EXPERT}")
+    if raw.get("hf_alt") and len([raw["hf_alt"]] if isinstance(raw["hf_alt"], str) else raw["hf_alt"]) != len(hf):
+        raise MappingError(f"{where}: hf_alt must name as many tensors as hf")
+    if raw.get("hf_fused") and (EXPERT in raw["hf_fused"] or LAYER not in raw["hf_fused"] or EXPERT not in mcore):
+        raise MappingError(f"{where}: hf_fused names one tensor per layer ({LAYER}, no {EXPERT}) of a per-expert rule")
     if raw.get("dist") and (LAYER in raw["dist"]) != (place == "layer"):
         raise MappingError(f"{where}: a per-layer rule's dist key must use {LAYER} too")
     if "layers" in raw and place != "layer":
@@ -225,6 +234,8 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
         dist=raw.get("dist"),
         layers=raw.get("layers"),
         grouped=raw.get("grouped"),
+        hf_fused=raw.get("hf_fused"),
+        hf_alt=tuple([raw["hf_alt"]] if isinstance(raw.get("hf_alt"), str) else raw.get("hf_alt", ())),
         dtype=_DTYPES[raw["dtype"]] if "dtype" in raw else None,
     )
 

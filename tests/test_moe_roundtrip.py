@@ -153,3 +153,10 @@ def test_reads_transformers5_fused_expert_layout(tiny_moe, tmp_path, preset):
     mcore = to_mcore(tmp_path / "fused", tmp_path / "m", "torch", tp=2, ep=2)
     back = hf_tensors(to_hf(mcore, tmp_path / "hf"))
     assert_bit_exact(hf_tensors(src), back)  # the per-expert on-disk layout, bit for bit
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_moe_with_virtual_pipeline(tiny_moe, tmp_path, fmt):
+    src = tiny_moe["deepseek-v3"]  # 4 layers: PP 2 x VPP 2, one layer per chunk, dense layer 0 in chunk 0
+    mcore = to_mcore(src, tmp_path / "m", fmt, tp=2, pp=2, vpp=2, ep=2, etp=1)
+    assert_bit_exact(hf_tensors(src), hf_tensors(to_hf(mcore, tmp_path / "hf")))

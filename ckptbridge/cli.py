@@ -191,5 +191,9 @@ def list_architectures():
         click.echo(f"{family:10s} {', '.join(m.architectures):30s} {m.description}")
 
 
+from .align.cli import align  # noqa: E402  (light: the heavy imports happen when the command runs)
+
+main.add_command(align)
+
 if __name__ == "__main__":
     main()

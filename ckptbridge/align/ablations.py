@@ -31,6 +31,7 @@ class Ablation:
     side: str
     description: str
     why: str = ""
+    same_because: str = ""
     impl: str | None = None
     members: tuple[str, ...] = ()
     layout: dict[str, int] = field(default_factory=dict)
@@ -62,7 +63,8 @@ def load_ablations(path: Path | None = None) -> dict[str, Ablation]:
     for entry in raw.get("ablations", []):
         try:
             ab = Ablation(name=entry["name"], op=entry["op"], side=entry["side"], description=entry["description"],
-                          why=" ".join(str(entry.get("why", "")).split()), impl=entry.get("impl"),
+                          why=" ".join(str(entry.get("why", "")).split()),
+                          same_because=" ".join(str(entry.get("same_because", "")).split()), impl=entry.get("impl"),
                           members=tuple(entry.get("members", ())), layout=dict(entry.get("layout") or {}),
                           hf_order=bool(entry.get("hf_order", False)), emulated_unless=entry.get("emulated_unless"))
         except KeyError as exc:

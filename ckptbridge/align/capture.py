@@ -6,9 +6,9 @@ Hooks only -- neither library is edited.  Both recorders store CPU copies laid o
 * *inject* HF's hidden state at the input of each decoder layer and of the final norm
   (isolated mode: every layer of both models sees the same input, so each layer's own error
   shows instead of the error accumulated below it), and
-* shift the rotary positions by an offset (the long-position probe): megatron's
-  ``RotaryEmbedding.forward(max_seq_len, offset=0)`` already takes an offset, but ``GPTModel``
-  never passes one, so a pre-hook adds it.  ``GPTModel``'s ``position_ids`` do not reach RoPE.
+* give RoPE explicit position ids (the long-position probe).  ``GPTModel``'s ``position_ids``
+  never reach RoPE (its rotary embedding always covers ``0..s-1``), so a forward hook replaces the
+  rotary output by rows of megatron's own ``RotaryEmbedding.forward(max(position)+1)``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class HFRecorder(_Hooks):
 class MCoreRecorder(_Hooks):
     """Records every point of this rank's ``GPTModel`` chunks (global layer numbers), optionally
     injecting HF inputs (``inject``: ``layer{i}.input`` / ``final_norm.input`` -> ``[b, s, h]``)
-    and shifting rotary positions by ``position_offset``.
+    and giving RoPE the explicit ``positions`` (one per token; None = ``0..s-1``).
 
     Without sequence parallelism every hooked output is the full tensor on every TP rank (the
     row-parallel outputs are all-reduced inside the module), so rank 0's record is complete for
@@ -101,15 +101,15 @@ class MCoreRecorder(_Hooks):
     """
 
     def __init__(self, models: Sequence[torch.nn.Module], inject: dict[str, torch.Tensor] | None = None,
-                 position_offset: int = 0) -> None:
+                 positions: Sequence[int] | None = None) -> None:
         super().__init__()
         self.inject = inject or {}
         self.injected: list[str] = []
         for m in models:
             if getattr(m, "pre_process", False):
                 self._record(m.embedding, P.EMBEDDING, seq_first=True)
-            if position_offset and getattr(m, "rotary_pos_emb", None) is not None:
-                self._shift_rope(m.rotary_pos_emb, position_offset)
+            if positions is not None and getattr(m, "rotary_pos_emb", None) is not None:
+                self._rope_positions(m.rotary_pos_emb, list(positions))
             for layer in m.decoder.layers:
                 i = int(layer.layer_number) - 1
                 self._inject(layer, P.layer_input(i), kw="hidden_states")
@@ -141,8 +141,13 @@ class MCoreRecorder(_Hooks):
 
         self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
 
-    def _shift_rope(self, rope: torch.nn.Module, offset: int) -> None:
-        def pre(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-            return args, {**kwargs, "offset": int(offset)}
+    def _rope_positions(self, rope: torch.nn.Module, positions: list[int]) -> None:
+        index = torch.tensor(positions, dtype=torch.long)
 
-        self.handles.append(rope.register_forward_pre_hook(pre, with_kwargs=True))
+        def hook(m: torch.nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+            if out.shape[0] != len(positions):
+                raise ValueError(f"RoPE covers {out.shape[0]} tokens, {len(positions)} positions were given")
+            full = m.forward(max(positions) + 1)  # megatron's own angles for 0..max (bypasses this hook)
+            return full[index.to(full.device)]
+
+        self.handles.append(rope.register_forward_hook(hook))

@@ -46,7 +46,7 @@ def _positions(text: str | None) -> tuple[int, ...] | None:
 @click.option("--mode", type=click.Choice(["both", "propagated", "isolated"]), default="both", show_default=True)
 @click.option("--ablate", default=None, help="'all' or a comma list of ablation names / ops (alignment/ablations.yaml).")
 @click.option("--probe/--no-probe", default=True, show_default=True, help="Long-position RoPE probe.")
-@click.option("--probe-positions", default=None, help="Probe offsets, e.g. 8192,16384,32768 (default: the preset's).")
+@click.option("--probe-positions", default=None, help="Probe positions, e.g. 8192,16384,32768 (default: the preset's, else these).")
 @click.option("--layerwise", is_flag=True, help="Isolated mode streaming one layer of each model at a time (models larger than RAM).")
 @click.option("--gate", "gate_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="YAML/JSON thresholds (see ckptbridge/align/gate.py); exit 1 when a check fails.")
@@ -119,14 +119,16 @@ def _command(ctx: click.Context) -> str:
     """The command line equivalent to this invocation (non-default options only), for the report."""
     argv = ["ckptbridge", "align"]
     for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if not isinstance(param, click.Option) or value == param.default or value is None:
+        if not isinstance(param, click.Option):
             continue
+        value = ctx.params.get(param.name)
         flag = max(param.opts, key=len)
-        if param.is_flag and not param.secondary_opts:
-            argv.append(flag)
-        elif param.is_flag:
-            argv.append(flag if value else max(param.secondary_opts, key=len))
-        else:
+        if param.is_flag:
+            if param.secondary_opts:  # --x/--no-x: show the one that was chosen, if not the default
+                if bool(value) != bool(param.get_default(ctx)):
+                    argv.append(flag if value else max(param.secondary_opts, key=len))
+            elif value:
+                argv.append(flag)
+        elif value is not None and value != param.get_default(ctx):
             argv += [flag, str(value)]
     return shlex.join(argv)

@@ -4,14 +4,20 @@ Defaults per dtype come from /work/shared/notes/numerics.md: fp32 logits max abs
 100 % top-1 agreement and KL <= 1e-4 (MaxText's fp32 checker); reduced precision gates on
 scale-aware metrics only -- KL <= 0.015 (MaxText bf16) and cosine >= 0.99 (Megatron-Bridge) --
 because max-abs is dominated by outliers there and top-1 of random-init models is a coin toss
-between near-tied logits.
+between near-tied logits.  In reduced precision the probe also gates ``growth`` (probe logit error
+over the plain run's, floored at the dtype's epsilon; see ``runner.add_probe_growth``) at 2:
+scale-free, so it catches an ignored rope-scaling field where KL and cosine stay inside their
+limits (bf16: growth 3.6 at 8k for a tiny Llama-3.1 with the field dropped, ~1 when correct).  In
+fp32 the absolute thresholds already catch it (max abs 6e-2 vs 1e-4) while the plain run's error
+is pure noise (~3e-7), whose ratio to the probe's is ~2 for correct conversions, so growth is not
+gated there by default.
 
 Gate file (YAML or JSON), any subset; a top-level ``fp32:``/``bf16:``/``fp16:`` section applies
 only to that dtype::
 
     logits: {max_abs: 1.0e-4, min_top1: 1.0, max_kl: 1.0e-4, min_cosine: 0.9999}
     points: {min_cosine: 0.9999, max_rel_err: 1.0e-5}
-    probe:  {max_abs: 1.0e-4, min_top1: 1.0, max_kl: 1.0e-4, min_cosine: 0.9999}
+    probe:  {max_abs: 1.0e-4, min_top1: 1.0, max_kl: 1.0e-4, min_cosine: 0.9999, max_growth: 2.0}
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import yaml
 from ..errors import CkptBridgeError
 
 GROUPS = ("logits", "points", "probe")
-KEYS = ("max_abs", "min_top1", "max_kl", "min_cosine", "max_rel_err")
-_METRIC = {"max_abs": "max_abs", "min_top1": "top1", "max_kl": "kl", "min_cosine": "cosine", "max_rel_err": "rel_err"}
+KEYS = ("max_abs", "min_top1", "max_kl", "min_cosine", "max_rel_err", "max_growth")
+_METRIC = {"max_abs": "max_abs", "min_top1": "top1", "max_kl": "kl", "min_cosine": "cosine", "max_rel_err": "rel_err",
+           "max_growth": "growth"}
 
 Thresholds = dict[str, dict[str, float]]
 
@@ -39,7 +46,7 @@ DEFAULTS: dict[str, Thresholds] = {
              "probe": {"max_abs": 1e-4, "min_top1": 1.0, "max_kl": 1e-4}},
     "bf16": {"logits": {"max_kl": 0.015, "min_cosine": 0.99},
              "points": {"min_cosine": 0.99},
-             "probe": {"max_kl": 0.015, "min_cosine": 0.99}},
+             "probe": {"max_kl": 0.015, "min_cosine": 0.99, "max_growth": 2.0}},
 }
 DEFAULTS["fp16"] = DEFAULTS["bf16"]
 

@@ -47,14 +47,24 @@ def inv_freq_dtype(model: torch.nn.Module) -> str:
 
 
 def run_hf(model: torch.nn.Module, tokens: torch.Tensor, ctx: VariantContext, variants: tuple[str, ...] = (),
-           position_offset: int = 0, registry: dict[str, Ablation] | None = None) -> dict[str, torch.Tensor]:
-    """One forward of ``tokens`` ([b, s]) at positions ``offset .. offset+s-1``; returns every
-    point, the layer inputs and the logits (sliced to the config's vocabulary)."""
+           positions: list[int] | None = None, registry: dict[str, Ablation] | None = None) -> dict[str, torch.Tensor]:
+    """One forward of ``tokens`` ([b, s]); returns every point, the layer inputs and the logits
+    (sliced to the config's vocabulary).
+
+    ``positions`` (one per token) go to RoPE as ``position_ids``; the 2-D attention mask is then
+    passed explicitly (all ones) because transformers reads non-contiguous position ids without a
+    mask as *packed sequences* and would block attention across the jump.
+    """
     b, s = tokens.shape
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    position_ids = (torch.arange(s) + position_offset).expand(b, s).to(device)
+    kwargs: dict[str, torch.Tensor] = {}
+    if positions is not None:
+        if len(positions) != s:
+            raise ValueError(f"{len(positions)} positions for {s} tokens")
+        kwargs["position_ids"] = torch.tensor(positions, dtype=torch.long).expand(b, s).to(device)
+        kwargs["attention_mask"] = torch.ones(b, s, dtype=torch.long, device=device)
     with torch.no_grad(), applied(variants, "hf", model, ctx, registry), HFRecorder(model) as rec:
-        out = model(input_ids=tokens.to(device), position_ids=position_ids, use_cache=False)
+        out = model(input_ids=tokens.to(device), use_cache=False, **kwargs)
     caps = dict(rec.tensors)
     caps[P.LOGITS] = out.logits[..., : model.config.vocab_size].detach().cpu()
     return caps

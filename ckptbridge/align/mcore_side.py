@@ -3,15 +3,14 @@
 TP=PP=1 runs in this process (a single-rank gloo group); any other layout runs in forked gloo
 workers (:func:`.dist.run_workers`), each building its shard of the model and loading it with
 megatron's own ``dist_checkpointing.load``.  A *pass* is one forward with a set of MCore-side
-ablations, optional HF inputs to inject (isolated mode) and an optional RoPE position offset.
+ablations, optional HF inputs to inject (isolated mode) and optional explicit RoPE positions.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -51,8 +50,7 @@ class McorePass:
     tokens: torch.Tensor
     variants: tuple[str, ...] = ()
     inject: dict[str, torch.Tensor] | None = None
-    offset: int = 0
-    expect_injected: int = field(default=0)
+    positions: tuple[int, ...] | None = None
 
 
 def checkpoint_args(iter_dir: str | Path, tp: int = 1, pp: int = 1) -> argparse.Namespace:
@@ -68,7 +66,10 @@ def build_and_load(spec: McoreSpec) -> list[torch.nn.Module]:
     """``init_parallel`` + ``build_gpt_model`` + megatron's ``dist_checkpointing.load`` (strict)."""
     args = checkpoint_args(spec.iter_dir, spec.tp, spec.pp)
     mm.init_parallel(spec.tp, spec.pp, seed=spec.seed)
-    models = mm.build_gpt_model(args, dtype=spec.dtype)
+    # local spec even where TE is usable: its norms/linears are separate modules, so every capture
+    # point exists and the TE variants swap real TE modules into it.  No random init: every
+    # parameter is overwritten by the strict load (init costs ~1 s per 100M parameters).
+    models = mm.build_gpt_model(args, dtype=spec.dtype, use_te=False, perform_initialization=False)
     mm.load_torch_dist(models, spec.iter_dir)
     if spec.device != "cpu":
         models = [m.to(spec.device) for m in models]
@@ -93,7 +94,7 @@ def _forward(models: list[torch.nn.Module], tokens: torch.Tensor, spec: McoreSpe
 def run_pass(models: list[torch.nn.Module], spec: McoreSpec, p: McorePass, ctx: VariantContext) -> Captures:
     """Run one pass; every requested injection must have happened (else the isolation is a lie)."""
     with torch.no_grad(), applied(p.variants, "mcore", models, ctx), \
-            MCoreRecorder(models, inject=p.inject, position_offset=p.offset) as rec:
+            MCoreRecorder(models, inject=p.inject, positions=p.positions) as rec:
         logits = _forward(models, p.tokens, spec)
     caps = dict(rec.tensors)
     if logits is not None:

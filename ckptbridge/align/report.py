@@ -15,7 +15,11 @@ import pandas as pd
 from . import plots
 from .gate import Check, checks_json, write_junit
 from .runner import BASELINE, AlignResult
-from .table import ablation_table, display_table, markdown
+from .table import ablation_table, contribution_basis, display_table, markdown
+
+
+#: Contributions smaller than this (in either direction) are reported as "same error level".
+NOISE = 0.01
 
 
 def template_path() -> Path:
@@ -68,30 +72,37 @@ def _ranking(result: AlignResult, table: pd.DataFrame) -> str:
     rest = table.iloc[1:]
     if rest.empty:
         return ""
+    basis = contribution_basis(result)
     out = ["## Ranking, in words", "",
            f"The baseline's logits differ from HF's by a relative error of {base['logits rel_err']:.3g} "
            f"(max abs {base['logits max_abs']:.3g}, KL {base['KL']:.3g}, top-1 agreement {100 * base['top-1']:.1f} %). "
-           "Settings are ranked by how much of that error they remove."]
-    helpful = rest[(rest["contribution"] > 0) & ~rest["identical_to_baseline"]]
-    identical = rest[rest["identical_to_baseline"]]
-    neutral = rest[(rest["contribution"] == 0) & ~rest["identical_to_baseline"]]
-    harmful = rest[(rest["contribution"] < 0) & ~rest["identical_to_baseline"]]
+           + ("Settings are ranked by how much of that error they remove." if basis == "logits rel_err" else
+              f"Only isolated mode ran, where the logits see nothing but the final norm and output layer, so settings "
+              f"are ranked by how much of the mean isolated layer-output error ({base[basis]:.3g}) they remove.")]
+    same = rest["identical_to_baseline"]
+    helpful = rest[(rest["contribution"] >= NOISE) & ~same]
+    identical = rest[same]
+    level = rest[(rest["contribution"].abs() < NOISE) & ~same]
+    harmful = rest[(rest["contribution"] <= -NOISE) & ~same]
     if len(helpful):
         out += ["", "**Closer to HF:**", ""]
-        for i, row in enumerate(helpful.itertuples(index=False), 1):
-            s = by_name[row.setting]
-            exact = " -- the logits become bit-identical to HF's" if row._asdict()["logits rel_err"] == 0 else ""
-            out.append(f"{i}. `{s.name}` ({s.side} side, {s.implementation}) removes {100 * row.contribution:.1f} %{exact}: {s.why}")
+        for i, row in enumerate(helpful.to_dict("records"), 1):
+            s = by_name[row["setting"]]
+            exact = " -- the logits become bit-identical to HF's" if row[basis] == 0 else ""
+            out.append(f"{i}. `{s.name}` ({s.side} side, {s.implementation}) removes {100 * row['contribution']:.1f} %{exact}: {s.why}")
     if len(identical):
-        out += ["", "**Bit-identical to the baseline at every point** (the swapped implementation computes the same values here):", ""]
-        out += [f"- `{r.setting}` ({by_name[r.setting].implementation}): {by_name[r.setting].why}" for r in identical.itertuples(index=False)]
-    if len(neutral):
-        out += ["", "**No effect on the logit error:** " + ", ".join(f"`{r.setting}`" for r in neutral.itertuples(index=False))]
+        out += ["", "**Bit-identical to the baseline at every point**, so this op is not where HF and MCore differ here:", ""]
+        out += [f"- `{r}` ({by_name[r].implementation}): {by_name[r].same_because or by_name[r].why}" for r in identical["setting"]]
+    if len(level):
+        out += ["", f"**Different values, same error level** (within {100 * NOISE:.0f} % of the baseline: another rounding, "
+                "neither closer to HF nor further):", ""]
+        out += [f"- `{r['setting']}` ({by_name[r['setting']].implementation}, {100 * r['contribution']:+.1f} %): {by_name[r['setting']].why}"
+                for r in level.to_dict("records")]
     if len(harmful):
         out += ["", "**Further from HF:**", ""]
-        for r in harmful.sort_values("contribution", ascending=False).itertuples(index=False):
-            s = by_name[r.setting]
-            out.append(f"- `{s.name}` ({s.side} side, {s.implementation}) adds {-100 * r.contribution:.1f} %: {s.why}")
+        for r in harmful.sort_values("contribution", ascending=False).to_dict("records"):
+            s = by_name[r["setting"]]
+            out.append(f"- `{s.name}` ({s.side} side, {s.implementation}) adds {-100 * r['contribution']:.1f} %: {s.why}")
     hf_order = [s.name for s in result.settings if s.hf_order]
     if hf_order:
         best = rest.iloc[0]["setting"]
@@ -124,11 +135,14 @@ def _probe(result: AlignResult) -> str:
     df = pd.DataFrame(result.rows)
     lg = df[(df["point"] == "logits") & ((df["mode"] == "probe") | ((df["position"] == 0) & (df["mode"] == result.meta["modes"][0])))]
     lg = lg[lg["setting"].isin([s.name for s in result.settings if s.probed])]
-    show = lg[["setting", "position", "max_abs", "rel_err", "cosine", "kl", "top1"]].sort_values(["setting", "position"], kind="stable")
-    text = (f"Method: {result.meta['probe_method']}. The same {result.meta['seq_len']} tokens run at position 0 and at each "
-            "offset, so a rope-scaling field that one side ignores (HF's `rope_scaling` vs megatron's fixed llama3 "
-            "parameters) shows as error that grows with the offset while short prompts agree: the low-frequency "
-            "RoPE channels that scaling changes barely rotate over a few hundred positions.\n\n")
+    if "growth" not in lg:
+        lg = lg.assign(growth=float("nan"))
+    show = lg[["setting", "position", "max_abs", "rel_err", "growth", "cosine", "kl", "top1"]].sort_values(["setting", "position"], kind="stable")
+    text = (f"Method: {result.meta['probe_method']}. Row `position` P = 0 is the plain run. A rope-scaling field that one "
+            "side ignores (HF's `rope_scaling` vs megatron's fixed llama3 parameters, or a field dropped by a converter) "
+            "changes only the low-frequency RoPE channels, which barely rotate over a short prompt; across a distance of "
+            "P >= 8k they rotate by O(1) radians, so the error shows here while short prompts agree. `growth` is the error "
+            "relative to the plain run's (floored at the dtype's epsilon): about 1 for a correct conversion.\n\n")
     return text + markdown(show, ".4g")
 
 

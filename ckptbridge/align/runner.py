@@ -10,7 +10,6 @@ its HF reference as soon as it returns, so only metrics are kept.
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import sys
 import time
@@ -73,6 +72,7 @@ class Setting:
     implementation: str  # "real" | "emulated" | "TransformerEngine" | ...
     hf_order: bool
     why: str
+    same_because: str = ""
     hf_variants: tuple[str, ...] = ()
     mcore_variants: tuple[str, ...] = ()
     tp: int = 1
@@ -140,13 +140,39 @@ def compare_captures(hf: dict[str, torch.Tensor], mc: dict[str, torch.Tensor], t
     return rows
 
 
+def probe_position_ids(seq: int, position: int) -> list[int] | None:
+    """Position ids of the long-position probe at ``position``: the first half of the sample at
+    ``0..h-1``, the second half at ``position..``.  Queries of the second half attend to keys about
+    ``position`` tokens away -- RoPE only sees relative distances, so merely shifting a short
+    contiguous sample to a large offset would show nothing.  ``None`` (position 0) = ``0..s-1``."""
+    if position == 0:
+        return None
+    h = seq // 2
+    return list(range(h)) + list(range(position, position + seq - h))
+
+
+def add_probe_growth(rows: list[dict[str, Any]], dtype: torch.dtype) -> None:
+    """Give every probe row ``growth``: its relative error over the same point's error in the plain
+    run (position 0), the denominator floored at the dtype's machine epsilon.  A correct conversion's
+    error does not depend on the distance (growth ~1 in every dtype); an ignored rope-scaling field
+    makes it grow, which a scale-free threshold catches even in bf16, where absolute thresholds are
+    too loose to see it."""
+    eps = torch.finfo(dtype).eps
+    # probe passes run like the plain propagated pass (isolated under --layerwise): compare like with like
+    ref_mode = "propagated" if any(r["mode"] == "propagated" for r in rows) else "isolated"
+    plain = {(r["setting"], r["point"]): r["rel_err"] for r in rows if r["position"] == 0 and r["mode"] == ref_mode}
+    for r in rows:
+        if r["mode"] == "probe":
+            r["growth"] = r["rel_err"] / max(plain.get((r["setting"], r["point"]), 0.0), eps)
+
+
 def probe_positions(opts: AlignOptions, preset: dict[str, Any] | None, max_positions: int, seq: int) -> list[int]:
-    """Offsets for the long-position probe: --probe-positions, the preset's, or 8k/16k/32k, kept
-    only where ``offset + seq`` fits the model's ``max_position_embeddings``."""
+    """Probe positions: --probe-positions, the preset's, or 8k/16k/32k, kept only where the
+    last position id fits the model's ``max_position_embeddings``."""
     if not opts.probe:
         return []
     wanted = opts.probe_positions or tuple((preset or {}).get("align", {}).get("long_probe_positions", DEFAULT_PROBE_POSITIONS))
-    return [int(p) for p in wanted if int(p) + seq <= max_positions]
+    return [int(p) for p in wanted if 0 < int(p) and int(p) + seq - seq // 2 <= max_positions]
 
 
 def environment(opts: AlignOptions, ctx: VariantContext) -> dict[str, Any]:
@@ -171,7 +197,8 @@ def environment(opts: AlignOptions, ctx: VariantContext) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "megatron_core": getattr(megatron.core, "__version__", "?"),
         "transformer_engine": "usable" if ctx.te else "not usable (no CUDA or not installed): TE variants are emulated",
-        "mcore_spec": "TransformerEngine" if ctx.te else "local (pure PyTorch)",
+        "mcore_spec": "local (pure PyTorch) spec; TE modules appear only inside the TE variants" if ctx.te
+                      else "local (pure PyTorch) spec",
         "tf32": "off",
         "deterministic_algorithms": "on (warn only)",
         "sdpa": "torch default backend selection",
@@ -185,7 +212,7 @@ def _settings(chosen: list[Ablation], registry: dict[str, Ablation], ctx: Varian
     for ab in chosen:
         layout = layout_of(ab, registry)
         out.append(Setting(ab.name, ab.op, ab.side, ab.description, implementation_label(ab, registry, ctx), ab.hf_order,
-                           ab.why, hf_side_names(ab, registry), mcore_side_names(ab, registry),
+                           ab.why, ab.same_because, hf_side_names(ab, registry), mcore_side_names(ab, registry),
                            tp=int(layout.get("tp", opts.tp)), pp=int(layout.get("pp", opts.pp)),
                            probed=any(p.op == "rope" for p in parts(ab, registry))))
     return out
@@ -245,18 +272,23 @@ def _run(opts: AlignOptions, weights: Weights, dtype: torch.dtype, settings: lis
         "dtype": opts.dtype, "tp": opts.tp, "pp": opts.pp, "modes": list(opts.modes), "layerwise": opts.layerwise,
         "tokens": sample.source, "seq_len": int(sample.ids.shape[1]), "token_ids_head": sample.ids[0, :16].tolist(),
         "probe_positions": positions,
-        "probe_method": ("the sample's tokens placed at position ids offset..offset+s-1 (HF position_ids; a pre-hook "
-                         "passes the same offset to megatron's RotaryEmbedding), not an offset-long sequence"),
+        "probe_method": ("the sample's first half at position ids 0..h-1 and its second half at P..P+h-1, so the second "
+                         "half attends across a distance of about P (HF: position_ids with an explicit all-ones mask; "
+                         "MCore: a hook takes rows 0..h-1 and P.. of megatron's own RotaryEmbedding output), instead of a "
+                         "P-token sequence whose attention would cost O(P^2)"),
         "environment": environment(opts, ctx),
     }
     result = AlignResult(opts, meta, settings, num_layers=num_layers, probe_positions=positions)
     if opts.layerwise:
         from .layerwise import run_layerwise
 
+        from .hf_side import BASELINE_ATTENTION
+
         result.rows = run_layerwise(weights, sample, dtype, settings, ctx, registry, positions)
-        meta["hf_attention"] = "sdpa"
-        return result
-    _run_in_memory(result, weights, sample, dtype, registry, ctx)
+        meta["hf_attention"] = BASELINE_ATTENTION
+    else:
+        _run_in_memory(result, weights, sample, dtype, registry, ctx)
+    add_probe_growth(result.rows, dtype)
     return result
 
 
@@ -276,16 +308,20 @@ def _run_in_memory(result: AlignResult, weights: Weights, sample: TokenSample, d
         for offset in [0] + (result.probe_positions if s.probed else []):
             key = (s.hf_variants, offset)
             if key not in hf_caps:
-                hf_caps[key] = run_hf(hf, tokens, ctx, s.hf_variants, offset, registry)
+                hf_caps[key] = run_hf(hf, tokens, ctx, s.hf_variants, probe_position_ids(tokens.shape[1], offset), registry)
     del hf
 
+    # probe passes run like the plain propagated pass, or isolated when only isolated mode was asked for
+    probe_isolated = "propagated" not in opts.modes
     groups: dict[tuple[int, int], list[tuple[McorePass, Setting, str, int]]] = {}
     for s in result.settings:
-        ref = hf_caps[(s.hf_variants, 0)]
         todo = [(mode, 0) for mode in opts.modes] + [("probe", p) for p in (result.probe_positions if s.probed else [])]
         for mode, offset in todo:
-            inject = {k: v for k, v in ref.items() if k.endswith(".input")} if mode == "isolated" else None
-            p = McorePass(f"{s.name}|{mode}|{offset}", tokens, s.mcore_variants, inject, offset)
+            ref = hf_caps[(s.hf_variants, offset)]
+            isolated = mode == "isolated" or (mode == "probe" and probe_isolated)
+            inject = {k: v for k, v in ref.items() if k.endswith(".input")} if isolated else None
+            pos = probe_position_ids(tokens.shape[1], offset)
+            p = McorePass(f"{s.name}|{mode}|{offset}", tokens, s.mcore_variants, inject, tuple(pos) if pos else None)
             groups.setdefault((s.tp, s.pp), []).append((p, s, mode, offset))
     for (tp, pp), items in groups.items():
         runner = McoreRunner(McoreSpec(str(weights.mcore_iter), tp, pp, dtype, opts.device))

@@ -58,10 +58,12 @@ def build_random_hf(preset: str, out: Path, layers: int | None, seed: int, dtype
 
     With ``shrink`` this is :func:`ckptbridge.presets.build_tiny_hf` (tiny widths, every structural
     feature kept).  Without it the real widths are kept and only the depth changes; the weights are
-    drawn the same way (matrices N(0, 0.05^2), norm weights 1 + N(0, 0.1^2)).
+    drawn the same way, in the same order (matrices N(0, 0.05^2), norm weights 1 + N(0, 0.1^2)), in
+    fp32 and then cast to ``dtype``.
     """
     if shrink:
         return build_tiny_hf(preset, out, layers=layers or 2, seed=seed, dtype=dtype)
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = dict(load_preset(preset)["hf_config"])
@@ -72,15 +74,21 @@ def build_random_hf(preset: str, out: Path, layers: int | None, seed: int, dtype
     model_type = raw.pop("model_type")
     raw.pop("architectures", None)
     config = AutoConfig.for_model(model_type, **raw)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # parameters on meta: transformers' own initialisation of a billion parameters takes a minute
+    # on 2 cores and is overwritten anyway; buffers (inv_freq) are computed for real
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in list(model.named_parameters()):  # tied weights appear once, as in build_tiny_hf
             scale = 0.1 if p.dim() == 1 else 0.05
             base = 1.0 if "norm" in name else 0.0
-            p.copy_(base + scale * torch.randn(p.shape, generator=gen))
-    model.to(dtype).save_pretrained(out)
+            value = torch.randn(p.shape, generator=gen).mul_(scale).add_(base).to(dtype)  # = base + scale * randn
+            module = model.get_submodule(name.rpartition(".")[0])
+            module._parameters[name.rpartition(".")[2]] = torch.nn.Parameter(value, requires_grad=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(out)
     return Path(out)
 
 

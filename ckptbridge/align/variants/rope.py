@@ -116,16 +116,11 @@ def hf_mcore_rope(model: torch.nn.Module, ctx: VariantContext) -> Iterator[None]
     rotary = model.model.rotary_emb
 
     def rotary_forward(x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, None]:
-        start = int(position_ids[0, 0])
-        seq = position_ids.shape[-1]
-        expect = torch.arange(start, start + seq, device=position_ids.device).expand_as(position_ids)
-        if not torch.equal(position_ids, expect):
-            raise NotImplementedError("megatron's RotaryEmbedding takes one offset; position_ids must be contiguous")
-        emb = mrope.get_emb(seq, offset=start)  # [s, 1, 1, d] fp32
-        return emb[:, 0, 0, :].to(x.device)[None], None  # "cos" slot carries the angles: [1, s, d]
+        emb = mrope.get_emb(int(position_ids.max()) + 1)[:, 0, 0, :]  # megatron's angles for 0..max, fp32
+        return emb.to(x.device)[position_ids.to(emb.device)], None  # "cos" slot carries the angles: [b, s, d]
 
     def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: Any, unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = cos.unsqueeze(unsqueeze_dim)  # [1, 1, s, d], broadcasts over [b, h, s, d]
+        freqs = cos.unsqueeze(unsqueeze_dim)  # [b, 1, s, d], broadcasts over [b, h, s, d]
         return _apply_rotary_pos_emb_bshd(q, freqs), _apply_rotary_pos_emb_bshd(k, freqs)
 
     with ExitStack() as stack:

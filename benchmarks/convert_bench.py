@@ -4,9 +4,11 @@ Builds a Llama-3.2-1B-shaped bf16 HF checkpoint (about 2.5 GB at 16 layers;
 --preset qwen3-30b-a3b gives the MoE case: 128 experts a layer, about 1.2 GB a
 layer) with random weights, then times, in one run:
   hf -> mcore torch_dist, hf -> mcore legacy tp2pp2 (MoE: + ep4 etp1), mcore torch_dist -> hf,
-each against `cp -r` of its own source folder (alternating, median of
---repeats runs), and reports the wall-time ratio and the converter's peak RSS
-(measured by GNU time). A second model with 32 layers shows
+each against `cp -r` of its own source folder and against `dd` of the same
+files (alternating, median of --repeats runs), and reports both wall-time
+ratios and the converter's peak RSS (measured by GNU time). `cp` copies inside
+the kernel (copy_file_range) and on some machines is several times faster
+than any copy through user space; `dd` is the user-space baseline. A second model with 32 layers shows
 whether peak memory grows with depth.
 
     python benchmarks/convert_bench.py [--workdir DIR] [--layers 16 32] [--repeats 3]
@@ -77,6 +79,14 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return elapsed, rss_kib * 1024
 
 
+def dd_copy(src: Path, dst: Path) -> list[str]:
+    """A copy that moves every byte through user space (``dd``), unlike ``cp``, which on Linux uses
+    ``copy_file_range`` and never leaves the kernel; a converter has to transform bytes in user space."""
+    script = (f'cd "{src}" && find . -type f | while read -r f; do mkdir -p "{dst}/$(dirname "$f")" && '
+              f'dd if="$f" of="{dst}/$f" bs=16M status=none; done')
+    return ["sh", "-c", script]
+
+
 def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
@@ -95,17 +105,19 @@ def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int) ->
     ]
     rows = []
     for label, src, dst, args in cases:
-        cps, convs, rss = [], [], 0
-        for _ in range(repeats):  # alternate cp and conversion so both see the same disk weather
+        cps, dds, convs, rss = [], [], [], 0
+        for _ in range(repeats):  # alternate copies and conversion so all see the same disk weather
             cps.append(timed(["cp", "-r", str(src), str(work / "cp-copy")])[0])
             shutil.rmtree(work / "cp-copy")
+            dds.append(timed(dd_copy(src, work / "dd-copy"))[0])
+            shutil.rmtree(work / "dd-copy")
             shutil.rmtree(dst, ignore_errors=True)
             seconds, peak = timed([cli, "convert", "-q", *args, str(src), str(dst)])
             convs.append(seconds)
             rss = max(rss, peak)
-        cp, seconds = median(cps), median(convs)
+        cp, dd, seconds = median(cps), median(dds), median(convs)
         rows.append(dict(case=label, preset=preset, layers=layers, model_gib=size / GIB, largest_gib=largest / GIB, seconds=seconds,
-                         cp_seconds=cp, ratio=seconds / cp, peak_rss_gib=rss / GIB,
+                         cp_seconds=cp, ratio=seconds / cp, dd_seconds=dd, ratio_dd=seconds / dd, peak_rss_gib=rss / GIB,
                          rss_budget_gib=1.5 + largest / GIB, runs=repeats))
     for d in (hf, work / f"td-{layers}", work / f"leg-{layers}", work / f"hf-out-{layers}"):
         shutil.rmtree(d, ignore_errors=True)
@@ -129,10 +141,11 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; source in page cache, "
           f"`sync` before each run (not timed); median of {args.repeats} runs; wall time includes Python/torch start-up")
     print(f"preset {args.preset} (full widths, random bf16 weights)")
-    print(f"{'case':34s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'ratio':>6s} {'peak RSS GiB':>12s} {'budget GiB':>10s}")
+    print(f"{'case':34s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'/cp':>6s} {'dd s':>6s} {'/dd':>6s} "
+          f"{'peak RSS GiB':>12s} {'budget GiB':>10s}")
     for r in rows:
         print(f"{r['case']:34s} {r['layers']:6d} {r['model_gib']:9.2f} {r['seconds']:7.2f} {r['cp_seconds']:6.2f} "
-              f"{r['ratio']:6.2f} {r['peak_rss_gib']:12.2f} {r['rss_budget_gib']:10.2f}")
+              f"{r['ratio']:6.2f} {r['dd_seconds']:6.2f} {r['ratio_dd']:6.2f} {r['peak_rss_gib']:12.2f} {r['rss_budget_gib']:10.2f}")
     by_case: dict[str, dict[int, float]] = {}
     for r in rows:
         by_case.setdefault(r["case"], {})[r["layers"]] = r["peak_rss_gib"]

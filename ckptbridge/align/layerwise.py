@@ -142,7 +142,7 @@ def mcore_skeleton(weights: Weights, dtype: torch.dtype) -> tuple[list[torch.nn.
 
     from ckptbridge.mcore import model as mm
 
-    from .dist import ensure_single_rank_group
+    from ..mcore.launch import ensure_single_rank_group
     from .mcore_side import checkpoint_args
 
     ensure_single_rank_group()

@@ -1,7 +1,7 @@
 """Build megatron-core's ``GPTModel`` from a torch_dist checkpoint and run recorded passes on it.
 
 TP=PP=1 runs in this process (a single-rank gloo group); any other layout runs in forked gloo
-workers (:func:`.dist.run_workers`), each building its shard of the model and loading it with
+workers (:func:`ckptbridge.mcore.launch.run_workers`), each building its shard of the model and loading it with
 megatron's own ``dist_checkpointing.load``.  A *pass* is one forward with a set of MCore-side
 ablations, optional HF inputs to inject (isolated mode) and optional explicit RoPE positions.
 """
@@ -20,7 +20,7 @@ from ckptbridge.mcore import model as mm
 from . import points as P
 from .ablations import applied
 from .capture import MCoreRecorder
-from .dist import ensure_single_rank_group, run_workers
+from ..mcore.launch import DEFAULT_PRELOAD, ensure_single_rank_group, run_workers
 from .variants import VariantContext
 
 Captures = dict[str, torch.Tensor]
@@ -145,7 +145,8 @@ class McoreRunner:
             return {p.key: run_pass(self._models, self.spec, p, ctx) for p in passes}
         if self.spec.device != "cpu":
             raise NotImplementedError("multi-rank MCore runs use gloo workers on CPU only")
-        return _merge(run_workers(_worker, self.spec.world, self.spec, passes, ctx))
+        results = run_workers(_worker, self.spec.world, self.spec, passes, ctx, preload=(*DEFAULT_PRELOAD, __name__))
+        return _merge(results)
 
     def close(self) -> None:
         """Drop the in-process model (its memory) -- the process group stays for the next run."""

@@ -5,8 +5,7 @@ created in the calling process on first use and kept.  Layouts with more than on
 worker processes started from a *forkserver* that imported torch and megatron-core once: forking
 that server costs well under a second per worker, whereas ``spawn`` re-imports megatron (~6 s per
 worker, see /work/shared/notes/mcore-on-cpu.md), and forking the caller itself is unsafe once it
-has used torch's OpenMP pool.  (Same approach as ``tests/mcore_runner.py``; the CLI cannot import
-from ``tests/``.)
+has used torch's OpenMP pool.  The alignment harness and the tests both launch workers here.
 """
 
 from __future__ import annotations
@@ -20,12 +19,13 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-_PRELOAD = ["torch", "ckptbridge.mcore.model", "ckptbridge.align.mcore_side"]
+#: modules the forkserver imports once, so that every forked worker starts with them loaded
+DEFAULT_PRELOAD = ("torch", "ckptbridge.mcore.model")
 
 
 class WorkerError(RuntimeError):
@@ -85,7 +85,8 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tupl
         results.join_thread()
 
 
-def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1800.0) -> list[Any]:
+def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1800.0,
+                preload: Sequence[str] = DEFAULT_PRELOAD) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the results by rank.
 
     ``fn`` must be a module-level function and return something picklable.  Raises
@@ -93,7 +94,7 @@ def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float =
     result, or after ``timeout`` seconds (all workers are then killed).
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
+    ctx.set_forkserver_preload(list(preload))
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world, port, args, results, max(timeout, 60.0)), daemon=False)

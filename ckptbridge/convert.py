@@ -18,7 +18,7 @@ import torch
 from .errors import DestinationError
 from .formats.detect import Source, open_source, source_assets
 from .formats.hf import write_hf
-from .formats.legacy import LegacySource, write_legacy
+from .formats.legacy import write_legacy
 from .formats.mcore_common import ASSETS_DIR, RELEASE, write_tracker
 from .formats.torch_dist import write_torch_dist
 from .layout import ParallelLayout
@@ -100,8 +100,6 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
     source = open_source(src, src_kind)
     try:
         source.verify()
-        if isinstance(source, LegacySource):
-            source.check_replicas()
         spec = source.spec
         dtype = target.dtype or source.dtype
         margs = None

@@ -248,3 +248,13 @@ def test_mapping_with_duplicate_name_refused(tmp_path):
     (tmp_path / "llama.yaml").write_text(text)
     with pytest.raises(MappingError, match="mapped twice"):
         MappingRegistry(tmp_path)
+
+
+def test_tied_output_replica_must_equal_embedding(tiny_hf, tmp_path):
+    mcore = to_mcore(tiny_hf["llama3.2-1b"], tmp_path / "mcore", "torch", pp=2)
+    path = mcore / "release" / "mp_rank_00_001" / "model_optim_rng.pt"
+    sd = torch.load(path, weights_only=False)
+    sd["model"]["output_layer.weight"][3, 3] += 1
+    torch.save(sd, path)
+    r = _run(mcore, tmp_path / "out", "--src", "mcore", "--dst", "hf")
+    _assert_failed_clean(r, tmp_path / "out", "'output_layer.weight' on stage 1 is not an exact replica")

@@ -264,6 +264,7 @@ class LegacySource:
         if missing:
             rank, mk, key = missing[0]
             raise PlanError(f"missing tensor {key!r} [{mk}] in {self.paths[rank]} ({len(missing)} missing in all)")
+        self.check_replicas()
 
     def _fd(self, rank: Rank) -> int:
         if rank not in self._fds:

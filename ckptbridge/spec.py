@@ -8,6 +8,7 @@ produce it and writers consume it, so any source pairs with any destination.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from .hf_config import normalise
 from .layout import ParallelLayout, padded_vocab_size
 from .mapping.registry import MappingRegistry, build_mapping, default_registry
 from .mapping.schema import EXPERT, ArchMapping, ExtraState, TensorRule
+from .sharding import pad_rows
 from .transforms import Shape
 
 DEFAULT_VOCAB_DIVISIBLE_BY = 128
@@ -34,6 +36,17 @@ class PlannedTensor:
     hf_names: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     shape: Shape
+
+    def stored_shape(self, margs: Mapping[str, Any]) -> Shape:
+        """The global shape MCore stores: the vocabulary padded to ``padded_vocab_size``."""
+        return (int(margs["padded_vocab_size"]), *self.shape[1:]) if self.rule.shard.padded else self.shape
+
+    def to_stored(self, canonical: torch.Tensor, margs: Mapping[str, Any]) -> torch.Tensor:
+        return pad_rows(canonical, int(margs["padded_vocab_size"])) if self.rule.shard.padded else canonical
+
+    def from_stored(self, stored: torch.Tensor) -> torch.Tensor:
+        """Drop MCore's vocabulary padding rows; they never enter the canonical form."""
+        return stored[: self.shape[0]] if self.rule.shard.padded else stored
 
     def dtype(self, default: torch.dtype) -> torch.dtype:
         """The dtype this tensor is stored in: the rule's pinned dtype, else the conversion's."""

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import FormatError, LayoutError, PlanError
 from ..layout import ParallelLayout, StageChunk
-from ..sharding import pad_rows, split, merge
+from ..sharding import merge, split
 from ..spec import ModelSpec, PlannedTensor
 from .mcore_common import (
     CHECKPOINT_VERSION,
@@ -156,9 +156,7 @@ def write_legacy(
                                        {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
                                         "ckptbridge": record})
             for pt, slot in todo:
-                canonical = read(pt)
-                if pt.rule.shard.padded:
-                    canonical = pad_rows(canonical, int(margs["padded_vocab_size"]))
+                canonical = pt.to_stored(read(pt), margs)
                 shards = split(canonical, pt.rule.shard, layout.tp_for(pt.rule.parallel), pt.mcore)
                 for (t, e), (fd, offsets) in files.items():
                     if slot.ep in (None, e):
@@ -191,9 +189,7 @@ def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[st
 
 
 def _local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout) -> tuple[int, ...]:
-    shape = list(pt.shape)
-    if pt.rule.shard.padded:
-        shape[0] = int(margs["padded_vocab_size"])
+    shape = list(pt.stored_shape(margs))
     if pt.rule.shard.axis is not None:
         shape[pt.rule.shard.axis] //= layout.tp_for(pt.rule.parallel)
     return tuple(shape)
@@ -291,7 +287,7 @@ class LegacySource:
                     raise PlanError(f"replicated tensor {slot.key!r} differs between TP rank 0 and {self.paths[rank]}")
             shards = shards[:1]
         full = merge(shards, pt.rule.shard, pt.mcore)
-        return full[: pt.shape[0]] if pt.rule.shard.padded else full
+        return pt.from_stored(full)
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
         return self._read_slot(pt, self._slots[pt.mcore][0][1])

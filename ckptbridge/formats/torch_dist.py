@@ -27,7 +27,7 @@ from torch.utils.serialization import config as serialization_config
 
 from ..errors import FormatError, PlanError
 from ..layout import ParallelLayout
-from ..sharding import pad_rows
+from ..mapping.schema import layer_key
 from ..spec import ModelSpec, PlannedTensor
 from . import dcp_metadata
 from .dcp_metadata import (
@@ -53,7 +53,6 @@ from .mcore_common import (
 )
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
-_LAYER_SEGMENT = ".{L}."
 
 
 def storage_key(pt: PlannedTensor, stacked: bool) -> str:
@@ -66,13 +65,10 @@ def lead_index(pt: PlannedTensor, stacked: bool) -> list[int]:
 
 
 def global_shape(pt: PlannedTensor, margs: dict[str, Any], stacked: bool) -> tuple[int, ...]:
-    shape = list(pt.shape)
-    if pt.rule.shard.padded:
-        shape[0] = int(margs["padded_vocab_size"])
     lead = [int(margs["num_layers"])] if stacked and pt.layer is not None else []
     if pt.expert is not None:
         lead.append(int(margs["num_moe_experts"]))
-    return (*lead, *shape)
+    return (*lead, *pt.stored_shape(margs))
 
 
 def write_torch_dist(
@@ -101,9 +97,7 @@ def write_torch_dist(
 
     try:
         for pt in spec.planned():
-            canonical = read(pt)
-            if pt.rule.shard.padded:
-                canonical = pad_rows(canonical, int(margs["padded_vocab_size"]))
+            canonical = pt.to_stored(read(pt), margs)
             key = storage_key(pt, stacked)
             meta = state.setdefault(
                 key, TensorStorageMetadata(TensorProperties(dtype=pt.dtype(dtype)), torch.Size(global_shape(pt, margs, stacked)), [])
@@ -133,13 +127,11 @@ def write_torch_dist(
         for extra, layer, expert in spec.extra_states():
             if extra.legacy_only or layer is None:
                 continue
-            template = extra.dist or extra.module
+            base = layer_key(extra.dist or extra.module, layer, stacked)
             if stacked:
-                base, shard = template.replace(_LAYER_SEGMENT, "."), f"{layer}_{spec.num_layers}"
-                if expert is not None:
-                    shard = f"{layer}.{expert}_{spec.num_layers}.{experts}"
+                shard = f"{layer}_{spec.num_layers}" if expert is None else f"{layer}.{expert}_{spec.num_layers}.{experts}"
             else:
-                base, shard = template.replace("{L}", str(layer)), "0_1" if expert is None else f"{expert}_{experts}"
+                shard = "0_1" if expert is None else f"{expert}_{experts}"
             key = f"{base}._extra_state/shard_{shard}"
             f = data_file(stage_of[layer] * layout.tp)
             begin = f.tell()
@@ -346,7 +338,7 @@ class TorchDistSource:
         if filled != out.numel():
             raise FormatError(f"{self.iter_dir}: chunks of {key!r} cover {filled} of {out.numel()} values of layer {pt.layer}")
         out = out.reshape(size[len(lead):])
-        return out[: pt.shape[0]] if pt.rule.shard.padded else out
+        return pt.from_stored(out)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -89,15 +89,18 @@ class TensorRule:
         their index and gain a leading layer axis; otherwise each layer keeps its own keys, as
         megatron-core writes non-homogeneous models. Experts always gain an expert axis."""
         template = self.dist or self.mcore
-        if not self.per_layer:
-            return template
-        return template.replace("." + LAYER + ".", ".") if stacked else template.replace(LAYER, str(layer))
+        return layer_key(template, layer, stacked) if self.per_layer else template
 
     def hf_shapes(self, args: Mapping[str, Any]) -> list[Shape]:
         return [tuple(int(expr.evaluate(d, args)) for d in shape) for shape in self.shapes]
 
     def mcore_shape(self, args: Mapping[str, Any]) -> Shape:
         return tuple(self.transform.mcore_shape(self.hf_shapes(args), args))
+
+
+def layer_key(template: str, layer: int, stacked: bool) -> str:
+    """A per-layer name in torch_dist: without its index when layers are stacked on an axis, else filled in."""
+    return template.replace("." + LAYER + ".", ".") if stacked else template.replace(LAYER, str(layer))
 
 
 def _fill(template: str, layer: int | None, expert: int | None = None) -> str:

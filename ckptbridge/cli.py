@@ -194,6 +194,10 @@ def list_architectures():
 from .align.cli import align  # noqa: E402  (light: the heavy imports happen when the command runs)
 
 main.add_command(align)
+from .gate.cli import gate  # noqa: E402
+main.add_command(gate)
+from .converge.cli import converge  # noqa: E402
+main.add_command(converge)
 
 if __name__ == "__main__":
     main()

@@ -78,25 +78,44 @@ def _validated(raw: Any, where: str) -> Thresholds:
         for key, v in values.items():
             if key not in KEYS:
                 raise CkptBridgeError(f"{where}: {group}.{key} is not one of {', '.join(KEYS)}")
-            out.setdefault(group, {})[key] = float(v)
+            out.setdefault(group, {})[key] = _number(v, f"{where}: {group}.{key}")
     return out
+
+
+def _number(v: Any, where: str) -> float:
+    """A threshold as float; numeric strings are accepted because PyYAML reads ``1e-4`` (no dot) as one."""
+    if isinstance(v, bool):
+        raise CkptBridgeError(f"{where} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise CkptBridgeError(f"{where} must be a number, got {v!r}") from None
 
 
 def load_thresholds(dtype: str, gate_file: Path | None = None, overrides: Thresholds | None = None) -> Thresholds:
     """Defaults for ``dtype``, then the gate file (common part, then its ``dtype`` section), then flags."""
-    merged: Thresholds = {g: dict(v) for g, v in DEFAULTS[dtype].items()}
-    layers: list[Thresholds] = []
+    raw: dict[str, Any] = {}
     if gate_file is not None:
         try:
             text = Path(gate_file).read_text()
             raw = json.loads(text) if str(gate_file).endswith(".json") else yaml.safe_load(text)
         except (OSError, json.JSONDecodeError, yaml.YAMLError) as exc:
             raise CkptBridgeError(f"--gate {gate_file}: cannot read ({exc})") from None
-        raw = raw or {}
-        per_dtype = {k: raw.pop(k) for k in list(raw) if k in DEFAULTS}
-        layers.append(_validated(raw, str(gate_file)))
-        if dtype in per_dtype:
-            layers.append(_validated(per_dtype[dtype], f"{gate_file} [{dtype}]"))
+    return thresholds_from_mapping(dtype, raw or {}, str(gate_file), overrides)
+
+
+def thresholds_from_mapping(dtype: str, raw: Any, where: str, overrides: Thresholds | None = None) -> Thresholds:
+    """Defaults for ``dtype``, then ``raw`` (a parsed gate file: common part, then its ``dtype``
+    section), then ``overrides``.  Shared by ``--gate FILE`` and the ``align.thresholds`` section
+    of a ``ckptbridge gate`` config, so both accept exactly the same keys."""
+    merged: Thresholds = {g: dict(v) for g, v in DEFAULTS[dtype].items()}
+    if not isinstance(raw, dict):
+        raise CkptBridgeError(f"{where}: expected a mapping of {GROUPS}")
+    raw = dict(raw)
+    per_dtype = {k: raw.pop(k) for k in list(raw) if k in DEFAULTS}
+    layers: list[Thresholds] = [_validated(raw, where)]
+    if dtype in per_dtype:
+        layers.append(_validated(per_dtype[dtype], f"{where} [{dtype}]"))
     if overrides:
         layers.append(overrides)
     for layer in layers:
@@ -140,16 +159,39 @@ def evaluate(rows: list[dict[str, Any]], thresholds: Thresholds, modes: list[str
     return checks
 
 
+@dataclass(frozen=True)
+class JUnitCase:
+    """One JUnit test case, whatever produced it (align's gate, ``ckptbridge gate``'s steps)."""
+
+    classname: str
+    name: str
+    passed: bool
+    message: str
+    skipped: bool = False
+    seconds: float = 0.0
+
+
 def write_junit(checks: list[Check], path: Path, suite: str, seconds: float = 0.0) -> None:
     """JUnit XML (one test case per check; failures carry the measured value and the limit)."""
-    failures = sum(not c.passed for c in checks)
-    root = ET.Element("testsuites", name="ckptbridge-align", tests=str(len(checks)), failures=str(failures))
-    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(checks)), failures=str(failures), errors="0",
-                       skipped="0", time=f"{seconds:.1f}")
-    for c in checks:
-        tc = ET.SubElement(ts, "testcase", classname=f"{suite}.{c.name.split('.')[0]}", name=f"{c.name} {c.metric}", time="0")
-        if not c.passed:
-            ET.SubElement(tc, "failure", message=c.message, type="AlignmentGate").text = c.message
+    cases = [JUnitCase(f"{suite}.{c.name.split('.')[0]}", f"{c.name} {c.metric}", c.passed, c.message) for c in checks]
+    write_junit_cases(cases, path, "ckptbridge-align", suite, "AlignmentGate", seconds)
+
+
+def write_junit_cases(cases: list[JUnitCase], path: Path, root_name: str, suite: str, failure_type: str,
+                      seconds: float = 0.0) -> None:
+    """One ``testsuite`` of ``cases``: a failure element carries the message, a passing case keeps
+    it in ``system-out`` (so CI shows the measured value either way), a skipped case says why."""
+    failures = sum(not c.passed and not c.skipped for c in cases)
+    skipped = sum(c.skipped for c in cases)
+    root = ET.Element("testsuites", name=root_name, tests=str(len(cases)), failures=str(failures))
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(cases)), failures=str(failures), errors="0",
+                       skipped=str(skipped), time=f"{seconds:.1f}")
+    for c in cases:
+        tc = ET.SubElement(ts, "testcase", classname=c.classname, name=c.name, time=f"{c.seconds:.3f}" if c.seconds else "0")
+        if c.skipped:
+            ET.SubElement(tc, "skipped", message=c.message)
+        elif not c.passed:
+            ET.SubElement(tc, "failure", message=c.message, type=failure_type).text = c.message
         else:
             ET.SubElement(tc, "system-out").text = c.message
     ET.indent(root)

@@ -45,12 +45,40 @@ relative to ``megatron/core`` of megatron-core 0.16.1:
   sizes as numpy arrays, like ``maybe_move_tensor_to_cpu(as_numpy=True)``) with nothing to
   synchronize.  The router's ``torch.cuda.current_device()`` (moe/router.py:90,92) and the
   expert-parallel ``_AllToAll`` (tensor_parallel/mappings.py:442) are covered by P1.
+
+Training (``ckptbridge converge``) needs three more:
+
+* P9 the optimizers check parameter types by their CUDA names: ``param.type() ==
+  'torch.cuda.FloatTensor'`` (optimizer/clip_grads.py:167 on every clipped step,
+  optimizer/optimizer.py:671,690 building the mixed-precision optimizer) -> inside
+  :func:`cuda_to_cpu`, ``Tensor.type()`` without arguments answers the CUDA name of the same
+  dtype.
+* P10 ``HybridDeviceOptimizer`` (optimizer/cpu_offloading/hybrid_optimizer.py:253-300) decides
+  what to offload by ``param.is_cuda`` and makes host copies with ``.cpu().pin_memory()``; with
+  every tensor on the host it offloads nothing and then fails looking up host copies that were
+  never made (:97) -> :func:`host_as_device`, used around building and loading that optimizer,
+  lets model parameters (and copies derived from them without ``.cpu()``) stand in for device
+  memory, makes ``.cpu()`` of them a real copy and ``pin_memory`` a no-op, so megatron's own
+  split, D2H gradient copies, CPU Adam and H2D copy-back all run (as host memcpy; *emulated*).
+* P12 ``OptimizerConfig.__post_init__`` calls ``is_te_min_version("2.1.0")`` for the
+  precision-aware optimizer (optimizer/optimizer_config.py:383), which raises ``TypeError``
+  comparing ``None`` when TransformerEngine is absent (a bug, not CPU-specific, like P5) ->
+  answers False without TE.
+* P13 ``HybridDeviceOptimizer._update_fp32_params_by_new_state`` (hybrid_optimizer.py:369-374,
+  run by every ``load_state_dict``) looks up an fp32 copy for *every* parameter, but copies exist
+  only for parameters that are not fp32 already (:287), so reloading an fp32 model's offloaded
+  optimizer raises ``KeyError`` (a bug, not CPU-specific; fp32 training is what runs on CPU) ->
+  the same loop over the parameters that have a copy.
+* P11 ``torch.cuda.current_stream()`` (hybrid_optimizer.py:162,217) -> a host stream whose
+  waits, events and synchronisation are no-ops (``torch.cuda.stream()`` of it is already a no-op
+  without a CUDA device).
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import weakref
 from collections.abc import Iterator
 from typing import Any
 from collections.abc import Callable
@@ -58,7 +86,7 @@ from collections.abc import Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["apply_cpu_patches", "cuda_to_cpu", "cpu_patches_applied"]
+__all__ = ["apply_cpu_patches", "cuda_to_cpu", "cpu_patches_applied", "host_as_device"]
 
 _APPLIED = False
 
@@ -98,7 +126,63 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = "cpu"
         if name == "to":
             args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        if name == "type" and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            return func(*args).replace("torch.", "torch.cuda.", 1)  # P9
         return func(*args, **kwargs)
+
+
+_IS_CUDA = torch._C.TensorBase.__dict__["is_cuda"]
+_DERIVED = ("detach", "clone", "float", "half", "bfloat16", "to", "contiguous", "view", "__getitem__")
+
+
+class _HostAsDeviceMode(_CudaToCpuMode):
+    """P10: model parameters play device memory for ``HybridDeviceOptimizer``'s offload split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._device: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def _on_device(self, t: torch.Tensor) -> bool:
+        if isinstance(t, torch.nn.Parameter):
+            return True
+        ref = self._device.get(id(t))
+        return ref is not None and ref() is t
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if getattr(func, "__self__", None) is _IS_CUDA:
+            return self._on_device(args[0])
+        name = getattr(func, "__name__", "")
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name == "pin_memory" and src is not None:
+            return src
+        if name == "cpu" and src is not None and self._on_device(src):
+            return src.detach().clone()  # a device-to-host copy, not an alias
+        kwargs = dict(kwargs or {})
+        kwargs.pop("pin_memory", None)
+        out = super().__torch_function__(func, types, args, kwargs)
+        if (name in _DERIVED and src is not None and isinstance(out, torch.Tensor) and out is not src
+                and self._on_device(src)):
+            self._device[id(out)] = weakref.ref(out)
+        return out
+
+
+@contextlib.contextmanager
+def host_as_device() -> Iterator[None]:
+    """Build or load megatron's ``HybridDeviceOptimizer`` on a host-only machine (P10).
+
+    No-op when CUDA is available: there the optimizer offloads for real.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    with _HostAsDeviceMode():
+        yield
 
 
 @contextlib.contextmanager
@@ -183,6 +267,8 @@ def apply_cpu_patches() -> bool:
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment, return-value]
     # P7: there is nothing to synchronize on CPU.
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    # P11: one host "stream" whose waits and events are no-ops.
+    torch.cuda.current_stream = lambda device=None: _HOST_STREAM  # type: ignore[assignment]
 
     # P2: fused_softmax imported the mask builders by name.
     from megatron.core.fusions import fused_softmax
@@ -216,12 +302,48 @@ def apply_cpu_patches() -> bool:
     a2a.cuda_dtoh_stream = _NoStream()  # non-None: __init__ then skips torch.cuda.Stream()
     a2a._maybe_dtoh_and_synchronize = _host_dtoh_and_synchronize  # type: ignore[method-assign]
 
+    # P12: the precision-aware optimizer's config check compares TE's version, None without TE.
+    from megatron.core.optimizer import optimizer_config
+    from megatron.core.utils import get_te_version
+
+    te_min = optimizer_config.is_te_min_version
+    optimizer_config.is_te_min_version = lambda v, *a, **k: get_te_version() is not None and te_min(v, *a, **k)
+
+    # P13: reloading a HybridDeviceOptimizer whose parameters are already fp32.
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    HybridDeviceOptimizer._update_fp32_params_by_new_state = _update_fp32_params_by_new_state
+
     _APPLIED = True
     return True
 
 
 class _NoStream:
     """Placeholder for ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` (P6); never used."""
+
+
+class _HostStream:
+    """P11: work on the host is already ordered, so waiting and recording do nothing."""
+
+    device = torch.device("cpu")
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> "_HostStream":
+        return self  # doubles as the event: wait()/synchronize()/query() below
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_HOST_STREAM = _HostStream()
 
 
 def _host_dtoh_and_synchronize(
@@ -238,3 +360,13 @@ def _host_dtoh_and_synchronize(
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.numpy())
     return tokens_per_expert
+
+
+def _update_fp32_params_by_new_state(self: Any) -> None:
+    """P13: refresh the fp32 copies from the loaded state, for the parameters that have one."""
+    if not self.param_update_in_fp32:
+        return
+    for param, v in self.state.items():
+        fp32_param = self.param_to_fp32_param.get(param)
+        if fp32_param is not None:
+            fp32_param.data.copy_(v["master_param"])

@@ -1,0 +1,1 @@
+"""Short convergence runs on megatron-core: trainer, variants (optimizer, FP8, resume), report."""

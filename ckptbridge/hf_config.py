@@ -24,6 +24,7 @@ _DEFAULTS: dict[str, Any] = {
     "use_sliding_window": False,
     "hidden_act": "silu",
     "rms_norm_eps": 1e-6,
+    "num_nextn_predict_layers": 0,  # no multi-token-prediction blocks (DeepSeek-V3 configs name theirs)
 }
 
 #: names one transformers version writes where another writes the other (its ``attribute_map``)

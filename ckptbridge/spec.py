@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,6 +36,9 @@ class PlannedTensor:
     hf_names: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     shape: Shape
+    mtp: int | None = None  # MTP depth of a ``place: mtp`` tensor (then ``layer`` is None)
+    hf_layer: int | None = None  # HF layer number: ``layer``, or the one an MTP block occupies
+    hf_copies: tuple[str, ...] = ()  # HF tensors that must be (and are written as) exact copies of hf_names[0]
 
     def stored_shape(self, margs: Mapping[str, Any]) -> Shape:
         """The global shape MCore stores: the vocabulary padded to ``padded_vocab_size``."""
@@ -54,12 +57,26 @@ class PlannedTensor:
 
 
 
+class ExtraStateAt(NamedTuple):
+    """One ``_extra_state`` entry: its module, global layer, global expert and MTP depth."""
+
+    extra: ExtraState
+    layer: int | None
+    expert: int | None
+    mtp: int | None = None
+
+
+#: the Megatron-LM argument that counts MTP blocks
+MTP_ARG = "mtp_num_layers"
+
+
 @dataclass
 class ModelSpec:
     mapping: ArchMapping
     hf_config: dict[str, Any]  # the raw config.json, exactly as read
     args: dict[str, Any]  # Megatron-LM argument names (no layout)
     mapping_data: dict[str, Any] = field(default_factory=dict)  # resolved mapping file, travels with MCore checkpoints
+    overrides: dict[str, Any] = field(default_factory=dict)  # args the checkpoint's content decided (travel too)
 
     @classmethod
     def from_hf_config(cls, raw: dict[str, Any], registry: MappingRegistry | None = None) -> "ModelSpec":
@@ -69,14 +86,45 @@ class ModelSpec:
         return cls(mapping, raw, mapping.translate_config(norm), registry.resolved_dict(mapping.family))
 
     @classmethod
-    def from_stored(cls, hf_config: dict[str, Any], mapping_data: dict[str, Any]) -> "ModelSpec":
+    def from_stored(cls, hf_config: dict[str, Any], mapping_data: dict[str, Any],
+                    overrides: Mapping[str, Any] | None = None) -> "ModelSpec":
         """Rebuild from what an MCore checkpoint carries, with the mapping it was written with."""
         mapping = build_mapping(mapping_data, f"mapping stored in checkpoint ({mapping_data.get('family')})")
-        return cls(mapping, hf_config, mapping.translate_config(normalise(hf_config)), mapping_data)
+        overrides = dict(overrides or {})
+        args = {**mapping.translate_config(normalise(hf_config)), **overrides}
+        return cls(mapping, hf_config, args, mapping_data, overrides)
 
     @property
     def num_layers(self) -> int:
         return int(self.args["num_layers"])
+
+    @property
+    def mtp_depth(self) -> int:
+        """Multi-token-prediction blocks this model carries (0: none)."""
+        return self.mapping.mtp_depth(self.args)
+
+    def without_mtp(self) -> "ModelSpec":
+        """The same model without its MTP blocks: what a checkpoint that lacks every MTP tensor holds
+        (transformers' ``save_pretrained`` drops them but keeps ``num_nextn_predict_layers``). The
+        override travels in MCore checkpoints, so the way back to HF writes none either."""
+        overrides = {**self.overrides, MTP_ARG: None}
+        return ModelSpec(self.mapping, self.hf_config, {**self.args, **overrides}, self.mapping_data, overrides)
+
+    def for_source(self, present: set[str]) -> "ModelSpec":
+        """This spec, or `without_mtp` when the mapping makes MTP optional and ``present`` (the
+        source's tensor names) holds none of the MTP blocks' HF tensors. Partly present MTP blocks
+        stay expected, so the strict checks name what is missing."""
+        mtp = self.mapping.mtp
+        if not (mtp and mtp.optional and self.mtp_depth):
+            return self
+        names: set[str] = set()
+        for pt in self.planned():
+            if pt.mtp is not None:
+                names.update(pt.hf_names)
+                if pt.rule.hf_fused:
+                    names.add(pt.rule.hf_fused.replace("{L}", str(pt.hf_layer)))
+            names.update(pt.hf_copies)
+        return self if names & present else self.without_mtp()
 
     def rules(self) -> list[TensorRule]:
         return self.mapping.rules_for(self.args)
@@ -88,31 +136,39 @@ class ModelSpec:
         experts = int(self.args.get("num_moe_experts") or 0)
         for layer in range(self.num_layers):
             for r in rules:
-                if r.per_layer and not r.in_layer(layer, self.args):
+                if not r.per_layer or not r.in_layer(layer, self.args):
                     continue
                 if r.per_expert:
                     out += [self._plan(r, layer, e) for e in range(experts)]
-                elif r.per_layer:
+                else:
                     out.append(self._plan(r, layer))
+        for depth in range(self.mtp_depth):  # megatron keeps MTP blocks after the decoder, on the last stage
+            for r in rules:
+                if r.place == "mtp":
+                    out += ([self._plan(r, None, e, depth) for e in range(experts)] if r.per_expert
+                            else [self._plan(r, None, None, depth)])
         out += [self._plan(r, None) for r in rules if r.place == "last"]
-        if not self.stacked:
-            for side, names in (("HF", [n for pt in out for n in pt.hf_names]), ("MCore", [pt.mcore for pt in out])):
+        if not self.stacked or self.mtp_depth:
+            hf_all = [n for pt in out for n in (*pt.hf_names, *pt.hf_copies)]
+            for side, names in (("HF", hf_all), ("MCore", [pt.mcore for pt in out])):
                 if len(set(names)) != len(names):
                     dup = next(n for n in names if names.count(n) > 1)
                     raise MappingError(f"{self.mapping.source}: {side} tensor {dup!r} is produced by two rules")
         return out
 
-    def extra_states(self) -> list[tuple[ExtraState, int | None, int | None]]:
-        """Every (module, global layer, global expert) whose empty ``_extra_state`` MCore saves."""
+    def extra_states(self) -> list[ExtraStateAt]:
+        """Every (module, global layer, global expert, MTP depth) whose empty ``_extra_state`` MCore saves."""
         experts = int(self.args.get("num_moe_experts") or 0)
-        out: list[tuple[ExtraState, int | None, int | None]] = []
-        for extra in self.mapping.extra_state:
-            if extra.place != "layer":
-                out.append((extra, None, None))
-                continue
-            for layer in range(self.num_layers):
-                if extra.in_layer(layer, self.args):
-                    out += [(extra, layer, e) for e in range(experts)] if EXPERT in extra.module else [(extra, layer, None)]
+        out: list[ExtraStateAt] = []
+        for extra in self.mapping.extra_state_for(self.args):
+            per_expert = range(experts) if EXPERT in extra.module else [None]
+            if extra.place == "last":
+                out.append(ExtraStateAt(extra, None, None))
+            elif extra.place == "mtp":
+                out += [ExtraStateAt(extra, None, e, d) for d in range(self.mtp_depth) for e in per_expert]
+            else:
+                out += [ExtraStateAt(extra, layer, e) for layer in range(self.num_layers)
+                        if extra.in_layer(layer, self.args) for e in per_expert]
         return out
 
     @property
@@ -120,16 +176,22 @@ class ModelSpec:
         """Whether every layer has the same tensors (torch_dist then stacks them on a layer axis)."""
         return all(r.layers is None for r in self.rules())
 
-    def _plan(self, rule: TensorRule, layer: int | None, expert: int | None = None) -> PlannedTensor:
+    def _plan(self, rule: TensorRule, layer: int | None, expert: int | None = None, mtp: int | None = None) -> PlannedTensor:
         shapes = tuple(rule.hf_shapes(self.args))
+        hf_layer = self.num_layers + mtp if mtp is not None else layer
+        copies = tuple(c.replace("{L}", str(self.num_layers + d)).replace("{M}", str(d))
+                       for d in range(self.mtp_depth) for c in rule.mtp_copies)
         return PlannedTensor(
             rule=rule,
             layer=layer,
             expert=expert,
-            mcore=rule.mcore_name(layer, expert=expert),
-            hf_names=tuple(rule.hf_names(layer, expert)),
+            mcore=rule.mcore_name(layer, expert=expert, mtp=mtp),
+            hf_names=tuple(rule.hf_names(hf_layer, expert, mtp)),
             hf_shapes=shapes,
             shape=tuple(rule.transform.mcore_shape(shapes, self.args)),
+            mtp=mtp,
+            hf_layer=hf_layer,
+            hf_copies=copies,
         )
 
     def megatron_args(self, layout: ParallelLayout, dtype: torch.dtype, spec: str, ckpt_format: str,

@@ -55,3 +55,43 @@ def tree_digest(folder: Path) -> str:
             h.update(str(p.relative_to(folder)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def add_mtp_blocks(src: Path, dst: Path, depth: int = 1, seed: int = 7) -> Path:
+    """Copy a tiny DeepSeek-V3 folder to ``dst`` with ``depth`` multi-token-prediction blocks added as
+    the hub checkpoint carries them: ``model.layers.{n + d}.*`` (a full MoE decoder layer shaped like
+    the last one, enorm, hnorm, eh_proj, shared_head.norm) plus exact copies of the embedding and
+    the head (embed_tokens, shared_head.head). transformers does not build MTP layers, so they are
+    written by hand; ``num_nextn_predict_layers`` is set to ``depth``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    tensors = hf_tensors(src)
+    config = hf_config(src)
+    n, hidden = config["num_hidden_layers"], config["hidden_size"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, norm: bool = False) -> torch.Tensor:
+        return (1.0 if norm else 0.0) + (0.1 if norm else 0.05) * torch.randn(shape, generator=gen)
+
+    for d in range(depth):
+        block = f"model.layers.{n + d}."
+        for name, t in list(tensors.items()):
+            if name.startswith(f"model.layers.{n - 1}."):
+                tensors[block + name[len(f"model.layers.{n - 1}."):]] = rand(*t.shape, norm="norm" in name).to(t.dtype)
+        tensors.update({
+            block + "enorm.weight": rand(hidden, norm=True),
+            block + "hnorm.weight": rand(hidden, norm=True),
+            block + "eh_proj.weight": rand(hidden, 2 * hidden),
+            block + "shared_head.norm.weight": rand(hidden, norm=True),
+            block + "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+            block + "shared_head.head.weight": tensors["lm_head.weight"].clone(),
+        })
+    for f in Path(dst).glob("*.safetensors"):
+        f.unlink()
+    save_file(tensors, Path(dst) / "model.safetensors", metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = depth
+    (Path(dst) / "config.json").write_text(json.dumps(config, indent=2))
+    return Path(dst)

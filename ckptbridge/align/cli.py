@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ..errors import CkptBridgeError
+from ..weight_options import weight_source_options
 
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
@@ -27,15 +28,9 @@ def _positions(text: str | None) -> tuple[int, ...] | None:
 
 
 @click.command("align")
-@click.option("--model", "preset", default=None, help="Preset name (alignment/presets), e.g. llama3.2-1b.")
-@click.option("--hf", "hf_path", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
-              help="Local HF checkpoint folder (else the preset's hub id from the local HF cache).")
-@click.option("--mcore", "mcore_path", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
-              help="MCore torch_dist checkpoint to compare (else the HF weights are converted by ckptbridge).")
-@click.option("--random-init", is_flag=True, help="Seeded random weights of the preset's architecture (no download).")
-@click.option("--layers", type=click.IntRange(1), default=None, help="With --random-init: number of layers.")
-@click.option("--shrink", is_flag=True, help="With --random-init: tiny widths (hidden 64, ffn 128, vocab 1001).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
+@weight_source_options(
+    hf_help="Local HF checkpoint folder (else the preset's hub id from the local HF cache).",
+    mcore_help="MCore torch_dist checkpoint to compare (else the HF weights are converted by ckptbridge).")
 @click.option("--prompt", default=None, help="Text to run instead of the built-in sample.")
 @click.option("--tokens", default=None, help="Explicit token ids, comma separated.")
 @click.option("--seq-len", type=click.IntRange(2), default=None, help="Truncate the token ids (built-in sample: 64).")

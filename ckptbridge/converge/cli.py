@@ -11,21 +11,16 @@ from pathlib import Path
 import click
 
 from ..errors import CkptBridgeError
+from ..weight_options import weight_source_options
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
 @click.command("converge")
-@click.option("--model", "preset", default=None, help="Preset name (alignment/presets), e.g. llama3.2-1b.")
-@click.option("--hf", "hf_path", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
-              help="Local HF checkpoint: converted to MCore by ckptbridge, then trained.")
-@click.option("--mcore", "mcore_path", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
-              help="MCore torch_dist checkpoint to train (with --hf too, the step-0 check compares the two).")
-@click.option("--random-init", is_flag=True, help="Seeded random weights of the preset's architecture (no download).")
-@click.option("--layers", type=click.IntRange(1), default=None, help="With --random-init: number of layers.")
-@click.option("--shrink", is_flag=True, help="With --random-init: tiny widths (hidden 64, ffn 128, vocab 1001).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
+@weight_source_options(
+    hf_help="Local HF checkpoint: converted to MCore by ckptbridge, then trained.",
+    mcore_help="MCore torch_dist checkpoint to train (with --hf too, the step-0 check compares the two).")
 @click.option("--variants", default="offload,fp8", show_default=True,
               help="Comma list from alignment/converge_variants.yaml (baseline and its second-seed envelope always run): "
                    "offload (= offload-1.0, offload-0.5), fp8, broken-resume, ...")

@@ -45,7 +45,6 @@ class HFSource:
         if not self.folder.is_dir():
             raise FormatError(f"{self.folder}: not a folder")
         self.raw_config = read_config(self.folder)
-        self.spec = ModelSpec.from_hf_config(self.raw_config)
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}  # tensor -> file name
         index_path = self.folder / INDEX
@@ -71,6 +70,8 @@ class HFSource:
             others = [p.name for p in self.folder.iterdir() if p.name.endswith((".bin", ".pt", ".pth"))]
             hint = f" (found {others}: convert them to safetensors first)" if others else ""
             raise FormatError(f"{self.folder}: no {SINGLE} or {INDEX}{hint}")
+        # optional tensor groups (MTP blocks) that the folder lacks entirely are not part of the model
+        self.spec = ModelSpec.from_hf_config(self.raw_config).for_source(set(self.where))
         dtypes = {e.dtype for f in self.files.values() for e in f.entries.values()}
         self.dtype = config_dtype(self.raw_config) if len(dtypes) != 1 else dtypes.pop()
         self.dtype = self.dtype or torch.float32
@@ -81,7 +82,7 @@ class HFSource:
         """Per-expert HF names that this folder holds inside a fused tensor instead: name -> (fused, expert)."""
         out: dict[str, tuple[str, int]] = {}
         for pt in self.spec.planned():
-            fused = pt.rule.hf_fused and pt.rule.hf_fused.replace("{L}", str(pt.layer))
+            fused = pt.rule.hf_fused and pt.rule.hf_fused.replace("{L}", str(pt.hf_layer))
             if fused and fused in self.where and not any(n in self.where for n in pt.hf_names):
                 out.update({n: (fused, pt.expert) for n in pt.hf_names})
         return out
@@ -106,6 +107,8 @@ class HFSource:
                 continue
             for name, shape in zip(pt.hf_names, pt.hf_shapes):
                 expected[self.renamed.get(name, name)] = shape
+            for name in pt.hf_copies:
+                expected[name] = pt.hf_shapes[0]
         for tensor, fname in sorted(self.where.items()):
             entry = self.files[fname].entries[tensor]
             if tensor not in expected:
@@ -124,6 +127,10 @@ class HFSource:
             return self.files[self.where[name]].read(name, expert)
         names = [self.renamed.get(n, n) for n in pt.hf_names]
         tensors = [self.files[self.where[n]].read(n) for n in names]
+        for copy in pt.hf_copies:  # MCore keeps one tensor: a copy that differs cannot be represented
+            if not _same_bits(self.files[self.where[copy]].read(copy), tensors[0]):
+                raise PlanError(f"{copy!r} in {self.folder / self.where[copy]} is not an exact copy of {names[0]!r}; "
+                                f"MCore shares one {pt.mcore} between the model and its MTP blocks")
         return pt.rule.transform.to_mcore(tensors, self.spec.args)
 
     def assets(self) -> list[Path]:
@@ -131,6 +138,10 @@ class HFSource:
 
     def close(self) -> None:
         pass
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def write_hf(
@@ -146,7 +157,7 @@ def write_hf(
     groups: list[list[PlannedTensor]] = [[]]
     size = 0
     for pt in spec.planned():
-        nbytes = sum(math.prod(s) for s in pt.hf_shapes) * pt.dtype(dtype).itemsize
+        nbytes = (sum(math.prod(s) for s in pt.hf_shapes) + len(pt.hf_copies) * math.prod(pt.hf_shapes[0])) * pt.dtype(dtype).itemsize
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -156,11 +167,13 @@ def write_hf(
     weight_map: dict[str, str] = {}
     total = 0
     for fname, group in zip(names, groups):
-        entries = [(n, pt.dtype(dtype), s) for pt in group for n, s in zip(pt.hf_names, pt.hf_shapes)]
+        entries = [(n, pt.dtype(dtype), s) for pt in group
+                   for n, s in [*zip(pt.hf_names, pt.hf_shapes), *((c, pt.hf_shapes[0]) for c in pt.hf_copies)]]
         writer = SafetensorsWriter(out / fname, entries, {"format": "pt"})
         for pt in group:
             canonical = read(pt)
-            for name, tensor in zip(pt.hf_names, pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)):
+            hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
+            for name, tensor in [*zip(pt.hf_names, hf), *((c, hf[0]) for c in pt.hf_copies)]:
                 writer.write(name, tensor)
                 weight_map[name] = fname
                 total += tensor.numel() * tensor.element_size()

@@ -83,21 +83,27 @@ def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str,
     local_experts = int(spec.args.get("num_moe_experts") or 1) // layout.ep
     out: dict[str, list[tuple[PlannedTensor, Slot]]] = {}
     for pt in spec.planned():
-        ep = None
-        if pt.layer is None:
+        ep = expert = None
+        if pt.expert is not None:
+            ep, expert = divmod(pt.expert, local_experts)
+        if pt.mtp is not None:  # MTP blocks live on the last stage (its last virtual chunk), numbered from 0
+            chunk = last
+            key = pt.rule.mcore_name(None, spec_name, expert, grouped, mtp=pt.mtp)
+        elif pt.layer is None:
             chunk = first if pt.rule.place == "first" else last
             key = pt.rule.mcore_name(None, spec_name)
         else:
             chunk = by_layer[pt.layer]
-            expert = None
-            if pt.expert is not None:
-                ep, expert = divmod(pt.expert, local_experts)
             key = pt.rule.mcore_name(pt.layer - chunk.first_layer, spec_name, expert, grouped)
         out[pt.mcore] = [(pt, Slot(chunk.pp_rank, ep, model_key(chunk), key))]
-        tied = not spec.args["untie_embeddings_and_output_weights"]
-        if tied and pt.rule.place == "first" and pt.rule.shard.padded and layout.pp > 1:
-            # MCore keeps a replica of the tied embedding as output_layer.weight on the last stage
-            out[pt.mcore].append((pt, Slot(last.pp_rank, None, model_key(last), "output_layer.weight")))
+        embedding = pt.rule.place == "first" and pt.rule.shard.padded
+        if embedding and layout.pp > 1:
+            # MCore keeps replicas of the embedding on the last stage: as output_layer.weight when tied,
+            # and as the embedding the MTP blocks use (gpt_model.py:149, sharded as the same tensor :834)
+            if not spec.args["untie_embeddings_and_output_weights"]:
+                out[pt.mcore].append((pt, Slot(last.pp_rank, None, model_key(last), "output_layer.weight")))
+            if spec.mtp_depth:
+                out[pt.mcore].append((pt, Slot(last.pp_rank, None, model_key(last), key)))
     return out
 
 
@@ -110,13 +116,15 @@ def extra_state_keys(spec: ModelSpec, layout: ParallelLayout, pp: int, ep: int, 
     by_layer = {layer: c for c in chunks for layer in c.layers}
     local_experts = int(spec.args.get("num_moe_experts") or 1) // layout.ep
     out = []
-    for extra, layer, expert in spec.extra_states():
+    for extra, layer, expert, mtp in spec.extra_states():
         chunk = chunks[-1] if layer is None else by_layer[layer]
         if chunk.pp_rank != pp:
             continue
         name = extra.module
         if layer is not None:
             name = name.replace("{L}", str(layer - chunk.first_layer))
+        if mtp is not None:
+            name = name.replace("{M}", str(mtp))
         if expert is not None:
             expert_rank, local = divmod(expert, local_experts)
             if expert_rank != ep or grouped:
@@ -154,10 +162,10 @@ def write_legacy(
                 mine = [(pt, slot) for pt, slot in todo if slot.ep in (None, rank[1])]
                 files[rank] = _lay_out(path, spec, layout, margs, dtype, pp, rank[1], grouped, mine,
                                        {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
-                                        "ckptbridge": record})
+                                        "ckptbridge": record}, spec_name)
             for pt, slot in todo:
                 canonical = pt.to_stored(read(pt), margs)
-                shards = split(canonical, pt.rule.shard, layout.tp_for(pt.rule.parallel), pt.mcore)
+                shards = split(canonical, pt.rule.shard_kind(spec_name), layout.tp_for(pt.rule.parallel), pt.mcore)
                 for (t, e), (fd, offsets) in files.items():
                     if slot.ep in (None, e):
                         shard = shards[shard_index(t, pt, layout)]
@@ -171,11 +179,11 @@ def write_legacy(
 
 def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], dtype: torch.dtype,
              pp: int, ep: int, grouped: bool, entries: list[tuple[PlannedTensor, Slot]],
-             extra: dict[str, Any]) -> tuple[int, dict[tuple[str, str], int]]:
+             extra: dict[str, Any], spec_name: str = "te") -> tuple[int, dict[tuple[str, str], int]]:
     """Write one rank file's structure (no tensor bytes) and return an open fd and each tensor's byte offset."""
     models: dict[str, dict[str, torch.Tensor | None]] = {model_key(c): {} for c in layout.stage_chunks(spec.num_layers, pp)}
     for pt, slot in entries:
-        shape = _local_shape(pt, margs, layout)
+        shape = _local_shape(pt, margs, layout, spec_name)
         models[slot.model_key][slot.key] = torch.empty(shape, dtype=pt.dtype(dtype))  # never touched: skip_data
     for mk, key in extra_state_keys(spec, layout, pp, ep, grouped):
         models[mk][key] = None
@@ -188,10 +196,11 @@ def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[st
     return os.open(path, os.O_WRONLY), offsets
 
 
-def _local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout) -> tuple[int, ...]:
+def _local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout, spec_name: str) -> tuple[int, ...]:
     shape = list(pt.stored_shape(margs))
-    if pt.rule.shard.axis is not None:
-        shape[pt.rule.shard.axis] //= layout.tp_for(pt.rule.parallel)
+    kind = pt.rule.shard_kind(spec_name)
+    if kind.axis is not None:
+        shape[kind.axis] //= layout.tp_for(pt.rule.parallel)
     return tuple(shape)
 
 
@@ -240,7 +249,7 @@ class LegacySource:
             for pt, slot in entries:
                 for t, p, e in all_ranks(self.layout):
                     if p == slot.pp and slot.ep in (None, e):
-                        expected[((t, p, e), slot.model_key, slot.key)] = _local_shape(pt, self.margs, self.layout)
+                        expected[((t, p, e), slot.model_key, slot.key)] = _local_shape(pt, self.margs, self.layout, self.spec_name)
         seen = set()
         for rank, sd in self.meta.items():
             for mk, models in sd.items():
@@ -281,12 +290,13 @@ class LegacySource:
         shards = [read_storage(self._fd(r), self.meta[r][slot.model_key][slot.key], f"{self.paths[r]}: {slot.key}")
                   for r in ranks]
         parts = self.layout.tp_for(pt.rule.parallel)
-        if pt.rule.shard.axis is None or parts == 1:
+        kind = pt.rule.shard_kind(self.spec_name)
+        if kind.axis is None or parts == 1:
             for rank, shard in zip(ranks[1:], shards[1:]):
                 if not torch.equal(shard, shards[0]):
                     raise PlanError(f"replicated tensor {slot.key!r} differs between TP rank 0 and {self.paths[rank]}")
             shards = shards[:1]
-        full = merge(shards, pt.rule.shard, pt.mcore)
+        full = merge(shards, kind, pt.mcore)
         return pt.from_stored(full)
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:

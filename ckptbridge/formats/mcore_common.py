@@ -71,7 +71,10 @@ def safe_load(path: Path, **kwargs: Any) -> Any:
 
 def bridge_record(spec: ModelSpec, spec_name: str) -> dict[str, Any]:
     """What ckptbridge stores inside every MCore checkpoint it writes."""
-    return {"version": __version__, "hf_config": spec.hf_config, "mapping": spec.mapping_data, "spec": spec_name}
+    record = {"version": __version__, "hf_config": spec.hf_config, "mapping": spec.mapping_data, "spec": spec_name}
+    if spec.overrides:  # args the source's content decided (e.g. no MTP blocks), not config.json
+        record["overrides"] = dict(spec.overrides)
+    return record
 
 
 def spec_from_record(record: Any, where: Path) -> ModelSpec:
@@ -80,7 +83,7 @@ def spec_from_record(record: Any, where: Path) -> ModelSpec:
             f"{where}: this MCore checkpoint carries no ckptbridge record (HF config and mapping); "
             "it was not written by ckptbridge, so its HF config cannot be recovered"
         )
-    return ModelSpec.from_stored(record["hf_config"], record["mapping"])
+    return ModelSpec.from_stored(record["hf_config"], record["mapping"], record.get("overrides"))
 
 
 def args_namespace(args: dict[str, Any], iteration: int = 0) -> argparse.Namespace:

@@ -56,7 +56,7 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, 
 
 
 def storage_key(pt: PlannedTensor, stacked: bool) -> str:
-    return pt.rule.dist_key(pt.layer, stacked)
+    return pt.rule.dist_key(pt.layer, stacked, pt.mtp)
 
 
 def lead_index(pt: PlannedTensor, stacked: bool) -> list[int]:
@@ -103,7 +103,7 @@ def write_torch_dist(
                 key, TensorStorageMetadata(TensorProperties(dtype=pt.dtype(dtype)), torch.Size(global_shape(pt, margs, stacked)), [])
             )
             stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
-            kind = pt.rule.shard
+            kind = pt.rule.shard_kind(spec_name)  # chunked as that spec's model saves it
             lead = lead_index(pt, stacked)
             for rank, regions in enumerate(kind.regions(canonical.shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
                 if kind.axis is None and rank:
@@ -124,16 +124,17 @@ def write_torch_dist(
             progress(canonical.numel() * canonical.element_size())
         none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
         experts = int(spec.args.get("num_moe_experts") or 0)
-        for extra, layer, expert in spec.extra_states():
-            if extra.legacy_only or layer is None:
+        for extra, layer, expert, mtp in spec.extra_states():
+            if extra.legacy_only or (layer is None and mtp is None):
                 continue
-            base = layer_key(extra.dist or extra.module, layer, stacked)
-            if stacked:
+            template = extra.dist or extra.module
+            base = layer_key(template, layer, stacked) if mtp is None else template.replace("{M}", str(mtp))
+            if stacked and mtp is None:
                 shard = f"{layer}_{spec.num_layers}" if expert is None else f"{layer}.{expert}_{spec.num_layers}.{experts}"
-            else:
+            else:  # per-layer keys (non-homogeneous layers, MTP blocks): no layer axis
                 shard = "0_1" if expert is None else f"{expert}_{experts}"
             key = f"{base}._extra_state/shard_{shard}"
-            f = data_file(stage_of[layer] * layout.tp)
+            f = data_file((stage_of[layer] if mtp is None else layout.pp - 1) * layout.tp)
             begin = f.tell()
             f.write(none_bytes)
             state[key] = BytesStorageMetadata()

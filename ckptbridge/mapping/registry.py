@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from ..errors import MappingError, UnsupportedArchitectureError
-from .schema import ArchMapping, ConfigCheck, parse_extra_state, parse_rule, validate_rules
+from .. import expr
+from .schema import ArchMapping, ConfigCheck, parse_extra_state, parse_mtp, parse_rule, validate_rules
 
 
 def mappings_dir() -> Path:
@@ -64,6 +65,11 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
     validate_rules(rules, where, set(config))
     checks = tuple(ConfigCheck(c["when"], c["error"]) for c in raw.get("checks") or [])
     extra = tuple(parse_extra_state(e, f"{where}: extra_state[{i}]") for i, e in enumerate(raw.get("extra_state") or []))
+    mtp = parse_mtp(raw.get("mtp"), where)
+    if mtp is not None and (expr.names_in(mtp.depth) | expr.names_in(mtp.like)) - set(config):
+        raise MappingError(f"{where}: mtp depth/like use names that the config section does not define")
+    if mtp is None and any(r.place == "mtp" for r in rules):
+        raise MappingError(f"{where}: place: mtp rules need an mtp section")
     return ArchMapping(
         family=raw["family"],
         architectures=tuple(raw["architectures"]),
@@ -73,6 +79,7 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         tensors=rules,
         extra_state=extra,
         source=where,
+        mtp=mtp,
     )
 
 

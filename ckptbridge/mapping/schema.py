@@ -5,12 +5,19 @@ index ``{L}``, global expert index ``{E}``), an optional local-spec name, the
 expected HF shapes as expressions over MCore arguments, an invertible
 transform and a shard kind. Every concrete name is generated from the plan,
 so lookups both ways are dictionary lookups over planned names.
+
+Multi-token-prediction (MTP) blocks are rules with ``place: mtp``: MCore names use
+``{M}`` (the MTP depth, ``mtp.layers.{M}.``), HF names ``{L}``, filled with the HF
+layer number the block occupies (``num_layers + M``: DeepSeek numbers MTP layers
+after the decoder). An MTP block's transformer layer is not spelled out again: the
+file's ``mtp`` section says which decoder layer it is built like and how its MCore
+prefix is renamed (megatron builds it from the last decoder layer's spec).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,6 +29,7 @@ from ..transforms import Shape, Transform, check_round_trip, get_transform
 
 LAYER = "{L}"
 EXPERT = "{E}"
+MTP = "{M}"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: small config used to prove each rule's transform invertible when a file loads
@@ -48,7 +56,7 @@ class TensorRule:
     transform: Transform
     shard: ShardKind
     local: str
-    place: str  # "layer", "first" or "last"
+    place: str  # "layer", "first", "last" or "mtp"
     when: str | None = None
     parallel: str = "tp"  # which tensor-parallel size splits it: "tp", or "etp" for routed experts
     dist: str | None = None  # torch_dist key template, when it is not the MCore name
@@ -57,6 +65,13 @@ class TensorRule:
     hf_fused: str | None = None  # HF tensor holding every expert's MCore tensor on a leading axis (transformers 5)
     hf_alt: tuple[str, ...] = ()  # the same HF tensors under the names another transformers layout uses
     dtype: torch.dtype | None = None  # kept in this dtype whatever --dtype says (e.g. a router bias in fp32)
+    mtp_copies: tuple[str, ...] = ()  # HF names (one per MTP block, {L}/{M}) holding exact copies of the HF tensor
+    local_shard: ShardKind | None = None  # how the local spec splits it, when not as the TE spec does
+
+    def shard_kind(self, spec: str) -> ShardKind:
+        """The TP split of the named spec: e.g. MLA's down-projections are replicated ``TELinear``s in
+        the TE spec but ``ColumnParallelLinear``s in the local one (gpt_layer_specs.py:119-121, 377-379)."""
+        return self.local_shard if spec == "local" and self.local_shard is not None else self.shard
 
     @property
     def per_layer(self) -> bool:
@@ -69,26 +84,31 @@ class TensorRule:
     def applies(self, args: Mapping[str, Any]) -> bool:
         return self.when is None or bool(expr.evaluate(self.when, args))
 
-    def hf_names(self, layer: int | None, expert: int | None = None) -> list[str]:
-        return [_fill(n, layer, expert) for n in self.hf]
+    def hf_names(self, layer: int | None, expert: int | None = None, mtp: int | None = None) -> list[str]:
+        """HF names; ``layer`` is the HF layer number (for an MTP block: the one it occupies)."""
+        return [_fill(n, layer, expert, mtp) for n in self.hf]
 
-    def hf_alt_names(self, layer: int | None, expert: int | None = None) -> list[str]:
-        return [_fill(n, layer, expert) for n in self.hf_alt]
+    def hf_alt_names(self, layer: int | None, expert: int | None = None, mtp: int | None = None) -> list[str]:
+        return [_fill(n, layer, expert, mtp) for n in self.hf_alt]
 
-    def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None, grouped: bool = False) -> str:
+    def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None, grouped: bool = False,
+                   mtp: int | None = None) -> str:
         """The name in a model's state dict: TE or local spec, sequential or grouped experts."""
         if grouped and self.grouped:
-            return _fill(self.grouped, layer, expert)
-        return _fill(self.local if spec == "local" else self.mcore, layer, expert)
+            return _fill(self.grouped, layer, expert, mtp)
+        return _fill(self.local if spec == "local" else self.mcore, layer, expert, mtp)
 
     def in_layer(self, layer: int, args: Mapping[str, Any]) -> bool:
         return self.layers is None or bool(expr.evaluate(self.layers, {**args, "L": layer}))
 
-    def dist_key(self, layer: int | None, stacked: bool) -> str:
+    def dist_key(self, layer: int | None, stacked: bool, mtp: int | None = None) -> str:
         """torch_dist key. In a model whose layers all look alike (``stacked``) per-layer names lose
         their index and gain a leading layer axis; otherwise each layer keeps its own keys, as
-        megatron-core writes non-homogeneous models. Experts always gain an expert axis."""
+        megatron-core writes non-homogeneous models. Experts always gain an expert axis. MTP
+        blocks are never stacked (megatron passes them no layer offset)."""
         template = self.dist or self.mcore
+        if self.place == "mtp":
+            return _fill(template, None, None, mtp)
         return layer_key(template, layer, stacked) if self.per_layer else template
 
     def hf_shapes(self, args: Mapping[str, Any]) -> list[Shape]:
@@ -103,8 +123,8 @@ def layer_key(template: str, layer: int, stacked: bool) -> str:
     return template.replace("." + LAYER + ".", ".") if stacked else template.replace(LAYER, str(layer))
 
 
-def _fill(template: str, layer: int | None, expert: int | None = None) -> str:
-    for key, value in ((LAYER, layer), (EXPERT, expert)):
+def _fill(template: str, layer: int | None, expert: int | None = None, mtp: int | None = None) -> str:
+    for key, value in ((LAYER, layer), (EXPERT, expert), (MTP, mtp)):
         if key in template:
             if value is None:
                 raise MappingError(f"{template}: needs a value for {key}")
@@ -122,8 +142,8 @@ class ConfigCheck:
 class ExtraState:
     """A module whose ``_extra_state`` MCore saves (``None`` for local and fresh TE modules)."""
 
-    module: str  # state-dict module name ({L} local layer, {E} local expert in a rank's file)
-    place: str  # "layer" or "last"
+    module: str  # state-dict module name ({L} local layer, {E} local expert in a rank's file, {M} MTP depth)
+    place: str  # "layer", "last" or "mtp"
     legacy_only: bool = False
     dist: str | None = None  # torch_dist module name, when it differs (routed experts)
     layers: str | None = None  # which layers have it, as for tensor rules
@@ -137,9 +157,59 @@ def parse_extra_state(raw: Mapping[str, Any], where: str) -> ExtraState:
     if unknown or "module" not in raw:
         raise MappingError(f"{where}: needs 'module' (and optionally place, legacy_only, dist, layers); unknown {sorted(unknown)}")
     place = raw.get("place", "layer")
-    if (LAYER in raw["module"]) != (place == "layer") or place not in ("layer", "last"):
-        raise MappingError(f"{where}: per-layer modules (and only they) use {LAYER}; place is layer or last")
+    if (LAYER in raw["module"]) != (place == "layer") or (MTP in raw["module"]) != (place == "mtp") \
+            or place not in ("layer", "last", "mtp"):
+        raise MappingError(f"{where}: per-layer modules (and only they) use {LAYER}, MTP modules {MTP}; "
+                           "place is layer, last or mtp")
     return ExtraState(raw["module"], place, bool(raw.get("legacy_only", False)), raw.get("dist"), raw.get("layers"))
+
+
+@dataclass(frozen=True)
+class MtpSection:
+    """A file's ``mtp:`` section: how many multi-token-prediction blocks there are and how their
+    transformer layer is derived from a decoder layer's rules (megatron builds it from the last
+    decoder layer's spec, multi_token_prediction.py / gpt_layer_specs.py:700, so the rules that
+    layer has are the ones the block has, under ``mtp.layers.{M}.transformer_layer.``)."""
+
+    depth: str  # args expression: the number of MTP blocks (0 or None: none)
+    like: str  # args expression: the decoder layer whose rules the MTP transformer layer takes
+    rename: tuple[tuple[str, str], ...]  # MCore prefix of that layer -> MTP transformer-layer prefix
+    optional: bool = False  # a checkpoint may lack every MTP tensor (transformers' save_pretrained drops them)
+
+    def count(self, args: Mapping[str, Any]) -> int:
+        return int(expr.evaluate(self.depth, args) or 0)
+
+    def _rename(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        for old, new in self.rename:
+            if name.startswith(old):
+                return new + name[len(old):]
+        raise MappingError(f"mtp: {name!r} does not start with any renamed prefix {[o for o, _ in self.rename]}")
+
+    def derive_rules(self, rules: Sequence[TensorRule], args: Mapping[str, Any]) -> list[TensorRule]:
+        """The MTP transformer layer's rules: the ``like`` layer's, MCore names renamed, HF names kept
+        (their ``{L}`` is filled with the HF layer number the MTP block occupies)."""
+        like = int(expr.evaluate(self.like, args))
+        return [replace(r, mcore=self._rename(r.mcore), local=self._rename(r.local), dist=self._rename(r.dist),
+                        grouped=self._rename(r.grouped), place="mtp", layers=None)
+                for r in rules if r.per_layer and r.in_layer(like, args)]
+
+    def derive_extra(self, extras: Sequence[ExtraState], args: Mapping[str, Any]) -> list[ExtraState]:
+        like = int(expr.evaluate(self.like, args))
+        return [replace(e, module=self._rename(e.module), dist=self._rename(e.dist), place="mtp", layers=None)
+                for e in extras if e.place == "layer" and e.in_layer(like, args)]
+
+
+def parse_mtp(raw: Any, where: str) -> MtpSection | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) - {"depth", "like", "rename", "optional"} or not {"depth", "like", "rename"} <= set(raw):
+        raise MappingError(f"{where}: mtp needs depth, like and rename (and optionally optional)")
+    rename = tuple((str(a), str(b)) for a, b in dict(raw["rename"]).items())
+    if any(LAYER not in a or MTP not in b for a, b in rename):
+        raise MappingError(f"{where}: mtp rename maps a {LAYER} prefix to an {MTP} prefix")
+    return MtpSection(str(raw["depth"]), str(raw["like"]), rename, bool(raw.get("optional", False)))
 
 
 @dataclass(frozen=True)
@@ -152,6 +222,10 @@ class ArchMapping:
     tensors: tuple[TensorRule, ...]
     extra_state: tuple[ExtraState, ...]
     source: str
+    mtp: MtpSection | None = None
+
+    def mtp_depth(self, args: Mapping[str, Any]) -> int:
+        return self.mtp.count(args) if self.mtp else 0
 
     def translate_config(self, hf: Mapping[str, Any]) -> dict[str, Any]:
         """Normalised HF config -> Megatron-LM arguments; refuses unsupported features first."""
@@ -173,7 +247,18 @@ class ArchMapping:
         return out
 
     def rules_for(self, args: Mapping[str, Any]) -> list[TensorRule]:
-        return [r for r in self.tensors if r.applies(args)]
+        """The rules that apply to a model: without MTP blocks, no ``place: mtp`` rule; with them,
+        also the rules derived for their transformer layer."""
+        rules = [r for r in self.tensors if r.applies(args) and (r.place != "mtp" or self.mtp_depth(args))]
+        if self.mtp and self.mtp_depth(args):
+            rules += self.mtp.derive_rules(rules, args)
+        return rules
+
+    def extra_state_for(self, args: Mapping[str, Any]) -> list[ExtraState]:
+        extras = [e for e in self.extra_state if e.place != "mtp" or self.mtp_depth(args)]
+        if self.mtp and self.mtp_depth(args):
+            extras += self.mtp.derive_extra(extras, args)
+        return extras
 
 
 class _Lenient(dict):
@@ -183,7 +268,7 @@ class _Lenient(dict):
 
 def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     unknown = set(raw) - {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist",
-                          "layers", "dtype", "grouped", "hf_fused", "hf_alt"}
+                          "layers", "dtype", "grouped", "hf_fused", "hf_alt", "mtp_copies", "local_shard"}
     if unknown:
         raise MappingError(f"{where}: unknown rule field(s) {sorted(unknown)}")
     for key in ("mcore", "hf", "shapes", "shard"):
@@ -194,28 +279,36 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     transform = get_transform(raw.get("transform", "identity"))
     try:
         shard = get_kind(raw["shard"])
+        local_shard = get_kind(raw["local_shard"]) if "local_shard" in raw else None
     except KeyError:
-        raise MappingError(f"{where}: unknown shard kind {raw['shard']!r}") from None
+        raise MappingError(f"{where}: unknown shard kind {raw.get('local_shard', raw['shard'])!r}") from None
     place = raw.get("place", "layer")
     mcore, local = raw["mcore"], raw.get("local", raw["mcore"])
-    if place not in ("layer", "first", "last"):
-        raise MappingError(f"{where}: place must be layer, first or last, not {place!r}")
+    if place not in ("layer", "first", "last", "mtp"):
+        raise MappingError(f"{where}: place must be layer, first, last or mtp, not {place!r}")
     names = (mcore, local, *hf)
-    if any((LAYER in n) != (place == "layer") for n in names):
-        raise MappingError(f"{where}: per-layer rules (and only they) must use {LAYER} in every name")
-    if any((EXPERT in n) != (EXPERT in mcore) for n in names) or (EXPERT in mcore and place != "layer"):
+    if place == "mtp":
+        if any(MTP not in n or LAYER in n for n in (mcore, local)) or any(LAYER not in n and MTP not in n for n in hf):
+            raise MappingError(f"{where}: MTP rules use {MTP} in MCore names and {LAYER} (or {MTP}) in HF names")
+    elif any((LAYER in n) != (place == "layer") or MTP in n for n in names):
+        raise MappingError(f"{where}: per-layer rules (and only they) must use {LAYER} in every name ({MTP}: place mtp)")
+    if any((EXPERT in n) != (EXPERT in mcore) for n in names) or (EXPERT in mcore and place not in ("layer", "mtp")):
         raise MappingError(f"{where}: per-expert rules (and only they) must use {EXPERT} in every name, inside a layer")
+    copies = tuple([raw["mtp_copies"]] if isinstance(raw.get("mtp_copies"), str) else raw.get("mtp_copies", ()))
+    if copies and (place not in ("first", "last") or len(hf) != 1 or any(LAYER not in c and MTP not in c for c in copies)):
+        raise MappingError(f"{where}: mtp_copies belong to a first/last rule with one HF name, and use {LAYER} or {MTP}")
     parallel = raw.get("parallel", "tp")
     if parallel not in ("tp", "etp"):
         raise MappingError(f"{where}: parallel must be tp or etp, not {parallel!r}")
-    if raw.get("grouped") and not (EXPERT in raw["grouped"] and LAYER in raw["grouped"] and EXPERT in mcore):
-        raise MappingError(f"{where}: a grouped-experts name belongs to a per-expert rule and uses {LAYER} and {EXPERT}")
+    index = MTP if place == "mtp" else LAYER  # what numbers the rule's MCore names
+    if raw.get("grouped") and not (EXPERT in raw["grouped"] and index in raw["grouped"] and EXPERT in mcore):
+        raise MappingError(f"{where}: a grouped-experts name belongs to a per-expert rule and uses {index} and {EXPERT}")
     if raw.get("hf_alt") and len([raw["hf_alt"]] if isinstance(raw["hf_alt"], str) else raw["hf_alt"]) != len(hf):
         raise MappingError(f"{where}: hf_alt must name as many tensors as hf")
     if raw.get("hf_fused") and (EXPERT in raw["hf_fused"] or LAYER not in raw["hf_fused"] or EXPERT not in mcore):
         raise MappingError(f"{where}: hf_fused names one tensor per layer ({LAYER}, no {EXPERT}) of a per-expert rule")
-    if raw.get("dist") and (LAYER in raw["dist"]) != (place == "layer"):
-        raise MappingError(f"{where}: a per-layer rule's dist key must use {LAYER} too")
+    if raw.get("dist") and ((LAYER in raw["dist"]) != (place == "layer") or (MTP in raw["dist"]) != (place == "mtp")):
+        raise MappingError(f"{where}: a per-layer (MTP) rule's dist key must use {LAYER} ({MTP}) too")
     if "layers" in raw and place != "layer":
         raise MappingError(f"{where}: 'layers' applies to per-layer rules only")
     if "dtype" in raw and raw["dtype"] not in _DTYPES:
@@ -240,6 +333,8 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
         hf_fused=raw.get("hf_fused"),
         hf_alt=tuple([raw["hf_alt"]] if isinstance(raw.get("hf_alt"), str) else raw.get("hf_alt", ())),
         dtype=_DTYPES[raw["dtype"]] if "dtype" in raw else None,
+        mtp_copies=copies,
+        local_shard=local_shard,
     )
 
 

@@ -36,10 +36,17 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  #
 from megatron.core.dist_checkpointing.core import CheckpointingException  # noqa: E402
 from megatron.core.dist_checkpointing.validation import StrictHandling  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_mtp_block_spec,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
+from megatron.core.transformer.transformer_config import MLATransformerConfig  # noqa: E402
 
 __all__ = [
     "init_parallel",
@@ -53,6 +60,10 @@ __all__ = [
     "LOCAL_TO_TE_MOE_LAYER_KEYS",
     "MOE_CONFIG_FIELDS",
     "CheckpointMismatchError",
+    "LOCAL_TO_TE_MLA_KEYS",
+    "MLA_CONFIG_FIELDS",
+    "decoder_spec_from_config",
+    "main_logits_only",
 ]
 
 #: Top-level module prefixes of a ``GPTModel`` (sharded keys and state-dict keys).
@@ -204,8 +215,13 @@ def transformer_config_from_args(
     match HF's fp32 routing softmax).  ``moe_aux_loss_coeff`` is taken from ``args``; it only
     acts in training (moe/router.py:598).  The dispatcher is ``args.moe_token_dispatcher_type``
     (Megatron-LM's default ``allgather`` when absent); both ``alltoall`` (with compat patch P6)
-    and ``allgather`` run on gloo.  Mixed dense/MoE stacks (``moe_layer_freq`` != 1) are not
-    supported.
+    and ``allgather`` run on gloo.  Mixed dense/MoE stacks (``moe_layer_freq`` a list such as
+    DeepSeek's first-k-dense ``[0, 1, 1, 1]``, or an int > 1) are passed on as megatron's
+    ``moe_layer_freq``; :func:`build_gpt_model` then builds the per-layer block spec.
+
+    Multi-latent attention (``args.multi_latent_attention``, DeepSeek-V3) builds an
+    ``MLATransformerConfig`` with the fields in :data:`MLA_CONFIG_FIELDS` (Megatron-LM names);
+    ``args.mtp_num_layers`` (multi-token prediction) is copied when set.
     """
     pp = int(args.pipeline_model_parallel_size)
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
@@ -248,8 +264,48 @@ def transformer_config_from_args(
     if window is not None:
         kw["window_size"] = tuple(window)
     kw.update(_moe_config_kwargs(args))
+    if getattr(args, "mtp_num_layers", None):
+        kw["mtp_num_layers"] = int(args.mtp_num_layers)
+    if getattr(args, "multi_latent_attention", False):
+        kw.update(_mla_config_kwargs(args))
+        kw.update(overrides)
+        return MLATransformerConfig(**kw)
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+#: ``MLATransformerConfig`` fields copied from Megatron-LM ``args`` under the same name when set.
+MLA_CONFIG_FIELDS: tuple[str, ...] = (
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
+    "rotary_base",
+    "rotary_percent",
+    "rotary_scaling_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
+
+
+def _mla_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """MLA fields; ``rope_type`` is Megatron-LM's ``--rope-type`` (yarn unless it says rope).
+
+    ``q_lora_rank=None`` (no q-LoRA: one ``linear_q_proj``) is meaningful, so it is copied even
+    when ``None``.  ``apply_rope_fusion`` is off: the fused MLA yarn kernels need CUDA/triton.
+    """
+    kw: dict[str, Any] = {
+        name: getattr(args, name) for name in MLA_CONFIG_FIELDS if getattr(args, name, None) is not None
+    }
+    kw["q_lora_rank"] = getattr(args, "q_lora_rank", None)
+    kw["rope_type"] = getattr(args, "rope_type", None) or "yarn"
+    kw["multi_latent_attention"] = True
+    kw["apply_rope_fusion"] = False
+    return kw
 
 
 def _num_experts(args: argparse.Namespace) -> int | None:
@@ -262,8 +318,6 @@ def _moe_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if _num_experts(args) is None:
         return {}
     freq = getattr(args, "moe_layer_freq", 1)
-    if freq not in (1, None) and not (isinstance(freq, list) and all(f == 1 for f in freq)):
-        raise NotImplementedError(f"mixed dense/MoE layers (moe_layer_freq={freq!r})")
     kw: dict[str, Any] = {
         name: getattr(args, name)
         for name in MOE_CONFIG_FIELDS
@@ -276,6 +330,8 @@ def _moe_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["moe_grouped_gemm"] = False
     kw.setdefault("moe_token_dispatcher_type", "allgather")
     kw["moe_shared_expert_overlap"] = False
+    if freq not in (1, None) and not (isinstance(freq, list) and all(f == 1 for f in freq)):
+        kw["moe_layer_freq"] = list(freq) if isinstance(freq, (list, tuple)) else int(freq)
     return kw
 
 
@@ -321,6 +377,88 @@ def layer_spec_from_args(args: argparse.Namespace, use_te: bool | None = None) -
     return spec
 
 
+#: Local-spec MLA layers keep their norms as modules and, unlike the dense local spec, have no
+#: ``sharded_state_dict_keys_map`` (gpt_layer_specs.py:366-392), so megatron's own save of a
+#: local-spec MLA model names them ``self_attention.q_layernorm.weight`` etc.  The TE spec fuses
+#: them into the following linear (``TELayerNormColumnParallelLinear``, gpt_layer_specs.py:100-127,
+#: 235-266), which is what Megatron-LM trains with and what converters write; this map makes the
+#: local model request the TE names.  Dense (first-k) layers also fuse the pre-MLP norm into fc1
+#: (their TE ``pre_mlp_layernorm`` is ``IdentityOp``); MoE layers keep ``pre_mlp_layernorm``.
+LOCAL_TO_TE_MLA_KEYS: dict[str, str] = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+}
+
+
+class _LocalMLACoreAttention(DotProductAttention):
+    """The local ``DotProductAttention`` for MLA layers.
+
+    ``MLASelfAttention`` passes ``k_channels``/``v_channels`` to its core attention
+    (transformer/multi_latent_attention.py:155-166), which only ``TEDotProductAttention``
+    accepts: the local class (transformer/dot_product_attention.py:42-52) raises ``TypeError``, so
+    megatron-core 0.16.1 cannot build an MLA model without TransformerEngine.  The local class
+    already takes the head sizes from the tensors it gets; only its output width uses
+    ``kv_channels * heads``, which is right when ``kv_channels == v_head_dim`` (Megatron-LM's
+    DeepSeek recipes and our mappings set ``--kv-channels`` to ``v_head_dim``), checked here.
+    The softmax scale (with yarn's mscale) comes from ``MLASelfAttention``.
+    """
+
+    def __init__(self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if v_channels is not None and v_channels != self.config.kv_channels:
+            raise ValueError(f"local MLA attention needs kv_channels == v_head_dim ({self.config.kv_channels} != {v_channels})")
+
+
+def _allow_mla_without_te() -> None:
+    """multi_latent_attention.py:54-65 sets ``HAVE_TE = True`` whenever megatron's TE extension
+    module imports, which it does without TransformerEngine (extensions/transformer_engine.py:61-77
+    stands a ``MagicMock`` in for ``te``), so ``isinstance(self.linear_proj, TELinear)``
+    (multi_latent_attention.py:183-185) gets a non-type and raises ``TypeError``.  Without
+    TransformerEngine the flag must be False; nothing else reads it.  Not CPU-specific (a TE-less
+    bug, like compat P5), so it lives here beside the only code that builds MLA models."""
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        from megatron.core.transformer import multi_latent_attention
+
+        multi_latent_attention.HAVE_TE = False
+
+
+def decoder_spec_from_config(
+    config: TransformerConfig, args: argparse.Namespace, vp_stage: int | None
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """The decoder spec for this rank's chunk: one layer spec when every layer is alike, else
+    megatron's per-layer block spec (first-k-dense MoE, MLA), local modules only.
+
+    Block specs come from ``get_gpt_decoder_block_spec(use_transformer_engine=False)`` (the
+    layers of this pipeline stage / virtual chunk).  MLA layers get :class:`_LocalMLACoreAttention`
+    and their keys map is set to request TE-spec names (:data:`LOCAL_TO_TE_MLA_KEYS`, plus the
+    fused fc1 norm in dense layers); non-MLA MoE layers get :data:`LOCAL_TO_TE_MOE_LAYER_KEYS`.
+    """
+    mla = bool(getattr(config, "multi_latent_attention", False))
+    if not mla and getattr(config, "moe_layer_freq", 1) == 1:
+        return layer_spec_from_args(args, use_te=False)
+    if mla:
+        _allow_mla_without_te()
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization,
+                                       vp_stage=vp_stage)
+    fixed: dict[int, ModuleSpec] = {}
+    for spec in block.layer_specs:
+        if id(spec) in fixed:
+            continue
+        fixed[id(spec)] = spec
+        moe = "MoELayer" in getattr(spec.submodules.mlp.module, "__name__", "")
+        if mla:
+            spec.submodules.self_attention.submodules.core_attention = _LocalMLACoreAttention
+            keys = dict(LOCAL_TO_TE_MLA_KEYS) if config.qk_layernorm else {}
+            if not moe:
+                keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+            spec.submodules.sharded_state_dict_keys_map = keys
+        elif moe:
+            spec.submodules.sharded_state_dict_keys_map = dict(LOCAL_TO_TE_MOE_LAYER_KEYS)
+    return block
+
+
 def build_gpt_model(
     args: argparse.Namespace,
     dtype: torch.dtype = torch.float32,
@@ -363,11 +501,19 @@ def build_gpt_model(
         )
 
     config = transformer_config_from_args(args, dtype=dtype, **config_overrides)
-    spec = layer_spec_from_args(args, use_te=use_te)
+    per_layer = bool(getattr(config, "multi_latent_attention", False)) or getattr(config, "moe_layer_freq", 1) != 1
     models: list[GPTModel] = []
     with cuda_to_cpu():
         for vp_stage in range(vpp or 1):
             stage = vp_stage if vpp is not None else None
+            if per_layer and (use_te is None or not use_te or not _te_usable()):
+                spec: Any = decoder_spec_from_config(config, args, stage)
+            else:
+                spec = layer_spec_from_args(args, use_te=use_te)
+            mtp_spec = None
+            if getattr(config, "mtp_num_layers", None):
+                # MTP blocks on the last stage, their transformer layer built like the last decoder layer
+                mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=stage)
             model = GPTModel(
                 config=config,
                 transformer_layer_spec=spec,
@@ -390,6 +536,7 @@ def build_gpt_model(
                     args, "rotary_seq_len_interpolation_factor", None
                 ),
                 vp_stage=stage,
+                mtp_block_spec=mtp_spec,
             )
             model.eval()
             setattr(model, _ARGS_ATTR, args)
@@ -470,6 +617,10 @@ def load_torch_dist(
     apply_cpu_patches()
     ckpt_dir = os.fspath(ckpt_dir)
     metadata = _sharded_sd_metadata(ckpt_dir)
+    if any(getattr(m, "mtp_process", False) and not m.pre_process for m in models):
+        # a last stage with MTP blocks ties its embedding replica to the first stage's through the
+        # data-parallel group Megatron-LM puts in the metadata (gpt_model.py:834-842)
+        metadata = {**(metadata or {}), "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     sharded_sd = {
         _chunk_key(models, i): m.sharded_state_dict(metadata=metadata)
         for i, m in enumerate(models)
@@ -601,6 +752,30 @@ def _gather_tp_last_dim(t: torch.Tensor) -> torch.Tensor:
         parts, t, group=parallel_state.get_tensor_model_parallel_group()
     )
     return torch.cat(parts, dim=-1)
+
+
+class main_logits_only:
+    """Context manager: run ``models`` without their MTP blocks.
+
+    With ``mtp_num_layers`` set, ``GPTModel.forward`` computes the MTP losses and needs labels
+    (gpt_model.py:611-612): MTP is a training head in megatron-core 0.16.1.  To compare the
+    main model's logits, the blocks stay loaded but are not run.
+    """
+
+    def __init__(self, models: Sequence[GPTModel]):
+        self.models = list(models)
+
+    def __enter__(self) -> list[GPTModel]:
+        self.saved = [(m, m.mtp_process, m.config.mtp_num_layers) for m in self.models]
+        for m in self.models:
+            m.mtp_process = False
+            m.config.mtp_num_layers = None
+        return self.models
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, process, layers in self.saved:
+            m.mtp_process = process
+            m.config.mtp_num_layers = layers
 
 
 def forward_logits(

@@ -205,7 +205,7 @@ def test_converge_step_reports_a_broken_resume(tiny_hf, tmp_path):
     """The optional training step: its verdicts become checks; a deliberately broken resume fails the gate."""
     cfg = _yaml(tmp_path / "gate.yaml", {
         "source": {"hf": str(tiny_hf[PRESET])}, "align": False, "roundtrip": False,
-        "converge": {"steps": 6, "variants": ["broken-resume"], "envelope": False, "seq_len": 16},
+        "converge": {"steps": 6, "variants": ["broken-resume"], "envelope": False, "seq_len": 16, "lr": 1e-3},
         "report": {"dir": "out"},
     })
     res = _gate(cfg)

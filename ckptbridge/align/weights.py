@@ -53,13 +53,15 @@ def cached_snapshot(hub_id: str) -> Path | None:
         return None
 
 
-def build_random_hf(preset: str, out: Path, layers: int | None, seed: int, dtype: torch.dtype, shrink: bool) -> Path:
+def build_random_hf(preset: str, out: Path, layers: int | None, seed: int, dtype: torch.dtype, shrink: bool,
+                    matrix_std: float = 0.05) -> Path:
     """Seeded random weights for ``preset``'s architecture, saved with ``save_pretrained``.
 
     With ``shrink`` this is :func:`ckptbridge.presets.build_tiny_hf` (tiny widths, every structural
     feature kept).  Without it the real widths are kept and only the depth changes; the weights are
     drawn the same way, in the same order (matrices N(0, 0.05^2), norm weights 1 + N(0, 0.1^2)), in
-    fp32 and then cast to ``dtype``.
+    fp32 and then cast to ``dtype``.  ``matrix_std`` replaces 0.05 for real widths: training wants the
+    config's ``initializer_range`` (0.02 for Llama), whose logits start near ln(vocab) instead of far above.
     """
     if shrink:
         return build_tiny_hf(preset, out, layers=layers or 2, seed=seed, dtype=dtype)
@@ -81,7 +83,7 @@ def build_random_hf(preset: str, out: Path, layers: int | None, seed: int, dtype
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in list(model.named_parameters()):  # tied weights appear once, as in build_tiny_hf
-            scale = 0.1 if p.dim() == 1 else 0.05
+            scale = 0.1 if p.dim() == 1 else matrix_std
             base = 1.0 if "norm" in name else 0.0
             value = torch.randn(p.shape, generator=gen).mul_(scale).add_(base).to(dtype)  # = base + scale * randn
             module = model.get_submodule(name.rpartition(".")[0])
@@ -93,7 +95,8 @@ def build_random_hf(preset: str, out: Path, layers: int | None, seed: int, dtype
 
 
 def resolve_weights(preset: str | None, hf: Path | None, mcore: Path | None, random_init: bool, layers: int | None,
-                    shrink: bool, seed: int, dtype: torch.dtype, work_dir: Path | None) -> Weights:
+                    shrink: bool, seed: int, dtype: torch.dtype, work_dir: Path | None,
+                    matrix_std: float = 0.05) -> Weights:
     """Find or make both checkpoints; see the module docstring for the order."""
     from ..convert import Target, convert
     from ..layout import ParallelLayout
@@ -115,7 +118,7 @@ def resolve_weights(preset: str | None, hf: Path | None, mcore: Path | None, ran
     elif random_init:
         if info is None:
             raise CkptBridgeError("--random-init needs --model PRESET")
-        hf_path = build_random_hf(preset, work / "hf-random", layers, seed, dtype, shrink)
+        hf_path = build_random_hf(preset, work / "hf-random", layers, seed, dtype, shrink, matrix_std)
         cfg = read_config(hf_path)
         hf_source = (f"random init (seed {seed}) of the {preset} architecture: {cfg['num_hidden_layers']} layers, "
                      f"hidden {cfg['hidden_size']}, ffn {cfg['intermediate_size']}, vocab {cfg['vocab_size']}"

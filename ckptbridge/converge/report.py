@@ -79,7 +79,7 @@ def markdown(result: ConvergeResult, command: str | None) -> str:
         f"{m['versions']['megatron-core']}; TP {m['tp']} x PP {m['pp']}",
         f"- {m['steps']} steps, lr {m['lr']:g} (warmup {m['warmup']}), {m['num_microbatches']} x {m['micro_batch_size']} "
         f"sequences of {m['seq_len']} tokens per step; resume checks save at step {m['resume_at']}",
-        f"- curve tolerance: per step max(rtol {m['rtol']:g} x |baseline|, envelope = |baseline - {m['envelope']}|); "
+        f"- curve tolerance: per step max(rtol {m['rtol']:g} x |baseline|, envelope = largest |baseline - {m['envelope']}| within 2 steps); "
         f"resume tolerance {m['resume_rtol']:g} relative",
     ]
     if command:

@@ -19,6 +19,7 @@ import torch
 from ..align.mcore_side import checkpoint_args
 from ..errors import CkptBridgeError
 from ..formats.mcore_common import iteration_dir
+from ..presets import load_preset
 from .data import TokenStream, load_stream
 from .trainer import TrainJob, run_job
 from .variants import ENVELOPE, Variant, select
@@ -40,9 +41,9 @@ class ConvergeOptions:
     variants: tuple[str, ...] = ("offload", "fp8")
     envelope: bool = True
     steps: int = 30
-    lr: float = 1e-3
-    warmup: int = 3
-    micro_batch_size: int = 2
+    lr: float = 3e-4
+    warmup: int = 5
+    micro_batch_size: int = 1
     num_microbatches: int = 1
     seq_len: int = 64
     dtype: str = "fp32"
@@ -93,8 +94,9 @@ def _weights(opts: ConvergeOptions, work: Path) -> tuple[Path | None, Path, str]
         return None, iteration_dir(Path(opts.mcore)), f"--mcore {opts.mcore}"
     from ..align.weights import resolve_weights
 
+    std = float(load_preset(opts.preset)["hf_config"].get("initializer_range", 0.02)) if opts.preset else 0.02
     w = resolve_weights(opts.preset, opts.hf, opts.mcore, opts.random_init, opts.layers, opts.shrink, opts.seed,
-                        DTYPES[opts.dtype], work)
+                        DTYPES[opts.dtype], work, matrix_std=std)
     return w.hf_path, w.mcore_iter, f"{w.hf_source}; MCore: {w.mcore_source}"
 
 

@@ -81,6 +81,23 @@ def _optimizer_config(job: TrainJob) -> Any:
     return OptimizerConfig(**kw)
 
 
+def _fused_adam_on_cpu(optimizer: Any) -> None:
+    """Switch megatron's torch fallback AdamW (used without TE/apex) to torch's fused CPU kernel.
+
+    torch picks its per-tensor loop on CPU (foreach and fused default to CUDA only): 2.8 s per step for a
+    Llama-3.2-1B embedding alone on 2 cores, against 0.14 s fused.  Same AdamW update; the option is read
+    from the param groups at every step, so setting it before the first step is enough.
+    """
+    if torch.cuda.is_available():
+        return
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if type(inner) in (torch.optim.AdamW, torch.optim.Adam):
+            inner.defaults.update(fused=True, foreach=False)
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
+
+
 class _Run:
     """Model chunks, their DDP wrappers, the optimizer and (optionally) FP8, built on this rank."""
 
@@ -112,6 +129,11 @@ class _Run:
         if torch.cuda.is_available():
             self.models = [m.cuda() for m in self.models]
         config = self.models[0].config
+        # as Megatron-LM's training setup: after the backward the schedule finishes DP grad sync and
+        # all-reduces the grads of weights held on several stages (the tied embedding / output layer under PP)
+        from megatron.core.distributed import finalize_model_grads
+
+        config.finalize_model_grads_func = finalize_model_grads
         opt_config = _optimizer_config(job)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                    use_distributed_optimizer=opt_config.use_distributed_optimizer)
@@ -119,6 +141,7 @@ class _Run:
         self._distributed = bool(opt_config.use_distributed_optimizer)
         with host_as_device():
             self.optimizer = get_megatron_optimizer(opt_config, self.ddp)
+        _fused_adam_on_cpu(self.optimizer)
         self.fp8 = None
         if job.fp8 and not self.fp8_real:
             from .fp8 import enable_emulated_fp8

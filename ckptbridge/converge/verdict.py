@@ -1,7 +1,8 @@
 """Verdicts on loss curves: variant vs baseline, resumed vs uninterrupted, step 0 vs HF, loss falls.
 
 A variant's curve is judged against a per-step band ``max(rtol * |baseline|, envelope)``, where the
-envelope is the distance between the baseline and the same run on another batch order: Megatron-LM's
+envelope is the distance between the baseline and the same run on another batch order (its largest value
+within two steps): Megatron-LM's
 functional tests use ``rtol = 0.05`` alone; the envelope widens the band where the data noise is larger
 than that.  Like those tests a few steps may fall outside: ``min(max(N // 100, 1), 50)``.
 
@@ -44,8 +45,18 @@ def allowed_failures(n: int) -> int:
     return min(max(n // 100, 1), 50)
 
 
-def envelope(baseline: list[float], other: list[float]) -> list[float]:
-    return [abs(a - b) for a, b in zip(baseline, other)]
+#: steps on each side of a step whose baseline-vs-baseline distance sets its envelope
+ENVELOPE_HALF_WIDTH = 2
+
+
+def envelope(baseline: list[float], other: list[float], half_width: int = ENVELOPE_HALF_WIDTH) -> list[float]:
+    """The noise level at each step: the largest |baseline - other| within ``half_width`` steps.
+
+    The two runs see different batches, so their distance jumps from step to step and is near 0 wherever
+    the curves happen to cross; the noise level itself changes smoothly with training, so a crossing must
+    not make a narrow tolerance."""
+    d = [abs(a - b) for a, b in zip(baseline, other)]
+    return [max(d[max(0, i - half_width): i + half_width + 1]) for i in range(len(d))]
 
 
 def judge_curve(name: str, baseline: list[float], curve: list[float], env: list[float] | None,
@@ -89,7 +100,7 @@ def judge_step0(mcore_loss: float, hf_loss: float, dtype: str, atol: float | Non
     atol = STEP0_ATOL[dtype] if atol is None else atol
     diff = abs(mcore_loss - hf_loss)
     detail = f"MCore {mcore_loss:.6f} vs HF {hf_loss:.6f} on the first batch: |diff| {diff:.3g} (limit {atol:g}, {dtype})"
-    if padded is not None and padded != mcore_loss:
+    if padded is not None and abs(padded - mcore_loss) > atol:
         detail += f"; megatron's training loss {padded:.6f} also spans the padded vocabulary rows"
     return Verdict("baseline", "step0", diff <= atol, diff, atol, detail)
 

@@ -95,3 +95,23 @@ def add_mtp_blocks(src: Path, dst: Path, depth: int = 1, seed: int = 7) -> Path:
     config["num_nextn_predict_layers"] = depth
     (Path(dst) / "config.json").write_text(json.dumps(config, indent=2))
     return Path(dst)
+
+
+def torch_dist_structure(folder: Path) -> tuple[dict, dict]:
+    """A torch_dist folder's tensors as (global shape, dtype, sorted chunks) and its byte entries' payloads:
+    what must be equal for two writers to have produced the same checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(folder)).read_metadata()
+    out, payload = {}, {}
+    for key, md in meta.state_dict_metadata.items():
+        if hasattr(md, "chunks"):
+            out[key] = (tuple(md.size), md.properties.dtype, sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
+        else:
+            out[key] = "bytes"
+    for idx, info in meta.storage_data.items():
+        if out[idx.fqn] == "bytes":
+            with open(Path(folder) / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                payload[idx.fqn] = f.read(info.length)
+    return out, payload

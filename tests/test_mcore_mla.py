@@ -23,7 +23,7 @@ from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.mcore import model as mm
 from ckptbridge.presets import load_preset, shrink_config
-from helpers import add_mtp_blocks, to_mcore
+from helpers import add_mtp_blocks, to_mcore, torch_dist_structure
 from mcore_runner import run_distributed
 
 ATOL = 1e-4
@@ -131,24 +131,6 @@ def _resave_with_megatron(rank: int, world: int, iter_dir: str, out_dir: str, tp
     return True
 
 
-def _structure(folder: Path) -> tuple[dict, dict]:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    meta = FileSystemReader(str(folder)).read_metadata()
-    out, payload = {}, {}
-    for key, md in meta.state_dict_metadata.items():
-        if hasattr(md, "chunks"):
-            out[key] = (tuple(md.size), md.properties.dtype, sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
-        else:
-            out[key] = "bytes"
-    for idx, info in meta.storage_data.items():
-        if out[idx.fqn] == "bytes":
-            with open(folder / info.relative_path, "rb") as f:
-                f.seek(info.offset)
-                payload[idx.fqn] = f.read(info.length)
-    return out, payload
-
-
 def test_torch_dist_layout_equals_megatrons_own_save(deepseek, tmp_path):
     """First-k-dense keeps per-layer keys (``decoder.layers.0.mlp.linear_fc1.weight``, no layer axis),
     MLA projections and MTP linears carry ``_extra_state`` entries: all exactly as megatron writes."""
@@ -158,7 +140,7 @@ def test_torch_dist_layout_equals_megatrons_own_save(deepseek, tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     run_distributed(_resave_with_megatron, 2, str(ours), str(theirs), tp, ep, timeout=240)
-    (a, a_bytes), (b, b_bytes) = _structure(ours), _structure(theirs)
+    (a, a_bytes), (b, b_bytes) = torch_dist_structure(ours), torch_dist_structure(theirs)
     assert sorted(set(a) ^ set(b)) == []
     assert a == b and a_bytes == b_bytes
     assert a["decoder.layers.0.mlp.linear_fc1.weight"][0] == (256, 64)  # dense layer 0: [gate; up], no layer axis

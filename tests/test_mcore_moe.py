@@ -20,7 +20,7 @@ from ckptbridge.formats.legacy import FILE, rank_dir_name
 from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.mcore import model as mm
-from helpers import to_mcore
+from helpers import to_mcore, torch_dist_structure
 from mcore_runner import run_distributed
 
 ATOL = 1e-4
@@ -136,8 +136,6 @@ def test_torch_dist_layout_equals_megatrons_own_save(tiny_moe, tmp_path):
     Including the routed and shared experts' ``_extra_state`` entries (one per layer and global
     expert), byte for byte.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
     preset, tp, ep, etp = "qwen1.5-moe-a2.7b", 2, 2, 1
     ours = to_mcore(tiny_moe[preset], tmp_path / "ours", "torch_dist", tp=tp, ep=ep, etp=etp)
     ours = ours / "release"
@@ -146,23 +144,7 @@ def test_torch_dist_layout_equals_megatrons_own_save(tiny_moe, tmp_path):
     world = _world(tp, 1, ep, etp)
     run_distributed(_resave_with_megatron, world, str(ours), str(theirs), tp, ep, etp, timeout=180)
 
-    def structure(folder: Path) -> tuple[dict, dict]:
-        meta = FileSystemReader(str(folder)).read_metadata()
-        out, payload = {}, {}
-        for key, md in meta.state_dict_metadata.items():
-            if hasattr(md, "chunks"):
-                chunks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
-                out[key] = (tuple(md.size), md.properties.dtype, chunks)
-            else:
-                out[key] = "bytes"
-        for idx, info in meta.storage_data.items():
-            if out[idx.fqn] == "bytes":
-                with open(folder / info.relative_path, "rb") as f:
-                    f.seek(info.offset)
-                    payload[idx.fqn] = f.read(info.length)
-        return out, payload
-
-    (a, a_bytes), (b, b_bytes) = structure(ours), structure(theirs)
+    (a, a_bytes), (b, b_bytes) = torch_dist_structure(ours), torch_dist_structure(theirs)
     assert a == b
     assert a_bytes == b_bytes
     # 2 layers x 8 experts x (fc1, fc2) + 2 layers x (fc1, fc2) of the shared expert, + attention

@@ -26,7 +26,7 @@ EXIT_USAGE = 2
                    "offload (= offload-1.0, offload-0.5), fp8, broken-resume, ...")
 @click.option("--no-envelope", is_flag=True, help="Skip the second-seed baseline (the band is then rtol alone).")
 @click.option("--steps", type=click.IntRange(4), default=30, show_default=True)
-@click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (linear warmup, then constant).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (linear warmup, then constant).")
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Warmup steps.")
 @click.option("--micro-batch-size", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--num-microbatches", type=click.IntRange(1), default=1, show_default=True,

@@ -41,7 +41,7 @@ class ConvergeOptions:
     variants: tuple[str, ...] = ("offload", "fp8")
     envelope: bool = True
     steps: int = 30
-    lr: float = 3e-4
+    lr: float = 1e-4
     warmup: int = 5
     micro_batch_size: int = 1
     num_microbatches: int = 1

@@ -25,7 +25,7 @@ class ConvergeStepOptions:
     dtype: str = "fp32"
     rtol: float = 0.05
     resume_rtol: float = 1e-3
-    lr: float = 3e-4
+    lr: float = 1e-4
     seq_len: int = 64
     micro_batch_size: int = 1
     envelope: bool = True
@@ -44,7 +44,7 @@ def parse(raw: Any, source: SourceConfig, enabled: dict[str, Any]) -> ConvergeSt
         dtype=s.take("dtype", str, "fp32", choices=("fp32", "bf16")),
         rtol=s.take("rtol", float, 0.05, minimum=0),
         resume_rtol=s.take("resume_rtol", float, 1e-3, minimum=0),
-        lr=s.take("lr", float, 3e-4, minimum=0),
+        lr=s.take("lr", float, 1e-4, minimum=0),
         seq_len=s.take("seq_len", int, 64, minimum=2),
         micro_batch_size=s.take("micro_batch_size", int, 1, minimum=1),
         envelope=s.take("envelope", bool, True),

@@ -48,6 +48,11 @@ class TokenStream:
         starts = torch.randint(0, n - span + 1, (micro_batch_size,), generator=gen)
         return torch.stack([self.ids[s : s + span] for s in starts.tolist()])
 
+    def step_batches(self, data_seed: int, step: int, num_microbatches: int, micro_batch_size: int,
+                     seq_len: int) -> list[torch.Tensor]:
+        """Every microbatch of one step: what MCore trains on and what HF's step-0 loss is computed on."""
+        return [self.batch(data_seed, step, mb, micro_batch_size, seq_len) for mb in range(num_microbatches)]
+
 
 def _tokenizer(hf_path: Path | None):  # noqa: ANN202 - transformers' tokenizer type
     if hf_path is None or not any((Path(hf_path) / f).exists() for f in _TOKENIZER_FILES):

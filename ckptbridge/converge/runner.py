@@ -100,19 +100,25 @@ def _weights(opts: ConvergeOptions, work: Path) -> tuple[Path | None, Path, str]
     return w.hf_path, w.mcore_iter, f"{w.hf_source}; MCore: {w.mcore_source}"
 
 
-def _check_supported(opts: ConvergeOptions, variants: list[Variant], iter_dir: Path) -> None:
-    on_cpu = not torch.cuda.is_available()
-    args = checkpoint_args(iter_dir)
-    if getattr(args, "num_moe_experts", None) and opts.tp > 1 and on_cpu:
-        raise CkptBridgeError("MoE training with --tp > 1 needs sequence parallelism, which megatron-core cannot run "
-                              "on CPU (transformer/torch_norm.py:32); use --tp 1 (EP is not needed for a convergence check)")
-    if on_cpu and opts.dtype != "fp32" and any(v.optimizer.get("optimizer_cpu_offload") for v in variants):
+def _check_options(opts: ConvergeOptions, variants: list[Variant]) -> None:
+    """What can be refused before any weights are made or converted."""
+    if opts.dtype not in DTYPES:
+        raise CkptBridgeError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if opts.steps < 4:
+        raise CkptBridgeError("--steps must be at least 4 (a curve, a resume point and steps after it)")
+    if not torch.cuda.is_available() and opts.dtype != "fp32" and any(v.optimizer.get("optimizer_cpu_offload")
+                                                                    for v in variants):
         raise CkptBridgeError(
             "optimizer CPU offload in bf16 needs megatron's distributed optimizer, which on CPU fails on the local "
             "spec's fp32 norm weights (optimizer/distrib_optimizer.py:420 views them as non-leaf shards that "
             "HybridDeviceOptimizer refuses); run offload variants with --dtype fp32 on CPU")
-    if opts.steps < 4:
-        raise CkptBridgeError("--steps must be at least 4 (a curve, a resume point and steps after it)")
+
+
+def _check_model(opts: ConvergeOptions, args: Any) -> None:
+    """What needs the checkpoint's own arguments."""
+    if getattr(args, "num_moe_experts", None) and opts.tp > 1 and not torch.cuda.is_available():
+        raise CkptBridgeError("MoE training with --tp > 1 needs sequence parallelism, which megatron-core cannot run "
+                              "on CPU (transformer/torch_norm.py:32); use --tp 1 (EP is not needed for a convergence check)")
 
 
 #: steps run after a resume by default: a lost optimizer state moves the loss by > 1e-3 within 3 steps
@@ -134,8 +140,8 @@ def hf_first_batch_loss(hf_path: Path, stream: TokenStream, opts: ConvergeOption
     model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=DTYPES[opts.dtype]).eval()
     losses = []
     with torch.no_grad():
-        for mb in range(opts.num_microbatches):
-            batch = stream.batch(opts.data_seed, 0, mb, opts.micro_batch_size, opts.seq_len)
+        for batch in stream.step_batches(opts.data_seed, 0, opts.num_microbatches, opts.micro_batch_size,
+                                         opts.seq_len):
             logits = model(input_ids=batch[:, :-1]).logits.float()
             losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()))
     return float(torch.stack(losses).mean())
@@ -162,8 +168,7 @@ def _run_variant(v: Variant, base: TrainJob, work: Path, resume_at: int, progres
 
 
 def verdicts_for(curves: list[Curve], opts: ConvergeOptions, resume_at: int, hf_loss: float | None) -> list[Verdict]:
-    by_name = {c.variant.name: c for c in curves}
-    base = by_name["baseline"]
+    base = next(c for c in curves if c.variant.name == "baseline")
     env_curve = next((c for c in curves if c.variant.role == "envelope"), None)
     env = envelope(base.losses, env_curve.losses) if env_curve is not None else None
     out = [judge_falls("baseline", base.losses)]
@@ -181,9 +186,8 @@ def verdicts_for(curves: list[Curve], opts: ConvergeOptions, resume_at: int, hf_
 
 def run_converge(opts: ConvergeOptions, progress: Any = print) -> ConvergeResult:
     """Run every selected variant (baseline and envelope first) and judge them."""
-    if opts.dtype not in DTYPES:
-        raise CkptBridgeError(f"--dtype must be one of {', '.join(DTYPES)}")
     variants = select(list(opts.variants), envelope=opts.envelope)
+    _check_options(opts, variants)
     resume_at = _resume_at(opts)
     tmp = None
     if opts.work_dir is None:
@@ -194,9 +198,9 @@ def run_converge(opts: ConvergeOptions, progress: Any = print) -> ConvergeResult
         work.mkdir(parents=True, exist_ok=True)
     try:
         hf_path, iter_dir, source = _weights(opts, work)
-        _check_supported(opts, variants, iter_dir)
-        vocab = int(checkpoint_args(iter_dir).vocab_size)
-        stream = load_stream(opts.data, hf_path, vocab)
+        args = checkpoint_args(iter_dir)
+        _check_model(opts, args)
+        stream = load_stream(opts.data, hf_path, int(args.vocab_size))
         base = TrainJob(iter_dir=str(iter_dir), stream=stream, steps=opts.steps, lr=opts.lr, warmup=opts.warmup,
                         micro_batch_size=opts.micro_batch_size, num_microbatches=opts.num_microbatches,
                         seq_len=opts.seq_len, dtype=DTYPES[opts.dtype], tp=opts.tp, pp=opts.pp,

@@ -6,8 +6,8 @@ A run is described by a picklable :class:`TrainJob` so it can be sent to forked 
 (:func:`ckptbridge.mcore.launch.run_workers`); each variant runs in fresh processes, so nothing
 (parallel state, RNG trackers, optimizer hooks) leaks from one variant into the next.  A job can
 also *start* from a checkpoint this module saved (the resume check): it then loads the model and,
-unless the job's fault says otherwise, the optimizer state with megatron's ``dist_checkpointing``,
-exactly as Megatron-LM resumes.
+unless the job's fault says otherwise, the optimizer state from Megatron-LM's per-rank ``torch``
+checkpoint, model first, as Megatron-LM resumes (see the checkpoint section below for why not torch_dist).
 """
 
 from __future__ import annotations
@@ -81,6 +81,11 @@ def _optimizer_config(job: TrainJob) -> Any:
     return OptimizerConfig(**kw)
 
 
+def _wrappers(optimizer: Any) -> list[Any]:
+    """megatron's per-parameter-group optimizers (FP32Optimizer, ...) behind a ChainedOptimizer, or the one given."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _fused_adam_on_cpu(optimizer: Any) -> None:
     """Switch megatron's torch fallback AdamW (used without TE/apex) to torch's fused CPU kernel.
 
@@ -90,7 +95,7 @@ def _fused_adam_on_cpu(optimizer: Any) -> None:
     """
     if torch.cuda.is_available():
         return
-    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for wrapper in _wrappers(optimizer):
         inner = getattr(wrapper, "optimizer", None)
         if type(inner) in (torch.optim.AdamW, torch.optim.Adam):
             inner.defaults.update(fused=True, foreach=False)
@@ -214,7 +219,7 @@ class _Run:
 
     def _batches(self, step: int) -> list[torch.Tensor]:
         j = self.job
-        return [j.stream.batch(j.data_seed, step, mb, j.micro_batch_size, j.seq_len) for mb in range(j.num_microbatches)]
+        return j.stream.step_batches(j.data_seed, step, j.num_microbatches, j.micro_batch_size, j.seq_len)
 
     def _schedule(self, step: int, forward_only: bool) -> float | None:
         """One forward(-backward) over the step's microbatches; the mean loss on the last stage."""
@@ -293,19 +298,17 @@ def train_worker(rank: int, world: int, job: TrainJob) -> dict[str, Any]:
                            "step0_loss": step0[0] if last and step0 else None,
                            "step0_loss_padded_vocab": step0[1] if last and step0 else None,
                            "fp8": run.fp8_label, "fp8_real": run.fp8_real}
-    if run.fp8 is not None and last:
-        out["fp8_stats"] = run.fp8.stats()
     if last:
-        opt = run.optimizer
-        out["optimizer"] = describe_optimizer(opt)
+        out["optimizer"] = describe_optimizer(run.optimizer)
+        if run.fp8 is not None:
+            out["fp8_stats"] = run.fp8.stats()
     return out
 
 
 def describe_optimizer(optimizer: Any) -> str:
-    """What actually ran, e.g. ``FP32Optimizer(HybridDeviceOptimizer: 12 params device, 14 host)``."""
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    """What actually ran, e.g. ``FP32Optimizer(HybridDeviceOptimizer: 3 params offloaded, 11 stay on the device)``."""
     parts = []
-    for wrapper in inner:
+    for wrapper in _wrappers(optimizer):
         base = getattr(wrapper, "optimizer", None)
         text = type(wrapper).__name__
         if base is not None:

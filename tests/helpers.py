@@ -115,3 +115,20 @@ def torch_dist_structure(folder: Path) -> tuple[dict, dict]:
                 f.seek(info.offset)
                 payload[idx.fqn] = f.read(info.length)
     return out, payload
+
+
+def resave_with_megatron(rank: int, world: int, iter_dir: str, out_dir: str, tp: int, ep: int, etp: int) -> bool:
+    """Worker: load our torch_dist checkpoint into megatron's GPTModel at ``tp`` x ``ep`` x ``etp`` and save it
+    with megatron's own ``dist_checkpointing`` (the reference our writer must equal)."""
+    from megatron.core import dist_checkpointing
+
+    from ckptbridge.align.mcore_side import checkpoint_args
+    from ckptbridge.mcore import model as mm
+
+    args = checkpoint_args(iter_dir, tp, 1, ep, etp)
+    mm.init_parallel(tp, 1, seed=7 + rank, ep=ep, etp=etp)
+    models = mm.build_gpt_model(args, dtype=torch.float32)
+    mm.load_torch_dist(models, iter_dir)
+    with mm.cuda_to_cpu():
+        dist_checkpointing.save(models[0].sharded_state_dict(), out_dir)
+    return True

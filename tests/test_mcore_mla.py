@@ -10,7 +10,6 @@ structure (keys, per-layer key form, shapes, chunks, ``_extra_state`` entries by
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -18,12 +17,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ckptbridge.align.mcore_side import checkpoint_args
 from ckptbridge.formats.legacy import FILE, rank_dir_name
 from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.mcore import model as mm
 from ckptbridge.presets import load_preset, shrink_config
-from helpers import add_mtp_blocks, to_mcore, torch_dist_structure
+from helpers import add_mtp_blocks, resave_with_megatron, to_mcore, torch_dist_structure
 from mcore_runner import run_distributed
 
 ATOL = 1e-4
@@ -49,17 +49,8 @@ def hf_logits(folder: Path) -> torch.Tensor:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(TOKENS).logits
 
 
-def _relayout(args: argparse.Namespace, tp: int, pp: int, ep: int) -> argparse.Namespace:
-    out = argparse.Namespace(**vars(args))
-    out.tensor_model_parallel_size, out.pipeline_model_parallel_size = tp, pp
-    out.virtual_pipeline_model_parallel_size = None
-    out.decoder_first_pipeline_num_layers = out.decoder_last_pipeline_num_layers = None
-    out.expert_model_parallel_size, out.expert_tensor_parallel_size = ep, 1
-    return out
-
-
 def _load_torch_dist(rank: int, world: int, iter_dir: str, tp: int, pp: int, ep: int):
-    args = _relayout(safe_load(Path(iter_dir) / "common.pt")["args"], tp, pp, ep)
+    args = checkpoint_args(iter_dir, tp, pp, ep, 1)
     mm.init_parallel(tp, pp, seed=100 + rank, ep=ep, etp=1)  # weights differ until the load
     models = mm.build_gpt_model(args, dtype=torch.float32)
     result = mm.load_torch_dist(models, iter_dir)  # strict: every model tensor, every checkpoint tensor
@@ -119,18 +110,6 @@ def test_legacy_local_spec_loads_strictly_per_rank(deepseek, tmp_path, layout):
         assert (logits - expected).abs().max() <= ATOL
 
 
-def _resave_with_megatron(rank: int, world: int, iter_dir: str, out_dir: str, tp: int, ep: int):
-    from megatron.core import dist_checkpointing
-
-    args = _relayout(safe_load(Path(iter_dir) / "common.pt")["args"], tp, 1, ep)
-    mm.init_parallel(tp, 1, seed=7 + rank, ep=ep, etp=1)
-    models = mm.build_gpt_model(args, dtype=torch.float32)
-    mm.load_torch_dist(models, iter_dir)
-    with mm.cuda_to_cpu():
-        dist_checkpointing.save(models[0].sharded_state_dict(), out_dir)
-    return True
-
-
 def test_torch_dist_layout_equals_megatrons_own_save(deepseek, tmp_path):
     """First-k-dense keeps per-layer keys (``decoder.layers.0.mlp.linear_fc1.weight``, no layer axis),
     MLA projections and MTP linears carry ``_extra_state`` entries: all exactly as megatron writes."""
@@ -139,7 +118,7 @@ def test_torch_dist_layout_equals_megatrons_own_save(deepseek, tmp_path):
     ours = to_mcore(deepseek["mtp"], tmp_path / "ours", "torch_dist", spec="local", tp=tp, ep=ep, etp=1) / "release"
     theirs = tmp_path / "theirs"
     theirs.mkdir()
-    run_distributed(_resave_with_megatron, 2, str(ours), str(theirs), tp, ep, timeout=240)
+    run_distributed(resave_with_megatron, 2, str(ours), str(theirs), tp, ep, 1, timeout=240)
     (a, a_bytes), (b, b_bytes) = torch_dist_structure(ours), torch_dist_structure(theirs)
     assert sorted(set(a) ^ set(b)) == []
     assert a == b and a_bytes == b_bytes

@@ -8,7 +8,6 @@ written with; the token dispatcher is the ``alltoall`` one the args name (compat
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -16,11 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from ckptbridge.align.mcore_side import checkpoint_args
 from ckptbridge.formats.legacy import FILE, rank_dir_name
 from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.mcore import model as mm
-from helpers import to_mcore, torch_dist_structure
+from helpers import resave_with_megatron, to_mcore, torch_dist_structure
 from mcore_runner import run_distributed
 
 ATOL = 1e-4
@@ -34,21 +34,10 @@ def hf_logits(folder: Path) -> torch.Tensor:
         return model(TOKENS).logits
 
 
-def _relayout(
-    args: argparse.Namespace, tp: int, pp: int, ep: int, etp: int | None
-) -> argparse.Namespace:
-    out = argparse.Namespace(**vars(args))
-    out.tensor_model_parallel_size, out.pipeline_model_parallel_size = tp, pp
-    out.virtual_pipeline_model_parallel_size = None
-    out.decoder_first_pipeline_num_layers = out.decoder_last_pipeline_num_layers = None
-    out.expert_model_parallel_size, out.expert_tensor_parallel_size = ep, etp
-    return out
-
-
 def _load_torch_dist(
     rank: int, world: int, iter_dir: str, tp: int, pp: int, ep: int, etp: int | None
 ):
-    args = _relayout(safe_load(Path(iter_dir) / "common.pt")["args"], tp, pp, ep, etp)
+    args = checkpoint_args(iter_dir, tp, pp, ep, etp)
     assert args.moe_token_dispatcher_type == "alltoall"
     mm.init_parallel(tp, pp, seed=100 + rank, ep=ep, etp=etp)  # weights differ until the load
     models = mm.build_gpt_model(args, dtype=torch.float32)
@@ -116,20 +105,6 @@ def test_legacy_loads_per_ep_rank(tiny_moe, tmp_path):
         assert extra == [] and absent == []  # every key the local-spec model has, _extra_state included
 
 
-def _resave_with_megatron(
-    rank: int, world: int, iter_dir: str, out_dir: str, tp: int, ep: int, etp: int
-):
-    from megatron.core import dist_checkpointing
-
-    args = _relayout(safe_load(Path(iter_dir) / "common.pt")["args"], tp, 1, ep, etp)
-    mm.init_parallel(tp, 1, seed=7 + rank, ep=ep, etp=etp)
-    models = mm.build_gpt_model(args, dtype=torch.float32)
-    mm.load_torch_dist(models, iter_dir)
-    with mm.cuda_to_cpu():
-        dist_checkpointing.save(models[0].sharded_state_dict(), out_dir)
-    return True
-
-
 def test_torch_dist_layout_equals_megatrons_own_save(tiny_moe, tmp_path):
     """Keys, global shapes, dtypes, chunking and byte payloads are what megatron-core writes.
 
@@ -142,7 +117,7 @@ def test_torch_dist_layout_equals_megatrons_own_save(tiny_moe, tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     world = _world(tp, 1, ep, etp)
-    run_distributed(_resave_with_megatron, world, str(ours), str(theirs), tp, ep, etp, timeout=180)
+    run_distributed(resave_with_megatron, world, str(ours), str(theirs), tp, ep, etp, timeout=180)
 
     (a, a_bytes), (b, b_bytes) = torch_dist_structure(ours), torch_dist_structure(theirs)
     assert a == b

@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 
 from .errors import DestinationError
-from .formats.detect import Source, open_source, source_assets
+from .config_source import ConfigOptions
+from .formats.detect import Source, open_source, source_assets, source_notes
 from .formats.hf import write_hf
 from .formats.legacy import write_legacy
 from .formats.mcore_common import ASSETS_DIR, RELEASE, write_tracker
@@ -40,6 +41,7 @@ class ConversionResult:
     tensors: int
     bytes: int
     seconds: float
+    notes: tuple[str, ...] = ()  # what the user should know: config origin, skipped training state...
 
 
 @dataclass(frozen=True)
@@ -92,12 +94,14 @@ def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
 
 
 def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: bool = False,
-            progress_factory: Callable[[int, str], Progress] | None = None) -> ConversionResult:
-    """Convert ``src`` into ``dst``; every check runs before the first byte is written."""
+            progress_factory: Callable[[int, str], Progress] | None = None, config: ConfigOptions | None = None,
+            iteration: int | None = None) -> ConversionResult:
+    """Convert ``src`` into ``dst``; every check runs before the first byte is written. ``config`` and
+    ``iteration`` say how to read an MCore source that ckptbridge did not write (see `config_source`)."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)
-    source = open_source(src, src_kind)
+    source = open_source(src, src_kind, config, iteration)
     try:
         source.verify()
         spec = source.spec
@@ -113,7 +117,8 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         def read_cast(pt: PlannedTensor) -> torch.Tensor:
             return source.read(pt).to(pt.dtype(dtype))
 
-        assets = source_assets(src, source)
+        assets = source_assets(src, source, config)
+        notes = source_notes(source)
         with staging_dir(dst, force) as tmp, closing(Prefetcher(planned, read_cast)) as read:
             if target.kind == "hf":
                 write_hf(spec, read, tmp, dtype, assets, progress)
@@ -132,6 +137,6 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
     return ConversionResult(
         src=src, dst=dst, src_format=source.format, dst_format=target.format_name, family=spec.mapping.family,
         layout=target.layout.describe() if target.kind == "mcore" else "-", dtype=dtype, tensors=len(planned),
-        bytes=total, seconds=time.perf_counter() - start,
+        bytes=total, seconds=time.perf_counter() - start, notes=notes,
     )
 

@@ -24,6 +24,7 @@ import torch
 from ..errors import FormatError, LayoutError, PlanError
 from ..layout import ParallelLayout, StageChunk
 from ..sharding import merge, split
+from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
 from .mcore_common import (
     CHECKPOINT_VERSION,
@@ -33,7 +34,8 @@ from .mcore_common import (
     open_fd,
     read_storage,
     safe_load,
-    spec_from_record,
+    CommonState,
+    SkippedState,
 )
 
 RANK_DIR = re.compile(r"^mp_rank_\d{2}(?:_\d{3}){0,2}$")
@@ -204,22 +206,31 @@ def _local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayou
     return tuple(shape)
 
 
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside a nested state (dicts, lists) loaded on the meta device."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
 class LegacySource:
     """Canonical tensors read from a legacy checkpoint (strictly inventoried first)."""
 
     format = "torch"
 
-    def __init__(self, iter_dir: Path):
+    def __init__(self, iter_dir: Path, options: ConfigOptions | None = None):
         self.iter_dir = Path(iter_dir)
         dirs = sorted(p.name for p in self.iter_dir.iterdir() if p.is_dir() and RANK_DIR.match(p.name))
         if not dirs:
             raise FormatError(f"{self.iter_dir}: no mp_rank_* folders")
         first_path = self.iter_dir / dirs[0] / FILE
-        head = safe_load(first_path, map_location="meta")
-        if "args" not in head:
-            raise FormatError(f"{first_path}: no 'args' in the checkpoint")
-        self.margs = vars(head["args"])
-        self.spec = spec_from_record(head.get("ckptbridge"), first_path)
+        head = safe_load(first_path, map_location="meta")  # structure only: no tensor (model or optimizer) is read
+        self.common = CommonState.from_dict(head, first_path, options)
+        self.spec, self.margs = self.common.spec, self.common.margs
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
         expected = {rank_dir_name(t, p, self.layout, e): (t, p, e) for t, p, e in all_ranks(self.layout)}
@@ -235,11 +246,30 @@ class LegacySource:
         self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")))
         self._fds: dict[Rank, int] = {}
 
+    def training_state(self) -> SkippedState:
+        """Optimizer and RNG state in the rank files and the distributed optimizer's files beside them
+        (``distrib_optim.pt``): never read, only counted."""
+        entries, size, kinds = 0, 0, set()
+        for sd in self.meta.values():
+            for key, value in sd.items():
+                if key.startswith("model") or key in ("args", "ckptbridge"):
+                    continue
+                tensors = [t for t in _tensors_in(value)]
+                if key in ("optimizer", "rng_state", "opt_param_scheduler") or tensors:
+                    kinds.add("optimizer state" if key == "optimizer" else key)
+                    entries += max(1, len(tensors))
+                    size += sum(t.numel() * t.element_size() for t in tensors)
+        for path in sorted(self.iter_dir.glob("mp_rank_*/distrib_optim.pt")):
+            kinds.add("distributed optimizer (distrib_optim.pt)")
+            entries += 1
+            size += path.stat().st_size
+        return SkippedState(entries, size, tuple(sorted(kinds)))
+
     def _dtype(self) -> torch.dtype:
         for sd in self.meta.values():
             for mk, models in sd.items():
                 if mk.startswith("model") and models:
-                    return next(v.dtype for v in models.values() if isinstance(v, torch.Tensor))
+                    return next(v.dtype for k, v in models.items() if isinstance(v, torch.Tensor) and not is_extra_state(k))
         raise FormatError(f"{self.iter_dir}: checkpoint holds no tensors")
 
     def verify(self) -> None:

@@ -28,6 +28,7 @@ from torch.utils.serialization import config as serialization_config
 from ..errors import FormatError, PlanError
 from ..layout import ParallelLayout
 from ..mapping.schema import layer_key
+from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
 from . import dcp_metadata
 from .dcp_metadata import (
@@ -48,8 +49,8 @@ from .mcore_common import (
     is_training_state,
     open_fd,
     read_storage_at,
-    safe_load,
-    spec_from_record,
+    CommonState,
+    SkippedState,
 )
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
@@ -236,20 +237,17 @@ class TorchDistSource:
 
     format = "torch_dist"
 
-    def __init__(self, iter_dir: Path):
+    def __init__(self, iter_dir: Path, options: ConfigOptions | None = None):
         self.iter_dir = Path(iter_dir)
         mjson = self.iter_dir / "metadata.json"
         try:
             backend = json.loads(mjson.read_text()).get("sharded_backend")
-        except (FileNotFoundError, json.JSONDecodeError) as exc:
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError) as exc:
             raise FormatError(f"{mjson}: missing or corrupt ({exc})") from None
         if backend != "torch_dist":
             raise FormatError(f"{mjson}: sharded_backend is {backend!r}, only torch_dist is supported")
-        common = safe_load(self.iter_dir / "common.pt")
-        if not isinstance(common, dict) or "args" not in common:
-            raise FormatError(f"{self.iter_dir / 'common.pt'}: no 'args'")
-        self.margs = vars(common["args"])
-        self.spec = spec_from_record(common.get("ckptbridge"), self.iter_dir / "common.pt")
+        self.common = CommonState.read(self.iter_dir / "common.pt", options)
+        self.spec, self.margs = self.common.spec, self.common.margs
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
         self.metadata = read_metadata(self.iter_dir)
@@ -263,12 +261,20 @@ class TorchDistSource:
                     _Chunk(tuple(c.offsets), tuple(c.sizes), by_offset[tuple(c.offsets)].info)
                     for c in md.chunks if tuple(c.offsets) in by_offset
                 ]
-        dtypes = {md.properties.dtype for md in self.metadata.state_dict_metadata.values() if isinstance(md, TensorStorageMetadata)}
+        dtypes = {md.properties.dtype for k, md in self.metadata.state_dict_metadata.items()
+                  if isinstance(md, TensorStorageMetadata) and not is_training_state(k)}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else self.margs.get("params_dtype", torch.float32)
         self._fds: dict[str, int] = {}
 
     def skipped(self) -> list[str]:
         return sorted(k for k in self.metadata.state_dict_metadata if is_training_state(k) or is_extra_state(k))
+
+    def training_state(self) -> SkippedState:
+        """The optimizer / RNG entries in the data files: never read, only counted."""
+        keys = {k for k in self.metadata.state_dict_metadata if is_training_state(k)}
+        size = sum(info.length for index, info in self.metadata.storage_data.items() if index.fqn in keys)
+        kinds = tuple(sorted({"optimizer state" if k.startswith("optimizer") else k.split("/")[0].split(".")[0] for k in keys}))
+        return SkippedState(len(keys), size, kinds)
 
     def verify(self) -> None:
         stacked = self.spec.stacked

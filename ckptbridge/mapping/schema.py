@@ -17,7 +17,7 @@ prefix is renamed (megatron builds it from the last decoder layer's spec).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -223,6 +223,8 @@ class ArchMapping:
     extra_state: tuple[ExtraState, ...]
     source: str
     mtp: MtpSection | None = None
+    hf_config: dict[str, Any] = field(default_factory=dict)  # Megatron args -> HF config.json fields
+    detect: str | None = None  # over Megatron args: this family describes a checkpoint that has no HF config
 
     def mtp_depth(self, args: Mapping[str, Any]) -> int:
         return self.mtp.count(args) if self.mtp else 0
@@ -246,6 +248,31 @@ class ArchMapping:
                 ) from None
         return out
 
+    def describes(self, args: Mapping[str, Any]) -> bool:
+        """Whether a Megatron checkpoint with these args is of this family (``detect``; without one,
+        the family is only chosen by name)."""
+        try:
+            return self.detect is not None and bool(expr.evaluate(self.detect, args))
+        except expr.UnknownName:
+            return False
+
+    def synthesize_hf_config(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The HF ``config.json`` fields these Megatron args imply (the ``hf_config`` section: the
+        inverse of ``config``). Lists come out as lists, as JSON has them; a field given as YAML
+        ``null`` (not the expression ``None``) is left out: an included family's field this one lacks."""
+        if not self.hf_config:
+            raise UnsupportedArchitectureError(f"{self.family}: the mapping has no hf_config section (Megatron -> HF)")
+        out: dict[str, Any] = {}
+        for key, source in self.hf_config.items():
+            if source is None:
+                continue
+            try:
+                out[key] = _jsonable(expr.evaluate(source, args))
+            except expr.UnknownName as exc:
+                raise UnsupportedArchitectureError(
+                    f"{self.family}: the checkpoint's args have no {exc.name!r} (needed for HF field {key})") from None
+        return out
+
     def rules_for(self, args: Mapping[str, Any]) -> list[TensorRule]:
         """The rules that apply to a model: without MTP blocks, no ``place: mtp`` rule; with them,
         also the rules derived for their transformer layer."""
@@ -259,6 +286,14 @@ class ArchMapping:
         if self.mtp and self.mtp_depth(args):
             extras += self.mtp.derive_extra(extras, args)
         return extras
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
 
 
 class _Lenient(dict):

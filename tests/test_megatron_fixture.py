@@ -126,3 +126,27 @@ def test_reshard_megatron_lm_checkpoint_to_another_layout(tmp_path):
         convert(MLM, out, "mcore", Target("mcore", layout, fmt), config=ConfigOptions())
         diffs = compare(HF, out)
         assert diffs and all(d.bit_exact for d in diffs)
+
+
+def test_local_spec_moe_pre_mlp_norm_name_is_read(tmp_path):
+    """megatron-core's local MoE layer saves its pre-MLP norm as ``mlp.linear_fc1.layer_norm_weight`` in
+    torch_dist (the TE MoE layer as ``pre_mlp_layernorm.weight``): a Megatron-LM run with
+    ``--transformer-impl local`` writes that name; it reads as the same tensor."""
+    from ckptbridge.formats import dcp_metadata
+    from ckptbridge.formats.dcp_metadata import MetadataIndex
+    from ckptbridge.presets import build_tiny_hf
+    from helpers import to_mcore
+
+    hf = build_tiny_hf("qwen3-30b-a3b", tmp_path / "hf")
+    it = to_mcore(hf, tmp_path / "m") / "release"
+    te, local = "decoder.layers.pre_mlp_layernorm.weight", "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+    with open(it / ".metadata", "rb") as f:
+        md = dcp_metadata.load(f)
+    assert te in md.state_dict_metadata and local not in md.state_dict_metadata
+    md.state_dict_metadata[local] = md.state_dict_metadata.pop(te)
+    md.storage_data = {(MetadataIndex(local, i.offset, i.index) if i.fqn == te else i): v for i, v in md.storage_data.items()}
+    md.planner_data = {(local if k == te else k): v for k, v in md.planner_data.items()}
+    with open(it / ".metadata", "wb") as f:
+        dcp_metadata.dump(md, f)
+    diffs = compare(hf, tmp_path / "m")
+    assert diffs and all(d.bit_exact for d in diffs)

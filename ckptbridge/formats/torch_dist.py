@@ -225,6 +225,30 @@ def read_metadata(iter_dir: Path) -> Metadata:
     return md
 
 
+#: torch_dist keys the local spec saves under another name than the TE spec (megatron-core 0.16.1
+#: gpt_layer_specs.py:417-420: the local MoE layer maps ``pre_mlp_layernorm.`` onto
+#: ``mlp.linear_fc1.layer_norm_``, the TE MoE layer keeps it). Mapping files use the TE names.
+LOCAL_DIST_NAMES = {".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight"}  # TE suffix -> local suffix
+
+
+def _with_spec_names(md: Metadata, spec: ModelSpec) -> Metadata:
+    """``md`` with local-spec keys renamed to the TE names the mapping expects, where the TE name is
+    expected, absent, and its local twin is not itself expected (in a dense layer it is the TE name)."""
+    expected = {storage_key(pt, spec.stacked) for pt in spec.planned()}
+    renames = {}
+    for te in expected - set(md.state_dict_metadata):
+        for te_suffix, local_suffix in LOCAL_DIST_NAMES.items():
+            local = te.removesuffix(te_suffix) + local_suffix
+            if te.endswith(te_suffix) and local in md.state_dict_metadata and local not in expected:
+                renames[local] = te
+    if not renames:
+        return md
+    md.state_dict_metadata = {renames.get(k, k): v for k, v in md.state_dict_metadata.items()}
+    md.storage_data = {MetadataIndex(renames.get(i.fqn, i.fqn), i.offset, i.index) if i.fqn in renames else i: v
+                       for i, v in md.storage_data.items()}
+    return md
+
+
 @dataclass(frozen=True)
 class _Chunk:
     offsets: tuple[int, ...]
@@ -250,7 +274,7 @@ class TorchDistSource:
         self.spec, self.margs = self.common.spec, self.common.margs
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
-        self.metadata = read_metadata(self.iter_dir)
+        self.metadata = _with_spec_names(read_metadata(self.iter_dir), self.spec)
         self.chunks: dict[str, list[_Chunk]] = {}
         for index, info in self.metadata.storage_data.items():
             self.chunks.setdefault(index.fqn, []).append(_Chunk(tuple(index.offset or ()), (), info))

@@ -41,13 +41,13 @@ from .dcp_metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from .held_file import HeldFile
 from .mcore_common import (
     CHECKPOINT_VERSION,
     args_namespace,
     bridge_record,
     is_extra_state,
     is_training_state,
-    open_fd,
     read_storage_at,
     CommonState,
     SkippedState,
@@ -249,6 +249,21 @@ def _with_spec_names(md: Metadata, spec: ModelSpec) -> Metadata:
     return md
 
 
+def _check_tiling(key: str, md: TensorStorageMetadata, where: Path) -> None:
+    """Chunks inside the tensor and pairwise disjoint: with their sizes summing to the tensor's, they tile
+    it exactly (a sum alone would pass two chunks over one half and none over the other)."""
+    boxes = sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
+    for offsets, sizes in boxes:
+        if len(offsets) != len(md.size) or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, md.size)):
+            raise FormatError(f"{where}: a chunk of {key!r} at {list(offsets)} lies outside its shape {list(md.size)}")
+    for i, (oa, sa) in enumerate(boxes):  # sorted by offset: a later box overlapping needs its first offset < a's end
+        for ob, sb in boxes[i + 1:]:
+            if ob[0] >= oa[0] + sa[0]:
+                break
+            if all(b < a + n and a < b + m for a, n, b, m in zip(oa, sa, ob, sb)):
+                raise FormatError(f"{where}: chunks of {key!r} at {list(oa)} and {list(ob)} overlap")
+
+
 @dataclass(frozen=True)
 class _Chunk:
     offsets: tuple[int, ...]
@@ -288,7 +303,7 @@ class TorchDistSource:
         dtypes = {md.properties.dtype for k, md in self.metadata.state_dict_metadata.items()
                   if isinstance(md, TensorStorageMetadata) and not is_training_state(k)}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else self.margs.get("params_dtype", torch.float32)
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, HeldFile] = {}  # data files, held open from verify() to close()
 
     def skipped(self) -> list[str]:
         return sorted(k for k in self.metadata.state_dict_metadata if is_training_state(k) or is_extra_state(k))
@@ -316,22 +331,37 @@ class TorchDistSource:
             covered = sum(math.prod(c.sizes) for c in md.chunks)
             if covered != math.prod(md.size) or len(self.chunks[key]) != len(md.chunks):
                 raise FormatError(f"{where}: chunks of {key!r} do not cover the tensor (or lack storage entries)")
+            _check_tiling(key, md, where)
         missing = sorted(set(expected) - set(self.metadata.state_dict_metadata))
         if missing:
             raise PlanError(f"missing tensor {missing[0]!r} in {where} ({len(missing)} missing in all)")
-        for info in {c.info.relative_path: c.info for cs in self.chunks.values() for c in cs}.values():
-            path = self.iter_dir / info.relative_path
-            end = max(c.info.offset + c.info.length for cs in self.chunks.values() for c in cs if c.info.relative_path == info.relative_path)
-            if not path.exists():
-                raise FormatError(f"{path}: data file named by .metadata is missing")
-            if path.stat().st_size < end:
-                raise FormatError(f"{path}: truncated: .metadata needs {end} bytes, file has {path.stat().st_size}")
+        ends: dict[str, int] = {}
+        for key, cs in self.chunks.items():
+            if is_training_state(key):
+                continue
+            for c in cs:
+                ends[c.info.relative_path] = max(ends.get(c.info.relative_path, 0), c.info.offset + c.info.length)
+        for name, end in sorted(ends.items()):
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise FormatError(f"{where}: names data file {name!r}, which is not a file inside {self.iter_dir}")
+            if name not in self._files:
+                path = self.iter_dir / name
+                if not path.exists():
+                    raise FormatError(f"{path}: data file named by .metadata is missing")
+                self._files[name] = HeldFile(path)
+            if self._files[name].size < end:
+                raise FormatError(f"{self._files[name].path}: truncated: .metadata needs {end} bytes, "
+                                  f"file has {self._files[name].size}")
+
+    def check_unchanged(self) -> None:
+        for f in self._files.values():
+            f.check_unchanged()
 
     def _load_chunk(self, chunk: _Chunk, key: str) -> torch.Tensor:
         path = self.iter_dir / chunk.info.relative_path
-        if chunk.info.relative_path not in self._fds:
-            self._fds[chunk.info.relative_path] = open_fd(path)
-        fd = self._fds[chunk.info.relative_path]
+        if chunk.info.relative_path not in self._files:  # read without verify(): open it now
+            self._files[chunk.info.relative_path] = HeldFile(path)
+        fd = self._files[chunk.info.relative_path].fd
         what = f"{path}: chunk {list(chunk.offsets)} of {key!r}"
         try:
             meta = torch.load(io.BufferedReader(_Window(fd, chunk.info.offset, chunk.info.length)),
@@ -372,7 +402,7 @@ class TorchDistSource:
         return pt.from_stored(out)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,9 @@ def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
         for group in inner.param_groups:
             for p in group["params"]:
                 out.append(p.detach().clone())
-                for name in ("exp_avg", "exp_avg_sq"):
-                    out.append(inner.state[p][name].detach().clone())
+                for name in ("exp_avg", "exp_avg_sq", "step"):  # step: torch's fallback Adam keeps one per param
+                    if name in inner.state[p]:
+                        out.append(torch.as_tensor(inner.state[p][name]).detach().clone())
     return out
 
 
@@ -66,7 +69,7 @@ def _reload(run: _Run, save: MegatronSave, iteration: int) -> None:
         # leaf parameters, which dp_reshardable's copy_ refuses under autograd (megatron-core 0.16.1
         # distrib_optimizer.py:940; its own load_parameter_state_* are @torch.no_grad)
         with host_as_device(), torch.no_grad():
-            run.optimizer.load_state_dict(loaded["optimizer"])
+            _load_optimizer(run.optimizer, loaded["optimizer"])
         return
     rank_dir = legacy_rank_folder(save.root, iteration)
     state = torch.load(rank_dir / "model_optim_rng.pt", map_location="cpu", weights_only=True)
@@ -74,7 +77,47 @@ def _reload(run: _Run, save: MegatronSave, iteration: int) -> None:
     with host_as_device(), torch.no_grad():
         run.optimizer.load_state_dict(state["optimizer"])
         if run.job.optimizer.get("use_distributed_optimizer"):
-            run.optimizer.load_parameter_state(str(rank_dir / "distrib_optim.pt"))
+            with _step_aside(run.optimizer):
+                run.optimizer.load_parameter_state(str(rank_dir / "distrib_optim.pt"))
+
+
+def _load_optimizer(optimizer: Any, state: Any) -> None:
+    """``optimizer.load_state_dict(state)``; a ``fully_reshardable`` parameter state is read in a second call
+    with the per-parameter step hidden (see :func:`_step_aside`)."""
+    wrappers = _wrappers(optimizer)
+    parts = [state] if len(wrappers) == 1 else [state[i] for i in range(len(wrappers))]
+    for wrapper, part in zip(wrappers, parts, strict=True):
+        if isinstance(part, dict) and part.get("param_state_sharding_type") == "fully_reshardable":
+            part = dict(part)
+            param_state = part.pop("param_state")
+            part.pop("param_state_sharding_type")
+            wrapper.load_state_dict(part)  # restores the step from the param groups
+            with _step_aside(wrapper):
+                wrapper.load_parameter_state_from_fully_reshardable(param_state)
+        else:
+            wrapper.load_state_dict(part)
+
+
+@contextmanager
+def _step_aside(optimizer: Any) -> Iterator[None]:
+    """Hide torch Adam's per-parameter ``step`` while the distributed optimizer reads its gathered formats
+    (``distrib_optim.pt``, torch_dist ``fully_reshardable``).
+
+    megatron-core 0.16.1 copies every per-parameter state entry into place (distrib_optimizer.py:936-940),
+    but those formats hold param/exp_avg/exp_avg_sq only: TE's and apex's Adam keep the step per group,
+    torch's fallback Adam (no TE/apex here) per parameter.  ``load_state_dict`` has already restored that
+    step from the param groups (distrib_optimizer.py:817-824), so it is kept as it is.
+    """
+    held = []
+    for wrapper in _wrappers(optimizer):
+        for state in wrapper.optimizer.state.values():
+            if "step" in state:
+                held.append((state, state.pop("step")))
+    try:
+        yield
+    finally:
+        for state, step in held:
+            state["step"] = step
 
 
 def train_save_worker(rank: int, world: int, job: TrainJob, tokens: torch.Tensor, check_reload: bool) -> dict[str, Any]:

@@ -36,8 +36,10 @@ from ..megatron_args import to_megatron_lm
 
 FORMATS = ("torch_dist", "torch")
 #: DistributedOptimizer.sharded_state_dict sharding types written here: Megatron-LM 0.16's default
-#: (``dp_reshardable``), its ``--dist-ckpt-optim-fully-reshardable`` one and the older per-parameter one
-SHARDING_TYPES = ("dp_reshardable", "fully_reshardable", "fully_sharded_model_space")
+#: (``dp_reshardable``) and its ``--dist-ckpt-optim-fully-reshardable`` one.  The older per-parameter
+#: ``fully_sharded_model_space`` cannot be saved by megatron-core 0.16.1 any more: it builds
+#: ``ShardedTensor(flattened_range=...)``, which dist_checkpointing/mapping.py:134 now refuses.
+SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
 #: Megatron-LM's ``checkpoint_version`` since 2021 (generate_state_dict)
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -261,7 +263,8 @@ def save_megatron_lm(models: list[torch.nn.Module], optimizer: Any, args: argpar
         meta = sharded_sd_metadata(args, save.sharding_type)
         for i, m in enumerate(models):
             state[_chunk_key(models, i)] = m.sharded_state_dict(metadata=meta)
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=meta)
+        with cuda_to_cpu():  # fully_reshardable gathers to DP rank 0 through .cuda() buffers
+            state["optimizer"] = optimizer.sharded_state_dict(state, metadata=meta)
     else:
         for i, m in enumerate(models):
             state[_chunk_key(models, i)] = m.state_dict_for_save_checkpoint()

@@ -38,9 +38,11 @@ def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
         for group in inner.param_groups:
             for p in group["params"]:
                 out.append(p.detach().clone())
-                for name in ("exp_avg", "exp_avg_sq", "step"):  # step: torch's fallback Adam keeps one per param
-                    if name in inner.state[p]:
-                        out.append(torch.as_tensor(inner.state[p][name]).detach().clone())
+                # not torch Adam's per-parameter "step": megatron-core 0.16.1's dp_reshardable load copies it
+                # from the live optimizer, not the file (distrib_optimizer.py:1803 -> 936-940); TE's and apex's
+                # Adam, which Megatron-LM uses on GPUs, keep the step in the param groups instead
+                for name in ("exp_avg", "exp_avg_sq"):
+                    out.append(inner.state[p][name].detach().clone())
     return out
 
 

@@ -149,3 +149,22 @@ def test_legacy_torch(tiny, tmp_path, name, tp, pp, ep, dist, folders):
         _assert_megatron_lm_args(state["args"], tp=tp, pp=pp, ep=ep, fmt="torch", dist=dist, iteration=3)
         if not dist:
             assert "state" in state["optimizer"] or "optimizer" in state["optimizer"]
+
+
+def test_converge_save_keeps_the_baseline(tmp_path):
+    """``ckptbridge converge --save DIR``: the baseline's trained model and optimizer in Megatron-LM's layout."""
+    from click.testing import CliRunner
+
+    from ckptbridge.converge.cli import converge
+
+    res = CliRunner().invoke(converge, ["--model", "llama3.2-1b", "--random-init", "--layers", "2", "--shrink",
+                                        "--steps", "4", "--seq-len", "16", "--variants", "baseline", "--no-envelope",
+                                        "--no-step0", "--tp", "2", "--out", str(tmp_path / "reports"), "--run", "r",
+                                        "--save", str(tmp_path / "trained"), "--save-format", "torch", "-q"])
+    assert res.exit_code == 0, res.output
+    root = tmp_path / "trained"
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert sorted(p.name for p in (root / "iter_0000004").iterdir()) == ["mp_rank_00", "mp_rank_01"]
+    state = torch.load(root / "iter_0000004" / "mp_rank_01" / "model_optim_rng.pt", weights_only=True)
+    assert set(state) == LEGACY_KEYS
+    assert state["args"].ckpt_format == "torch" and state["args"].tensor_model_parallel_size == 2

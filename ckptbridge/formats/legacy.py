@@ -23,6 +23,7 @@ import torch
 
 from ..errors import FormatError, LayoutError, PlanError
 from ..layout import ParallelLayout, StageChunk
+from ..megatron_args import from_megatron_lm
 from ..sharding import merge, split
 from ..spec import ModelSpec, PlannedTensor
 from .mcore_common import (
@@ -143,13 +144,14 @@ def write_legacy(
     dtype: torch.dtype,
     spec_name: str,
     progress: Callable[[int], None],
+    iteration: int = 0,
 ) -> None:
     """Write every rank file of ``layout``; ``read`` yields canonical tensors already in ``dtype``."""
     if layout.expert_tp not in (1, layout.tp):
         raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
     grouped = bool(margs.get("moe_grouped_gemm"))
     placement = slots(spec, layout, spec_name, grouped)
-    ns = args_namespace(margs)
+    ns = args_namespace(margs, iteration)
     record = bridge_record(spec, spec_name)
     for pp in range(layout.pp):
         # every (TP, EP) file of the stage at once: each canonical tensor is read once, however many
@@ -161,7 +163,7 @@ def write_legacy(
                 path = iter_dir / rank_dir_name(rank[0], pp, layout, rank[1]) / FILE
                 mine = [(pt, slot) for pt, slot in todo if slot.ep in (None, rank[1])]
                 files[rank] = _lay_out(path, spec, layout, margs, dtype, pp, rank[1], grouped, mine,
-                                       {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                                       {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
                                         "ckptbridge": record}, spec_name)
             for pt, slot in todo:
                 canonical = pt.to_stored(read(pt), margs)
@@ -218,7 +220,7 @@ class LegacySource:
         head = safe_load(first_path, map_location="meta")
         if "args" not in head:
             raise FormatError(f"{first_path}: no 'args' in the checkpoint")
-        self.margs = vars(head["args"])
+        self.margs = from_megatron_lm(vars(head["args"]))
         self.spec = spec_from_record(head.get("ckptbridge"), first_path)
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"

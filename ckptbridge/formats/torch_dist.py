@@ -28,6 +28,7 @@ from torch.utils.serialization import config as serialization_config
 from ..errors import FormatError, PlanError
 from ..layout import ParallelLayout
 from ..mapping.schema import layer_key
+from ..megatron_args import from_megatron_lm
 from ..spec import ModelSpec, PlannedTensor
 from . import dcp_metadata
 from .dcp_metadata import (
@@ -80,6 +81,7 @@ def write_torch_dist(
     dtype: torch.dtype,
     spec_name: str,
     progress: Callable[[int], None],
+    iteration: int = 0,
 ) -> None:
     iter_dir.mkdir(parents=True, exist_ok=True)
     chunks = layout.chunks(spec.num_layers)
@@ -151,7 +153,7 @@ def write_torch_dist(
     with open(iter_dir / ".metadata", "wb") as f:
         dcp_metadata.dump(metadata, f)
     torch.save(
-        {"args": args_namespace(margs), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+        {"args": args_namespace(margs, iteration), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
          "ckptbridge": bridge_record(spec, spec_name)},
         iter_dir / "common.pt",
     )
@@ -248,7 +250,7 @@ class TorchDistSource:
         common = safe_load(self.iter_dir / "common.pt")
         if not isinstance(common, dict) or "args" not in common:
             raise FormatError(f"{self.iter_dir / 'common.pt'}: no 'args'")
-        self.margs = vars(common["args"])
+        self.margs = from_megatron_lm(vars(common["args"]))
         self.spec = spec_from_record(common.get("ckptbridge"), self.iter_dir / "common.pt")
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"

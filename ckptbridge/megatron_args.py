@@ -144,3 +144,16 @@ def full_megatron_lm_args(margs: Mapping[str, Any], iteration: int = 0) -> argpa
     args["iteration"] = iteration
     return argparse.Namespace(**args)
 
+
+
+def enum_type_names() -> list[str]:
+    """Qualified names of the enum classes the full args hold (``module.Class``): what a
+    ``weights_only`` reader must allow besides ``argparse.Namespace`` and torch dtypes."""
+    data = megatron_lm_defaults()
+    values = [*data["args"].values(), *data["added_at_save"].values()]
+    return sorted({v["enum"] for v in values if isinstance(v, dict) and "enum" in v})
+
+
+def enum_types() -> list[type]:
+    """The real classes of :func:`enum_type_names` (imports megatron-core)."""
+    return [_enum_class(name) for name in enum_type_names()]

@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..errors import FormatError
-from ..megatron_args import full_megatron_lm_args
+from ..megatron_args import enum_types, full_megatron_lm_args
 from ..spec import ModelSpec
 from .safetensors_io import read_into
 
@@ -57,7 +57,7 @@ def checkpoint_root(path: Path) -> Path:
 
 def safe_load(path: Path, **kwargs: Any) -> Any:
     """``torch.load`` with ``weights_only=True`` and only the classes MCore checkpoints need."""
-    torch.serialization.add_safe_globals(_SAFE_GLOBALS)
+    torch.serialization.add_safe_globals(_SAFE_GLOBALS + enum_types())  # interim: until readers allow stand-ins
     try:
         return torch.load(path, weights_only=True, **kwargs)
     except FileNotFoundError:

@@ -93,9 +93,14 @@ def _decode(value: Any) -> Any:
     raise ValueError(f"{DEFAULTS_FILE}: unknown encoded value {value!r}")
 
 
-def _plain(value: Any) -> Any:
-    """Tuples as the lists Megatron-LM's parser produces (e.g. ``moe_layer_freq``)."""
-    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+def _plain(value: Any, default: Any) -> Any:
+    """``value`` as Megatron-LM's parser types it: tuples as lists (``moe_layer_freq``), a whole
+    float as an int where the flag is an int (``--rotary-base 500000``)."""
+    if isinstance(value, tuple):
+        return [_plain(v, None) for v in value]
+    if isinstance(value, float) and value.is_integer() and type(default) is int:
+        return int(value)
+    return value
 
 
 def _derived(args: dict[str, Any], parser: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,7 +143,7 @@ def full_megatron_lm_args(margs: Mapping[str, Any], iteration: int = 0) -> argpa
     MLA's ``beta_fast``) are kept under ckptbridge's name: ckptbridge reads them back."""
     data = megatron_lm_defaults()
     args = {k: _decode(v) for k, v in data["args"].items()}
-    args.update({k: _plain(v) for k, v in to_megatron_lm(margs).items()})
+    args.update({k: _plain(v, args.get(k)) for k, v in to_megatron_lm(margs).items()})
     args.update(_derived(args, {k: _decode(v) for k, v in data["parser_defaults_changed_by_validate_args"].items()}))
     args.update({k: _decode(v) for k, v in data["added_at_save"].items()})
     args["iteration"] = iteration

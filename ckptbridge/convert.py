@@ -20,7 +20,7 @@ from .config_source import ConfigOptions
 from .formats.detect import Source, open_source, source_assets, source_notes
 from .formats.hf import write_hf
 from .formats.legacy import write_legacy
-from .formats.mcore_common import ASSETS_DIR, RELEASE, write_tracker
+from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist import write_torch_dist
 from .layout import ParallelLayout
 from .prefetch import Prefetcher
@@ -53,6 +53,7 @@ class Target:
     dtype: torch.dtype | None = None  # None: keep the source dtype
     vocab_divisible_by: int = 128
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
+    iteration: int | None = None  # MCore: iter_{N:07d}/ and tracker N (None: release/)
 
     @property
     def format_name(self) -> str:
@@ -123,11 +124,12 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
             if target.kind == "hf":
                 write_hf(spec, read, tmp, dtype, assets, progress)
             else:
-                iter_dir = tmp / RELEASE
+                iter_dir = tmp / iteration_name(target.iteration)
                 iter_dir.mkdir()
                 writer = write_torch_dist if target.ckpt_format == "torch_dist" else write_legacy
-                writer(spec, read, iter_dir, target.layout, margs, dtype, target.spec_name, progress)
-                write_tracker(tmp)
+                writer(spec, read, iter_dir, target.layout, margs, dtype, target.spec_name, progress,
+                       iteration=target.iteration or 0)
+                write_tracker(tmp, target.iteration)
                 if assets:
                     (tmp / ASSETS_DIR).mkdir()
                     for a in assets:

@@ -145,13 +145,14 @@ def write_legacy(
     dtype: torch.dtype,
     spec_name: str,
     progress: Callable[[int], None],
+    iteration: int = 0,
 ) -> None:
     """Write every rank file of ``layout``; ``read`` yields canonical tensors already in ``dtype``."""
     if layout.expert_tp not in (1, layout.tp):
         raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
     grouped = bool(margs.get("moe_grouped_gemm"))
     placement = slots(spec, layout, spec_name, grouped)
-    ns = args_namespace(margs)
+    ns = args_namespace(margs, iteration)
     record = bridge_record(spec, spec_name)
     for pp in range(layout.pp):
         # every (TP, EP) file of the stage at once: each canonical tensor is read once, however many
@@ -163,7 +164,7 @@ def write_legacy(
                 path = iter_dir / rank_dir_name(rank[0], pp, layout, rank[1]) / FILE
                 mine = [(pt, slot) for pt, slot in todo if slot.ep in (None, rank[1])]
                 files[rank] = _lay_out(path, spec, layout, margs, dtype, pp, rank[1], grouped, mine,
-                                       {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                                       {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
                                         "ckptbridge": record}, spec_name)
             for pt, slot in todo:
                 canonical = pt.to_stored(read(pt), margs)

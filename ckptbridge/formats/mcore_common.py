@@ -15,6 +15,7 @@ import torch
 from .. import __version__
 from ..errors import FormatError
 from ..config_source import ConfigOptions, checkpoint_args, resolve
+from ..megatron_args import full_megatron_lm_args
 from ..spec import ModelSpec
 from .safe_globals import megatron_globals
 from .safetensors_io import read_into
@@ -159,11 +160,17 @@ def spec_from_record(record: Any, where: Path) -> ModelSpec:
 
 
 def args_namespace(args: dict[str, Any], iteration: int = 0) -> argparse.Namespace:
-    return argparse.Namespace(**args, iteration=iteration)
+    """The full args Namespace Megatron-LM itself would save for this model (its names only)."""
+    return full_megatron_lm_args(args, iteration)
 
 
-def write_tracker(root: Path) -> None:
-    (root / "latest_checkpointed_iteration.txt").write_text(RELEASE)
+def iteration_name(iteration: int | None) -> str:
+    """``release`` (no iteration) or Megatron-LM's ``iter_0000100``."""
+    return RELEASE if iteration is None else f"iter_{iteration:07d}"
+
+
+def write_tracker(root: Path, iteration: int | None = None) -> None:
+    (root / "latest_checkpointed_iteration.txt").write_text(RELEASE if iteration is None else str(iteration))
 
 
 def read_storage(fd: int, meta: torch.Tensor, what: str) -> torch.Tensor:

@@ -81,6 +81,7 @@ def write_torch_dist(
     dtype: torch.dtype,
     spec_name: str,
     progress: Callable[[int], None],
+    iteration: int = 0,
 ) -> None:
     iter_dir.mkdir(parents=True, exist_ok=True)
     chunks = layout.chunks(spec.num_layers)
@@ -152,7 +153,7 @@ def write_torch_dist(
     with open(iter_dir / ".metadata", "wb") as f:
         dcp_metadata.dump(metadata, f)
     torch.save(
-        {"args": args_namespace(margs), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+        {"args": args_namespace(margs, iteration), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
          "ckptbridge": bridge_record(spec, spec_name)},
         iter_dir / "common.pt",
     )

@@ -95,6 +95,15 @@ def allowed() -> list[Any]:
 
 @contextmanager
 def megatron_globals() -> Iterator[None]:
-    """Allow exactly `allowed` for the ``weights_only`` loads inside the block."""
-    with torch.serialization.safe_globals(allowed()):
+    """Allow `allowed` for the ``weights_only`` loads inside the block. Only what is not allowed already
+    is added, and only that is taken away after: torch's own ``safe_globals`` context removes every
+    global it was given, also those megatron-core registered for itself on import."""
+    present = set(torch.serialization.get_safe_globals())
+    added = [g for g in allowed() if g not in present]
+    torch.serialization.add_safe_globals(added)
+    try:
         yield
+    finally:
+        remaining = [g for g in torch.serialization.get_safe_globals() if g not in added]
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(remaining)

@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import plots
 from .gate import Check, checks_json, write_junit
+from .routing_report import routing_plot, routing_section, skipped_section
 from .runner import BASELINE, AlignResult
 from .table import ablation_table, contribution_basis, display_table, markdown
 
@@ -42,9 +43,10 @@ def _facts(result: AlignResult, command: str | None) -> str:
         ("device", m["environment"]["device"]),
         ("MCore layout", f"TP={m['tp']} PP={m['pp']}" + (" (gloo worker processes)" if m["tp"] * m["pp"] > 1 else " (in-process gloo, world size 1)")),
         ("modes", ", ".join(m["modes"]) + (" (layer-streaming, --layerwise)" if m["layerwise"] else "")),
-        ("HF attention (baseline)", m.get("hf_attention", "-")),
+        ("HF attention (baseline)", m.get("hf_attention", "-") + (f" ({m['hf_attention_note']})" if m.get("hf_attention_note") else "")),
         ("HF inv_freq dtype", m.get("hf_inv_freq_dtype", "-")),
         ("settings", ", ".join(s.name for s in result.settings)),
+        ("skipped (not applicable)", ", ".join(s.name for s in result.skipped) or "none"),
         ("emulated variants", ", ".join(s.name for s in result.settings if "emulated" in s.implementation) or "none"),
         ("wall time", f"{m.get('seconds', '?')} s"),
     ]
@@ -163,15 +165,20 @@ def write_report(result: AlignResult, out_dir: Path, checks: list[Check], comman
     paths = {"metrics_csv": out_dir / "metrics.csv", "ablations_csv": out_dir / "ablations.csv",
              "summary_json": out_dir / "summary.json", "junit": out_dir / "junit.xml", "report": out_dir / "report.md"}
     pd.DataFrame(result.rows).to_csv(paths["metrics_csv"], index=False)
+    if result.routing:
+        paths["routing_csv"] = out_dir / "routing.csv"
+        pd.DataFrame(result.routing).to_csv(paths["routing_csv"], index=False)
     table.to_csv(paths["ablations_csv"], index=False)
     figures = {
         "Error vs layer, every setting (propagated)": plots.error_vs_layer(result, plot_dir / "error_vs_layer.png"),
         "Propagated vs isolated, per setting": plots.propagated_vs_isolated(result, plot_dir / "propagated_vs_isolated.png"),
         "Long-position probe": plots.probe_plot(result, plot_dir / "probe.png"),
+        "MoE routing agreement and expert load": routing_plot(result, plot_dir / "routing.png"),
     }
     suite = f"ckptbridge.align.{result.meta.get('preset') or 'model'}.{result.meta['dtype']}"
     write_junit(checks, paths["junit"], suite, float(result.meta.get("seconds", 0.0)))
     summary = {"meta": result.meta, "command": command, "settings": [asdict(s) for s in result.settings],
+               "skipped": [asdict(s) for s in result.skipped], "routing": result.routing,
                "ablation_table": json.loads(table.to_json(orient="records")),
                "gate": {"passed": all(c.passed for c in checks), "checks": checks_json(checks)},
                "rows": result.rows}
@@ -187,7 +194,8 @@ def write_report(result: AlignResult, out_dir: Path, checks: list[Check], comman
         title=f"{result.meta.get('preset') or result.meta['architecture']}, {result.meta['dtype']}, {result.meta['environment']['device']}",
         verdict=verdict, run_facts=_facts(result, command), environment=_environment(result), gate=_gate(checks),
         ablation_table=markdown(display_table(result)), ranking=_ranking(result, table),
-        baseline_table=_baseline_table(result), probe=_probe(result), plots=_plots(figures, out_dir), files=files)
+        baseline_table=_baseline_table(result), probe=_probe(result), plots=_plots(figures, out_dir), files=files,
+        routing=routing_section(result), skipped=skipped_section(result))
     paths["report"].write_text(text)
     return paths
 

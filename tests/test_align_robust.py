@@ -59,3 +59,14 @@ def test_feature_checks_name_what_the_model_lacks():
     assert not_applicable(reg["combo/hf_order"], reg, mla_moe, "sdpa", 1, 1).startswith("member ")
     layer_norm = {"normalization": "LayerNorm", "num_attention_heads": 8}
     assert "LayerNorm" in not_applicable(reg["rmsnorm/torch"], reg, layer_norm, "sdpa", 1, 1)
+
+
+def test_rope_sentence_is_true_for_the_model_at_hand():
+    from ckptbridge.align.report import rope_words
+
+    text = load_ablations()["rope/mcore_unfused"].same_because
+    plain = text.format_map({"rope": rope_words({"rope_scaling": {"rope_type": "default", "rope_theta": 1e4}}), "dtype": "fp32"})
+    assert "plain RoPE without scaling" in plain and "llama3" not in plain
+    llama3 = rope_words({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    assert llama3.startswith("llama3 scaling, factor 8.0") and "megatron's fixed values" in llama3

@@ -67,6 +67,26 @@ def _gate(checks: list[Check]) -> str:
     return head + " Thresholds apply to the baseline setting.\n\n" + markdown(df, ".4g")
 
 
+def rope_words(meta: dict[str, Any]) -> str:
+    """This checkpoint's RoPE in words, for the ``{rope}`` placeholder of recipe texts: a sentence
+    about rope scaling must be true for the model at hand (issue 11: "megatron's fixed llama3
+    parameters match" was printed for a model without any rope scaling)."""
+    rs = meta.get("rope_scaling") or {}
+    kind = rs.get("rope_type", rs.get("type", "default")) or "default"
+    if kind == "default":
+        return "plain RoPE without scaling"
+    if kind == "llama3":
+        return (f"llama3 scaling, factor {rs.get('factor')}, low/high frequency factors {rs.get('low_freq_factor')}/"
+                f"{rs.get('high_freq_factor')}, original length {rs.get('original_max_position_embeddings')}: "
+                "megatron's fixed values, which the mapping checks")
+    return f"{kind} scaling, factor {rs.get('factor')}"
+
+
+def _say(text: str, result: AlignResult) -> str:
+    """A recipe's why/same_because with its placeholders filled for this model."""
+    return text.format_map({"rope": rope_words(result.meta), "dtype": result.meta["dtype"]})
+
+
 def _ranking(result: AlignResult, table: pd.DataFrame) -> str:
     """The ablation ranking explained in words, from the numbers and each recipe's ``why``."""
     by_name = {s.name: s for s in result.settings}
@@ -91,20 +111,22 @@ def _ranking(result: AlignResult, table: pd.DataFrame) -> str:
         for i, row in enumerate(helpful.to_dict("records"), 1):
             s = by_name[row["setting"]]
             exact = " -- the logits become bit-identical to HF's" if row[basis] == 0 else ""
-            out.append(f"{i}. `{s.name}` ({s.side} side, {s.implementation}) removes {100 * row['contribution']:.1f} %{exact}: {s.why}")
+            out.append(f"{i}. `{s.name}` ({s.side} side, {s.implementation}) removes {100 * row['contribution']:.1f} %{exact}: {_say(s.why, result)}")
     if len(identical):
         out += ["", "**Bit-identical to the baseline at every point**, so this op is not where HF and MCore differ here:", ""]
-        out += [f"- `{r}` ({by_name[r].implementation}): {by_name[r].same_because or by_name[r].why}" for r in identical["setting"]]
+        out += [f"- `{r}` ({by_name[r].implementation}): {_say(by_name[r].same_because or by_name[r].why, result)}"
+                for r in identical["setting"]]
     if len(level):
         out += ["", f"**Different values, same error level** (within {100 * NOISE:.0f} % of the baseline: another rounding, "
                 "neither closer to HF nor further):", ""]
-        out += [f"- `{r['setting']}` ({by_name[r['setting']].implementation}, {100 * r['contribution']:+.1f} %): {by_name[r['setting']].why}"
+        out += [f"- `{r['setting']}` ({by_name[r['setting']].implementation}, {100 * r['contribution']:+.1f} %): "
+                f"{_say(by_name[r['setting']].why, result)}"
                 for r in level.to_dict("records")]
     if len(harmful):
         out += ["", "**Further from HF:**", ""]
         for r in harmful.sort_values("contribution", ascending=False).to_dict("records"):
             s = by_name[r["setting"]]
-            out.append(f"- `{s.name}` ({s.side} side, {s.implementation}) adds {-100 * r['contribution']:.1f} %: {s.why}")
+            out.append(f"- `{s.name}` ({s.side} side, {s.implementation}) adds {-100 * r['contribution']:.1f} %: {_say(s.why, result)}")
     hf_order = [s.name for s in result.settings if s.hf_order]
     if hf_order:
         best = rest.iloc[0]["setting"]

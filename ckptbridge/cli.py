@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -88,10 +89,21 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
 
     if dst_kind == "hf" and (tp, pp, vpp, pp_first, pp_last, ep, etp) != (1, 1, None, None, None, 1, None):
         raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
+    from .mapping.schema import MappingWarning
+
+    shown: set[str] = set()
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
                         DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm)
-        result = run(src, dst, src_kind, target, force, _progress_factory(quiet))
+        with warnings.catch_warnings(record=True) as caught:  # mapping warnings: one line each, once
+            warnings.simplefilter("always", MappingWarning)
+            result = run(src, dst, src_kind, target, force, _progress_factory(quiet))
+        for w in caught:
+            if issubclass(w.category, MappingWarning) and str(w.message) not in shown:
+                shown.add(str(w.message))
+                click.secho(f"warning: {w.message}", fg="yellow", err=True)
+            elif not issubclass(w.category, MappingWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)

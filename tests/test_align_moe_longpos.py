@@ -100,3 +100,21 @@ def test_dropped_expert_bias_fails_the_routing_gate_at_that_layer(tmp_path):
     assert isolated[2]["topk_agreement"] == 1.0
     report = (out / "bias" / "report.md").read_text()
     assert "**Routing differs** at layer 1" in report
+
+
+def test_convert_warns_where_megatron_cannot_reproduce_hf_yarn_and_align_confirms(tmp_path):
+    """An explicit yarn attention_factor has no megatron field: convert says so (one line), and the
+    alignment shows it is true (MCore's logits differ from HF's already on the short sample)."""
+    from ckptbridge.cli import main
+
+    hf = _with_rope(build_tiny_hf("deepseek-v3", tmp_path / "hf", layers=2, seed=1), {**V2_YARN, "attention_factor": 1.3})
+    res = CliRunner().invoke(main, ["convert", str(hf), str(tmp_path / "mcore"), "--src", "hf", "--dst", "mcore", "--quiet"])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "attention_factor 1.3 has no megatron-core field" in lines[0]
+    r = run_alignment(AlignOptions(hf=hf, mcore=tmp_path / "mcore", dtype="fp32", seq_len=16, modes=("propagated",),
+                                   probe=False))
+    assert not all(c.passed for c in _gate(r))
+    plain = _with_rope(build_tiny_hf("deepseek-v3", tmp_path / "hf2", layers=2, seed=1), V2_YARN)
+    res = CliRunner().invoke(main, ["convert", str(plain), str(tmp_path / "mcore2"), "--src", "hf", "--dst", "mcore", "--quiet"])
+    assert res.exit_code == 0 and "warning:" not in res.output, res.output

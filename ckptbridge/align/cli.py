@@ -53,7 +53,7 @@ def _positions(text: str | None) -> tuple[int, ...] | None:
 @click.option("--min-top1", type=float, default=None, help="Gate: logits top-1 agreement (0..1).")
 @click.option("--min-cosine", type=float, default=None, help="Gate: cosine at every point.")
 @click.option("--min-routing-agreement", type=click.FloatRange(0, 1), default=None,
-              help="Gate: share of tokens whose top-k experts agree, every MoE layer (default fp32 1.0, bf16 0.98).")
+              help="Gate: share of tokens whose top-k experts agree, every MoE layer (default fp32 1.0, bf16 0.9).")
 @click.option("--out", "out_root", type=click.Path(path_type=Path, file_okay=False), default=Path("reports"), show_default=True,
               help="Reports are written to OUT/RUN/.")
 @click.option("--run", "run_name", default=None, help="Report folder name (default: <model>-<dtype>-<time>).")

@@ -23,8 +23,8 @@ only to that dtype::
 ``routing.min_routing_agreement`` gates every MoE layer of the baseline (each mode and probe
 position): the share of tokens whose top-k expert set is the same in HF and MCore.  fp32 must
 route every token identically (1.0); in bf16/fp16 the router logits round differently and a
-near-tie between the k-th and (k+1)-th expert may flip, so the default allows 2 % of tokens
-(a broken router -- expert bias dropped, experts permuted -- moves far more).
+near-tie between the k-th and (k+1)-th expert may flip, so the default allows 10 % of tokens
+(measured: random-init tiny Qwen3-MoE / DeepSeek-V3 / Mixtral flip 1-3 of 64 tokens, 0.95-0.98).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Thresholds] = {
     "bf16": {"logits": {"max_kl": 0.015, "min_cosine": 0.99},
              "points": {"min_cosine": 0.99},
              "probe": {"max_kl": 0.015, "min_cosine": 0.99, "max_growth": 2.0},
-             "routing": {"min_routing_agreement": 0.98}},
+             "routing": {"min_routing_agreement": 0.9}},
 }
 DEFAULTS["fp16"] = DEFAULTS["bf16"]
 

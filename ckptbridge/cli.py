@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -106,10 +107,21 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
     if dst_kind == "hf" and dst_iteration is not None:
         raise click.UsageError("--dst-iteration names an MCore output's iteration folder; it makes no sense with --dst hf")
+    from .mapping.schema import MappingWarning
+
+    shown: set[str] = set()
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
                         DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration)
-        result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration)
+        with warnings.catch_warnings(record=True) as caught:  # mapping warnings: one line each, once
+            warnings.simplefilter("always", MappingWarning)
+            result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration)
+        for w in caught:
+            if issubclass(w.category, MappingWarning) and str(w.message) not in shown:
+                shown.add(str(w.message))
+                click.secho(f"warning: {w.message}", fg="yellow", err=True)
+            elif not issubclass(w.category, MappingWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)

@@ -65,6 +65,7 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
     rules = tuple(parse_rule(r, f"{where}: tensors[{i}]") for i, r in enumerate(raw["tensors"]))
     validate_rules(rules, where, set(config))
     checks = tuple(ConfigCheck(c["when"], c["error"]) for c in raw.get("checks") or [])
+    notes = tuple(ConfigCheck(c["when"], c["warning"]) for c in raw.get("warnings") or [])
     extra = tuple(parse_extra_state(e, f"{where}: extra_state[{i}]") for i, e in enumerate(raw.get("extra_state") or []))
     mtp = parse_mtp(raw.get("mtp"), where)
     if mtp is not None and (expr.names_in(mtp.depth) | expr.names_in(mtp.like)) - set(config):
@@ -90,6 +91,7 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         extra_state=extra,
         source=where,
         mtp=mtp,
+        warnings=notes,
     )
 
 

@@ -16,6 +16,8 @@ prefix is renamed (megatron builds it from the last decoder layer's spec).
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -135,7 +137,12 @@ def _fill(template: str, layer: int | None, expert: int | None = None, mtp: int 
 @dataclass(frozen=True)
 class ConfigCheck:
     when: str
-    error: str
+    error: str  # the message (for a ``warnings:`` entry: the warning text)
+
+
+class MappingWarning(UserWarning):
+    """A config that converts, but that the target megatron-core computes differently from HF
+    (a ``warnings:`` entry of the mapping file); ``ckptbridge convert`` prints it as one line."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +232,7 @@ class ArchMapping:
     mtp: MtpSection | None = None
     hf_config: dict[str, Any] = field(default_factory=dict)  # Megatron args -> HF config.json fields
     detect: str | None = None  # over Megatron args: this family describes a checkpoint that has no HF config
+    warnings: tuple[ConfigCheck, ...] = ()
 
     def mtp_depth(self, args: Mapping[str, Any]) -> int:
         return self.mtp.count(args) if self.mtp else 0
@@ -238,6 +246,13 @@ class ArchMapping:
                 raise UnsupportedArchitectureError(f"{self.family}: config has no field {exc.name!r} needed by a check") from None
             if failed:
                 raise UnsupportedArchitectureError(f"{self.family}: " + check.error.format_map(_Lenient(hf)))
+        for note in self.warnings:
+            try:
+                hit = expr.evaluate(note.when, hf)
+            except expr.UnknownName:  # the (optional) field the warning is about is absent: nothing to warn about
+                hit = False
+            if hit:
+                warnings.warn(MappingWarning(f"{self.family}: " + note.error.format_map(_Lenient(hf))), stacklevel=2)
         out: dict[str, Any] = {}
         for key, source in self.config.items():
             try:

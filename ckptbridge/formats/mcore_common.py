@@ -5,6 +5,7 @@ and safe ``.pt`` loading."""
 from __future__ import annotations
 
 import argparse
+import re
 import os
 from pathlib import Path
 from dataclasses import dataclass
@@ -27,8 +28,13 @@ TRAINING_STATE_PREFIXES = ("optimizer", "rng_state", "rerun_state_machine_state"
 
 
 def is_training_state(key: str) -> bool:
-    """Entries a training checkpoint carries besides the model (kept out of conversions, reported)."""
-    return key.startswith(TRAINING_STATE_PREFIXES)
+    """Entries a training checkpoint carries besides the model (kept out of conversions, reported).
+    A ChainedOptimizer (MoE: dense and expert parameters; Megatron-LM with several param groups)
+    prefixes each of its optimizers' entries with ``chained_N.``."""
+    return _CHAINED.sub("", key, count=1).startswith(TRAINING_STATE_PREFIXES)
+
+
+_CHAINED = re.compile(r"^chained_\d+\.")
 
 
 def is_extra_state(key: str) -> bool:

@@ -313,7 +313,7 @@ class TorchDistSource:
         """The optimizer / RNG entries in the data files: never read, only counted."""
         keys = {k for k in self.metadata.state_dict_metadata if is_training_state(k)}
         size = sum(info.length for index, info in self.metadata.storage_data.items() if index.fqn in keys)
-        kinds = tuple(sorted({"optimizer state" if k.startswith("optimizer") else k.split("/")[0].split(".")[0] for k in keys}))
+        kinds = tuple(sorted({"rng_state" if k.startswith("rng_state") else "optimizer state" for k in keys}))
         return SkippedState(len(keys), size, kinds)
 
     def verify(self) -> None:

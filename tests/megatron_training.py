@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ckptbridge.converge.data import TokenStream
+from ckptbridge.converge.export_loop import train_save_logits
 from ckptbridge.converge.megatron_save import MegatronSave, legacy_rank_folder
 from ckptbridge.converge.trainer import TrainJob, _Run, _wrappers
 from ckptbridge.convert import Target, convert
@@ -125,17 +126,8 @@ def _step_aside(optimizer: Any) -> Iterator[None]:
 def train_save_worker(rank: int, world: int, job: TrainJob, tokens: torch.Tensor, check_reload: bool) -> dict[str, Any]:
     """Train, save as Megatron-LM, take the logits; with ``check_reload`` also train one more step, load
     the checkpoint back with megatron-core and report every model/optimizer tensor that differs."""
-    from megatron.core import parallel_state
-
-    from ckptbridge.mcore import model as mm
-
     run = _Run(job)
-    rows = run.train(job.steps)
-    run.save_megatron_lm(job.steps, job.megatron_save)
-    logits = mm.forward_logits(run.models, tokens, vocab_size=run.vocab_size)
-    out: dict[str, Any] = {"rows": rows, "logits": None if logits is None else logits.float(),
-                           "reporter": logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
-                           and parallel_state.get_data_parallel_rank() == 0}
+    out = train_save_logits(run, job, tokens)
     if check_reload:
         saved = _snapshot(run)
         run.start_step = job.steps

@@ -215,3 +215,16 @@ def test_converge_step_reports_a_broken_resume(tiny_hf, tmp_path):
     cases = _junit(tmp_path / "out" / "junit.xml")
     assert cases[("converge", "broken-resume.resume")] == "fail" and cases[("converge", "baseline.falls")] == "pass"
     assert (tmp_path / "out" / "converge" / "loss_curves.png").exists()
+
+
+def test_the_example_config_runs_the_whole_loop(tmp_path):
+    """alignment/gate.example.yaml: import -> train with megatron-core -> save as Megatron-LM -> export to HF
+    (synthesized config and --hf-config) -> the exports' logits equal the trained model's."""
+    from ckptbridge.cli import main as cli
+
+    example = Path(__file__).resolve().parents[1] / "alignment" / "gate.example.yaml"
+    res = CliRunner().invoke(cli, ["gate", str(example), "--report-dir", str(tmp_path), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    checks = {f"{c['step']}/{c['name']}": c for c in json.loads(res.stdout)["checks"]}
+    for name in ("export/train", "export/synthesized-config.max_abs", "export/hf-config.max_abs", "export/hf-config.top1"):
+        assert checks[name]["status"] == "pass", checks[name]

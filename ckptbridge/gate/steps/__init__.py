@@ -50,4 +50,4 @@ def step(name: str, parse: Parse) -> Callable[[Run], Run]:
 
 
 # registration order is run order
-from . import convert, roundtrip, align, converge  # noqa: E402,F401
+from . import convert, roundtrip, align, converge, export  # noqa: E402,F401

@@ -48,7 +48,7 @@ def _junit(path: Path) -> dict[tuple[str, str], str]:
 
 
 def test_steps_run_in_order():
-    assert list(STEPS) == ["convert", "roundtrip", "align", "converge"]
+    assert list(STEPS) == ["convert", "roundtrip", "align", "converge", "export"]
 
 
 def test_correct_conversion_passes(tiny_hf, tmp_path):

@@ -63,6 +63,10 @@ def source_assets(path: Path, source: Source, config: ConfigOptions | None = Non
         return source.assets()
     if config is not None and config.asset_folder() is not None:
         return asset_files(config.asset_folder())
+    bridge_tokenizer = getattr(source, "iter_dir", Path()) / "tokenizer"  # Megatron-Bridge keeps the HF tokenizer here
+    if getattr(source, "common", None) is not None and source.common.producer == "Megatron-Bridge" \
+            and bridge_tokenizer.is_dir():
+        return asset_files(bridge_tokenizer)
     folder = checkpoint_root(Path(path)) / ASSETS_DIR
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 

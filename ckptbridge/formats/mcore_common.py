@@ -18,6 +18,7 @@ from ..errors import FormatError
 from ..config_source import ConfigOptions, checkpoint_args, resolve
 from ..megatron_args import full_megatron_lm_args
 from ..spec import ModelSpec
+from .bridge_config import RUN_CONFIG, args_from_run_config
 from .safe_globals import megatron_globals
 from .safetensors_io import read_into
 
@@ -136,20 +137,23 @@ class CommonState:
     def from_dict(cls, state: Any, where: Path, options: ConfigOptions | None = None) -> "CommonState":
         if not isinstance(state, dict):
             raise FormatError(f"{where}: does not hold a dict")
-        if "args" not in state:
-            raise FormatError(
-                f"{where}: no 'args' (Megatron-LM stores its model arguments there; a Megatron-Bridge checkpoint "
-                "keeps them in run_config.yaml instead, which is not read yet: pass --hf-config)"
-                if options is None or options.hf_config is None else f"{where}: no 'args'")
-        args = vars(state["args"]) if hasattr(state["args"], "__dict__") else state["args"]
-        if not isinstance(args, dict):
-            raise FormatError(f"{where}: 'args' is a {type(state['args']).__name__}, not a namespace")
         record = state.get("ckptbridge")
+        bridge = Path(where).parent / RUN_CONFIG
+        if "args" in state:
+            args = vars(state["args"]) if hasattr(state["args"], "__dict__") else state["args"]
+            if not isinstance(args, dict):
+                raise FormatError(f"{where}: 'args' is a {type(state['args']).__name__}, not a namespace")
+            producer = "ckptbridge" if isinstance(record, dict) else "Megatron-LM"
+        elif bridge.exists():  # Megatron-Bridge keeps its model in run_config.yaml, no args
+            args, producer = args_from_run_config(bridge), "Megatron-Bridge"
+        else:
+            raise FormatError(f"{where}: no 'args' and no {RUN_CONFIG} beside it: no description of the model "
+                              "(Megatron-LM stores it in args, Megatron-Bridge in run_config.yaml)")
         resolved = resolve(args, record, where, options)
         return cls(
             spec=resolved.spec,
             margs=checkpoint_args(args),
-            producer="ckptbridge" if isinstance(record, dict) else "Megatron-LM",
+            producer=producer,
             origin=resolved.origin,
             iteration=state.get("iteration"),
             notes=resolved.notes,

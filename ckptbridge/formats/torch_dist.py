@@ -41,6 +41,7 @@ from .dcp_metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from .bridge_config import write_run_config
 from .held_file import HeldFile
 from .mcore_common import (
     CHECKPOINT_VERSION,
@@ -157,6 +158,7 @@ def write_torch_dist(
          "ckptbridge": bridge_record(spec, spec_name)},
         iter_dir / "common.pt",
     )
+    write_run_config(iter_dir, margs)  # what Megatron-Bridge's export_ckpt builds the model from
     (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
 
 

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from ..errors import FormatError
+from ..staging import MARKER as STAGING_MARKER
 from ..spec import ModelSpec, PlannedTensor
 from .hf import HFSource
 from .legacy import RANK_DIR, LegacySource
@@ -30,6 +31,10 @@ def detect_format(path: Path) -> str:
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: does not exist")
+    for folder in (path, path.parent):  # a staging folder, or an iteration folder inside one
+        if (folder / STAGING_MARKER).exists():
+            raise FormatError(f"{folder}: an unfinished ckptbridge output (it holds {STAGING_MARKER}); "
+                              "not a checkpoint (convert --clean removes such leftovers)")
     if (path / "config.json").exists():
         return "hf"
     it = iteration_dir(path)

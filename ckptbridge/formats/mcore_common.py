@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..errors import FormatError
+from ..fileio import write_text
 from ..spec import ModelSpec
 from .safetensors_io import read_into
 
@@ -91,7 +92,7 @@ def args_namespace(args: dict[str, Any], iteration: int = 0) -> argparse.Namespa
 
 
 def write_tracker(root: Path) -> None:
-    (root / "latest_checkpointed_iteration.txt").write_text(RELEASE)
+    write_text(root / "latest_checkpointed_iteration.txt", RELEASE)
 
 
 def read_storage(fd: int, meta: torch.Tensor, what: str) -> torch.Tensor:

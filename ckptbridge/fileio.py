@@ -38,7 +38,7 @@ class WriteError(CkptBridgeError):
 
 def _error(path: Path | str, exc: OSError) -> WriteError:
     reason = _FULL.get(exc.errno or 0, exc.strerror or str(exc))
-    return WriteError(path, reason, exc.errno in _FULL)
+    return WriteError(path, reason, exc.errno in (errno.ENOSPC, errno.EDQUOT))
 
 
 def pwrite_all(fd: int, data: Any, offset: int | None, path: Path | str, cap: int = MAX_WRITE) -> int:

@@ -65,7 +65,11 @@ def stop_point(name: str) -> None:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """A byte count for a person: 512 B, 3.1 MiB, 2.15 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{int(n)} B"
 
 
 def _prefix(dst: Path) -> str:

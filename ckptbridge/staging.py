@@ -303,8 +303,11 @@ class Staging:
 def staged(src: Path, dst: Path, force: bool, clean: bool, need_bytes: int) -> Iterator[Staging]:
     """A marked folder beside ``dst`` that replaces it only if the block completes; see the module doc."""
     dst = Path(dst).resolve()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    lock = DestinationLock(dst)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        lock = DestinationLock(dst)
+    except OSError as exc:
+        raise DestinationError(f"cannot prepare {dst}: {exc.strerror} ({exc.filename})") from None
     try:
         restored = _recover(dst)
         leftovers, cleaned = find_leftovers(dst), []
@@ -321,7 +324,10 @@ def staged(src: Path, dst: Path, force: bool, clean: bool, need_bytes: int) -> I
             raise DestinationError(f"not enough space for {dst}: the output needs {gib(need_bytes)}, "
                                    f"{gib(free)} free on its filesystem{_hint(leftovers)}")
         tmp = dst.parent / f"{_prefix(dst)}tmp-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            raise DestinationError(f"cannot create the temporary folder {tmp}: {exc.strerror}") from None
         state = Staging(tmp, leftovers, cleaned, restored)
         try:
             _mark(tmp, "writing")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
 import torch
 
 from .errors import CkptBridgeError
+from .source_options import source_read_options
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -69,12 +71,16 @@ def main() -> None:
               "as TEGroupedMLP saves them, instead of sequential experts (local_experts.<e>.linear_fc1.weight).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast weights (default: keep the source dtype).")
 @click.option("--vocab-divisible-by", type=int, default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
+@click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
+              help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists (atomically; never a DST holding files the source reaches).")
 @click.option("--clean", is_flag=True, help="First remove what interrupted conversions to DST left beside it (.DST.ckptbridge-tmp-*/-old-*).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype, vocab_divisible_by, force, clean, quiet, src, dst):
+@source_read_options
+def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
+            vocab_divisible_by, dst_iteration, force, clean, quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -84,19 +90,41 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
     remove the temporary folder and exit 130/143. The HF config, the mapping used and the
     tokenizer files travel inside MCore checkpoints, so exporting needs no
     original HF folder.
+
+    A checkpoint trained by Megatron-LM (no ckptbridge record) is read too:
+    its optimizer and RNG state are skipped unread, and its HF config comes
+    from --hf-config, else is synthesized from its args (checked both ways).
+
+    \b
+    Examples:
+      ckptbridge convert --src hf --dst mcore --tp 4 --pp 2 ./Llama-3.1-8B ./llama-mcore
+      ckptbridge convert --src mcore --dst hf --hf-config ./Llama-3.1-8B ./run/checkpoints ./trained-hf
+      ckptbridge convert --src mcore --dst hf --vocab-size 128256 ./run/checkpoints ./trained-hf
+      ckptbridge convert --src mcore --dst mcore --tp 1 --iteration 2000 ./run/checkpoints ./tp1
     """
     from .convert import Target, convert as run
     from .layout import ParallelLayout
 
     if dst_kind == "hf" and (tp, pp, vpp, pp_first, pp_last, ep, etp) != (1, 1, None, None, None, 1, None):
         raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
+    if dst_kind == "hf" and dst_iteration is not None:
+        raise click.UsageError("--dst-iteration names an MCore output's iteration folder; it makes no sense with --dst hf")
     from .interrupts import Interrupted, handled
+    from .mapping.schema import MappingWarning
 
+    shown: set[str] = set()
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
-                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm)
-        with handled():
-            result = run(src, dst, src_kind, target, force, _progress_factory(quiet), clean)
+                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration)
+        with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
+            warnings.simplefilter("always", MappingWarning)
+            result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean)
+        for w in caught:
+            if issubclass(w.category, MappingWarning) and str(w.message) not in shown:
+                shown.add(str(w.message))
+                click.secho(f"warning: {w.message}", fg="yellow", err=True)
+            elif not issubclass(w.category, MappingWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)
@@ -104,6 +132,8 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         what = f"DST was already complete: {dst}" if exc.committed else "nothing written"
         click.secho(f"interrupted ({exc}), {what}", fg="red", err=True)
         sys.exit(exc.exit_code)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     if result.restored:
         click.echo(f"note: put back {dst} from {result.restored} (a --force replacement had died half-way)", err=True)
     for left in result.cleaned:
@@ -120,12 +150,17 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--tensors/--no-tensors", default=True, show_default=True, help="List tensors.")
 @click.argument("path", type=click.Path(path_type=Path))
-def inspect(as_json, tensors, path):
-    """Detect PATH's format (hf / torch_dist / torch), architecture, layout, dtype and size, and list its tensors."""
+@source_read_options
+def inspect(as_json, tensors, path, iteration, config):
+    """Detect PATH's format (hf / torch_dist / torch), architecture, layout, dtype and size, and list its tensors.
+
+    For an MCore checkpoint also: who wrote it (ckptbridge, Megatron-LM), the iteration, where its HF config
+    comes from and what training state (optimizer, RNG) it holds beside the model.
+    """
     from .inspect import describe
 
     try:
-        info = describe(path)
+        info = describe(path, config, iteration)
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)
@@ -142,6 +177,11 @@ def inspect(as_json, tensors, path):
     lay = "-" if not layout else f"tp{layout['tp']} pp{layout['pp']}" + (f" vpp{layout['vpp']}" if layout["vpp"] else "") + f" ({layout['spec']} spec)"
     console.print(f"[bold]{info['path']}[/]: {info['format']}  {info['architecture']} ({info['family']})  "
                   f"{info['num_layers']} layers  {info['parameters'] / 1e6:.1f}M parameters  {info['dtype']}  layout {lay}")
+    for key in ("producer", "iteration", "hf_config", "training_state"):
+        if info.get(key) is not None:
+            console.print(f"  {key.replace('_', ' ')}: {info[key]}", highlight=False)
+    for note in info.get("notes", []):
+        console.print(f"  note: {note}", highlight=False)
     if tensors:
         table = Table("tensor", "shape", "dtype", "where")
         for t in info["tensors"]:
@@ -176,15 +216,17 @@ def example(layers, seed, dtype, preset, out):
 @main.command()
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
-def compare(a, b):
+@source_read_options
+def compare(a, b, iteration, config):
     """Check that checkpoints A and B hold the same weights, whatever their formats and layouts.
 
     Exit status 0 when every tensor is bit-identical, 1 otherwise (the differing tensors are listed).
+    --iteration and the HF-config options apply to whichever of A and B is an MCore checkpoint.
     """
     from .compare import compare as run
 
     try:
-        diffs = run(a, b)
+        diffs = run(a, b, config, iteration)
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import CkptBridgeError
+from .config_source import ConfigOptions
 from .formats.detect import open_source
 
 CHUNK = 2**22  # elements per float64 difference block (32 MiB per temporary)
@@ -43,9 +44,11 @@ def max_abs_diff(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK) -> float:
     return worst
 
 
-def compare(a: Path, b: Path) -> list[TensorDiff]:
-    """Canonical (global MCore) tensors of ``a`` and ``b``, compared pairwise in a common dtype."""
-    sa, sb = open_source(a), open_source(b)
+def compare(a: Path, b: Path, config: ConfigOptions | None = None, iteration: int | None = None) -> list[TensorDiff]:
+    """Canonical (global MCore) tensors of ``a`` and ``b``, compared pairwise in a common dtype; ``config`` and
+    ``iteration`` apply to an MCore checkpoint among them (see `config_source`)."""
+    sa = open_source(a, config=config, iteration=iteration)
+    sb = open_source(b, config=config, iteration=iteration)
     try:
         sa.verify()
         sb.verify()

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from .config_source import ConfigOptions
 from .fileio import copy_file
-from .formats.detect import Source, open_source, source_assets
+from .formats.detect import Source, open_source, source_assets, source_notes
 from .formats.hf import write_hf
 from .formats.legacy import write_legacy
-from .formats.mcore_common import ASSETS_DIR, RELEASE, write_tracker
+from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist import write_torch_dist
 from .layout import ParallelLayout
 from .prefetch import Prefetcher
@@ -38,6 +39,7 @@ class ConversionResult:
     tensors: int
     bytes: int
     seconds: float
+    notes: tuple[str, ...] = ()  # what the user should know: config origin, skipped training state...
     leftovers: list[Leftover] = field(default_factory=list)  # of interrupted conversions to DST, still there
     cleaned: list[Leftover] = field(default_factory=list)  # removed by --clean
     restored: Path | None = None  # old DST put back: a two-step --force had died between its renames
@@ -52,6 +54,7 @@ class Target:
     dtype: torch.dtype | None = None  # None: keep the source dtype
     vocab_divisible_by: int = 128
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
+    iteration: int | None = None  # MCore: iter_{N:07d}/ and tracker N (None: release/)
 
     @property
     def format_name(self) -> str:
@@ -59,8 +62,10 @@ class Target:
 
 
 def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: bool = False,
-            progress_factory: Callable[[int, str], Progress] | None = None, clean: bool = False) -> ConversionResult:
-    """Convert ``src`` into ``dst``; every check runs before the first byte is written.
+            progress_factory: Callable[[int, str], Progress] | None = None, config: ConfigOptions | None = None,
+            iteration: int | None = None, clean: bool = False) -> ConversionResult:
+    """Convert ``src`` into ``dst``; every check runs before the first byte is written. ``config`` and
+    ``iteration`` say how to read an MCore source that ckptbridge did not write (see `config_source`).
 
     Output is staged beside DST under a lock and replaces it only when complete (see `staging`);
     ``clean`` removes what interrupted conversions to the same DST left behind.
@@ -68,7 +73,7 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)
-    source = open_source(src, src_kind)
+    source = open_source(src, src_kind, config, iteration)
     try:
         source.verify()
         spec = source.spec
@@ -84,7 +89,8 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         def read_cast(pt: PlannedTensor) -> torch.Tensor:
             return source.read(pt).to(pt.dtype(dtype))
 
-        assets = source_assets(src, source)
+        assets = source_assets(src, source, config)
+        notes = source_notes(source)
         with staged(src, dst, force, clean, total) as stage, closing(Prefetcher(planned, read_cast)) as read:
             tmp, progress = stage.folder, stage.progress(progress, total)
             if target.kind == "hf":
@@ -94,17 +100,18 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
                     (tmp / ASSETS_DIR).mkdir()
                     for a in assets:
                         copy_file(a, tmp / ASSETS_DIR / a.name)
-                iter_dir = tmp / RELEASE
+                iter_dir = tmp / iteration_name(target.iteration)
                 iter_dir.mkdir()
                 writer = write_torch_dist if target.ckpt_format == "torch_dist" else write_legacy
-                writer(spec, read, iter_dir, target.layout, margs, dtype, target.spec_name, progress)
-                write_tracker(tmp)  # last: the tracker is what makes the folder a checkpoint for Megatron-LM
+                writer(spec, read, iter_dir, target.layout, margs, dtype, target.spec_name, progress,
+                       iteration=target.iteration or 0)
+                write_tracker(tmp, target.iteration)  # last: the tracker makes the folder a checkpoint for Megatron-LM
     finally:
         source.close()
     return ConversionResult(
         src=src, dst=dst, src_format=source.format, dst_format=target.format_name, family=spec.mapping.family,
         layout=target.layout.describe() if target.kind == "mcore" else "-", dtype=dtype, tensors=len(planned),
-        bytes=total, seconds=time.perf_counter() - start,
+        bytes=total, seconds=time.perf_counter() - start, notes=notes,
         leftovers=stage.leftovers, cleaned=stage.cleaned, restored=stage.restored,
     )
 

@@ -3,7 +3,8 @@
 Mapping files compute config fields and expected tensor shapes from config
 values (``hidden_size // num_attention_heads``, ``not tie_word_embeddings``).
 Python's ``eval`` would let a data file run code; this evaluator accepts only
-names, literals, arithmetic, comparisons and boolean logic.
+names, literals (also lists and dicts), arithmetic, comparisons, boolean logic and a
+few pure functions (``len``, ``sum``, ``min``, ``max``, ``all``, ``any``, ``int``, ``float``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ _COMPARE = {
 }
 
 
+#: the only calls an expression may make (pure, on values the expression already has)
+_FUNCTIONS = {"len": len, "sum": sum, "min": min, "max": max, "all": all, "any": any, "int": int, "float": float}
+
+
 class UnknownName(MappingError):
     """An expression referred to a name the environment does not define."""
 
@@ -65,7 +70,9 @@ def names_in(source: str | int | float | bool | None) -> set[str]:
     """Names an expression reads (used to validate mapping files up front)."""
     if not isinstance(source, str):
         return set()
-    return {n.id for n in ast.walk(_parse(source)) if isinstance(n, ast.Name)} - {"None", "True", "False"}
+    tree = _parse(source)
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in called} - {"None", "True", "False"}
 
 
 def _eval(node: ast.AST, env: Mapping[str, Any], source: str) -> Any:
@@ -99,4 +106,8 @@ def _eval(node: ast.AST, env: Mapping[str, Any], source: str) -> Any:
         return _eval(node.value, env, source)[_eval(node.slice, env, source)]
     if isinstance(node, (ast.Tuple, ast.List)):
         return tuple(_eval(e, env, source) for e in node.elts)
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_eval(k, env, source): _eval(v, env, source) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords:
+        return _FUNCTIONS[node.func.id](*(_eval(a, env, source) for a in node.args))
     raise MappingError(f"expression {source!r}: {type(node).__name__} is not allowed in mapping files")

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .config_source import ConfigOptions
 from .formats.dcp_metadata import TensorStorageMetadata
 from .formats.detect import detect_format, open_source
 from .formats.hf import HFSource
@@ -13,9 +14,9 @@ from .formats.legacy import LegacySource
 from .formats.torch_dist import TorchDistSource
 
 
-def describe(path: Path) -> dict[str, Any]:
-    fmt = detect_format(path)
-    source = open_source(path)
+def describe(path: Path, config: ConfigOptions | None = None, iteration: int | None = None) -> dict[str, Any]:
+    fmt = detect_format(path, iteration)
+    source = open_source(path, config=config, iteration=iteration)
     try:
         spec = source.spec
         info: dict[str, Any] = {
@@ -40,6 +41,9 @@ def describe(path: Path) -> dict[str, Any]:
                 "ep": source.layout.ep, "etp": source.layout.expert_tp, "spec": source.spec_name,
             }
             info["tensors"] = _mcore_tensors(source)
+            common = source.common
+            info.update(producer=common.producer, iteration=common.iteration, hf_config=common.origin,
+                        training_state=source.training_state().describe(), notes=list(common.notes))
         return info
     finally:
         source.close()

@@ -4,12 +4,25 @@ Mapping files translate an HF config into Megatron arguments. Most names are
 Megatron-LM's own (``pretrain_gpt.py``'s argparse destinations); two are
 megatron-core ``TransformerConfig`` names instead. A checkpoint written by
 Megatron-LM stores its names; this module is the one place that converts.
+
+It also builds the *full* args Namespace Megatron-LM saves (:func:`full_megatron_lm_args`), from
+Megatron-LM's own defaults shipped as data (``megatron_lm_defaults.json``), so that Megatron-LM,
+its ``--use-checkpoint-args`` and Megatron-Bridge find every field they read.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+import importlib
+import json
+import math
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+import torch
 
 #: ckptbridge's name -> the name Megatron-LM's parser stores the same setting under, where they differ
 MEGATRON_LM_NAMES: dict[str, str] = {
@@ -33,3 +46,119 @@ def from_megatron_lm(args: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"args hold {ours}={args[ours]!r} and {theirs}={args[theirs]!r}")
             out[ours] = out.pop(theirs)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The full Megatron-LM args: what a pretrain_gpt.py run with this model's flags would store
+# ---------------------------------------------------------------------------------------------
+
+#: Megatron-LM's parse_args defaults + validate_args values (core_v0.16.1), produced once as data;
+#: its "_about" field says how
+DEFAULTS_FILE = Path(__file__).with_name("megatron_lm_defaults.json")
+
+#: the one warning megatron-core prints per module when TransformerEngine/Apex are absent
+_NO_TE_WARNING = r"Transformer Engine and Apex are not installed"
+
+
+@functools.lru_cache(maxsize=1)
+def megatron_lm_defaults() -> dict[str, Any]:
+    """The stored data: ``args`` (encoded values), the parser defaults validate_args replaced, and
+    what Megatron-LM adds when it saves."""
+    return json.loads(DEFAULTS_FILE.read_text())
+
+
+def _enum_class(qualified: str) -> type:
+    """A Megatron-LM enum class (real, so Megatron-LM's own ``SAFE_GLOBALS`` load it). Importing a
+    ``megatron.core`` module runs megatron-core's package import (~1.5 s, once per process) and its
+    warning per module that TransformerEngine/Apex are missing: silenced, it says nothing here."""
+    module, _, name = qualified.rpartition(".")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_TE_WARNING)
+        return getattr(importlib.import_module(module), name)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "torch.dtype" in value:
+        return getattr(torch, value["torch.dtype"])
+    if "enum" in value:
+        return _enum_class(value["enum"])[value["name"]]
+    if "tuple" in value:
+        return tuple(_decode(v) for v in value["tuple"])
+    if "float" in value:
+        return float(value["float"])
+    raise ValueError(f"{DEFAULTS_FILE}: unknown encoded value {value!r}")
+
+
+def _plain(value: Any, default: Any) -> Any:
+    """``value`` as Megatron-LM's parser types it: tuples as lists (``moe_layer_freq``), a whole
+    float as an int where the flag is an int (``--rotary-base 500000``)."""
+    if isinstance(value, tuple):
+        return [_plain(v, None) for v in value]
+    if isinstance(value, float) and value.is_integer() and type(default) is int:
+        return int(value)
+    return value
+
+
+def _derived(args: dict[str, Any], parser: Mapping[str, Any]) -> dict[str, Any]:
+    """What validate_args derives from the values a model sets (arguments.py, core_v0.16.1), for
+    the smallest world that holds the layout (data parallel fills what the expert grid needs)."""
+    tp, pp = int(args["tensor_model_parallel_size"]), int(args["pipeline_model_parallel_size"])
+    ep = int(args.get("expert_model_parallel_size") or 1)
+    etp = int(args.get("expert_tensor_parallel_size") or tp)
+    world = math.lcm(tp * pp, etp * ep * pp)
+    dp = world // (tp * pp)
+    interleaved = bool(args.get("virtual_pipeline_model_parallel_size"))
+    out: dict[str, Any] = {
+        "world_size": world, "inprocess_active_world_size": world, "rank": 0,
+        "data_parallel_size": dp, "global_batch_size": int(args["micro_batch_size"]) * dp,
+        "transformer_pipeline_model_parallel_size": pp,
+        "expert_tensor_parallel_size": etp,
+        "overlap_p2p_comm": interleaved and parser["overlap_p2p_comm"],
+        "align_param_gather": interleaved and parser["align_param_gather"],
+        "accumulate_allreduce_grads_in_fp32": bool(args["bf16"]),
+        "use_dist_ckpt": args["ckpt_format"] != "torch",
+        "encoder_num_layers": args["num_layers"], "encoder_seq_length": args["seq_length"],
+        "apply_rope_fusion": args["position_embedding_type"] == "rope" and parser["apply_rope_fusion"],
+    }
+    if args["fp16"]:
+        out["check_for_nan_in_loss_and_grad"] = False
+    if not args["add_bias_linear"]:
+        out["bias_gelu_fusion"] = False
+    else:
+        out["add_qkv_bias"] = True
+    if args.get("num_experts") and args.get("moe_ffn_hidden_size") is None:
+        out["moe_ffn_hidden_size"] = args["ffn_hidden_size"]
+    return out
+
+
+def full_megatron_lm_args(margs: Mapping[str, Any], iteration: int = 0) -> argparse.Namespace:
+    """The args Namespace a Megatron-LM ``pretrain_gpt.py`` run with this model's flags would save:
+    Megatron-LM's defaults (:data:`DEFAULTS_FILE`), overlaid with ``margs`` (ckptbridge's model,
+    layout, dtype and format arguments) under Megatron-LM's names, plus what validate_args derives
+    from them and what Megatron-LM adds when it saves. Settings Megatron-LM has no flag for (e.g.
+    MLA's ``beta_fast``) are kept under ckptbridge's name: ckptbridge reads them back."""
+    data = megatron_lm_defaults()
+    args = {k: _decode(v) for k, v in data["args"].items()}
+    args.update({k: _plain(v, args.get(k)) for k, v in to_megatron_lm(margs).items()})
+    args.update(_derived(args, {k: _decode(v) for k, v in data["parser_defaults_changed_by_validate_args"].items()}))
+    args.update({k: _decode(v) for k, v in data["added_at_save"].items()})
+    args["iteration"] = iteration
+    return argparse.Namespace(**args)
+
+
+
+def enum_type_names() -> list[str]:
+    """Qualified names of the enum classes the full args hold (``module.Class``): what a
+    ``weights_only`` reader must allow besides ``argparse.Namespace`` and torch dtypes."""
+    data = megatron_lm_defaults()
+    values = [*data["args"].values(), *data["added_at_save"].values()]
+    return sorted({v["enum"] for v in values if isinstance(v, dict) and "enum" in v})
+
+
+def enum_types() -> list[type]:
+    """The real classes of :func:`enum_type_names` (imports megatron-core)."""
+    return [_enum_class(name) for name in enum_type_names()]

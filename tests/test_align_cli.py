@@ -28,7 +28,7 @@ def report(tmp_path_factory):
 
 def test_files_are_written(report):
     names = {p.relative_to(report).as_posix() for p in report.rglob("*") if p.is_file()}
-    assert names == {"report.md", "metrics.csv", "ablations.csv", "summary.json", "junit.xml",
+    assert names == {"report.md", "metrics.csv", "ablations.csv", "summary.json", "junit.xml", "stderr.log",
                      "plots/error_vs_layer.png", "plots/propagated_vs_isolated.png", "plots/probe.png"}
 
 

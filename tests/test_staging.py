@@ -191,11 +191,15 @@ def test_second_conversion_to_one_dst_is_refused(sources, tmp_path):
 
 
 def test_force_never_deletes_what_the_source_reaches(sources, tmp_path):
-    """HF-cache layout: the snapshot's files are symlinks into blobs/; replacing blobs/ would break the source."""
+    """HF-cache layout: the snapshot's weights are symlinks into blobs/; replacing blobs/ would break the source.
+    (Assets are plain files here: a symlinked asset outside the folder is refused on its own.)"""
     cache = tmp_path / "sym"
     (cache / "blobs").mkdir(parents=True)
     (cache / "snap").mkdir()
     for i, f in enumerate(sorted(sources["hf"].iterdir())):
+        if f.suffix != ".safetensors":
+            shutil.copy(f, cache / "snap" / f.name)
+            continue
         shutil.copy(f, cache / "blobs" / f"blob{i}")
         (cache / "snap" / f.name).symlink_to(Path("..") / "blobs" / f"blob{i}")
     before = tree_digest(cache / "snap")

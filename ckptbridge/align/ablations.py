@@ -17,6 +17,7 @@ import yaml
 
 from ..errors import CkptBridgeError
 from ..presets import presets_dir
+from .applicability import FEATURES, unmet
 from .variants import IMPLS, VariantContext
 
 SIDES = ("mcore", "hf")
@@ -37,6 +38,7 @@ class Ablation:
     layout: dict[str, int] = field(default_factory=dict)
     hf_order: bool = False
     emulated_unless: str | None = None  # "te" | "cuda"
+    requires: tuple[str, ...] = ()  # model features (ckptbridge/align/applicability.py FEATURES)
 
     def emulated(self, ctx: VariantContext) -> bool:
         """True when this run uses the torch stand-in for a GPU kernel."""
@@ -66,7 +68,8 @@ def load_ablations(path: Path | None = None) -> dict[str, Ablation]:
                           why=" ".join(str(entry.get("why", "")).split()),
                           same_because=" ".join(str(entry.get("same_because", "")).split()), impl=entry.get("impl"),
                           members=tuple(entry.get("members", ())), layout=dict(entry.get("layout") or {}),
-                          hf_order=bool(entry.get("hf_order", False)), emulated_unless=entry.get("emulated_unless"))
+                          hf_order=bool(entry.get("hf_order", False)), emulated_unless=entry.get("emulated_unless"),
+                          requires=tuple(entry.get("requires", ())))
         except KeyError as exc:
             raise CkptBridgeError(f"{path}: ablation {entry.get('name', '?')!r} lacks {exc}") from None
         if ab.side not in SIDES:
@@ -75,6 +78,9 @@ def load_ablations(path: Path | None = None) -> dict[str, Ablation]:
             raise CkptBridgeError(f"{path}: ablation {ab.name!r} names unknown impl {ab.impl!r}")
         if ab.impl is None and not ab.members and not ab.layout:
             raise CkptBridgeError(f"{path}: ablation {ab.name!r} has neither impl, members nor layout")
+        unknown = [f for f in ab.requires if f not in FEATURES]
+        if unknown:
+            raise CkptBridgeError(f"{path}: ablation {ab.name!r} requires unknown features {unknown} (known: {', '.join(FEATURES)})")
         if ab.name in out:
             raise CkptBridgeError(f"{path}: ablation {ab.name!r} defined twice")
         out[ab.name] = ab
@@ -105,6 +111,16 @@ def select(spec: str | None, registry: dict[str, Ablation]) -> list[Ablation]:
 def parts(ab: Ablation, registry: dict[str, Ablation]) -> list[Ablation]:
     """The plain ablations a recipe consists of (itself, or its members)."""
     return [registry[m] for m in ab.members] if ab.members else [ab]
+
+
+def not_applicable(ab: Ablation, registry: dict[str, Ablation], args: dict[str, Any], hf_attention: str,
+                   tp: int, pp: int) -> str | None:
+    """Why the recipe cannot run on this model (a member's missing feature or the layout), else None."""
+    for p in parts(ab, registry):
+        reason = unmet(p.requires, p.layout, args, hf_attention, tp, pp)
+        if reason:
+            return reason if p is ab else f"member {p.name}: {reason}"
+    return None
 
 
 def layout_of(ab: Ablation, registry: dict[str, Ablation]) -> dict[str, int]:

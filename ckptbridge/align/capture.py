@@ -8,7 +8,11 @@ Hooks only -- neither library is edited.  Both recorders store CPU copies laid o
   shows instead of the error accumulated below it), and
 * give RoPE explicit position ids (the long-position probe).  ``GPTModel``'s ``position_ids``
   never reach RoPE (its rotary embedding always covers ``0..s-1``), so a forward hook replaces the
-  rotary output by rows of megatron's own ``RotaryEmbedding.forward(max(position)+1)``.
+  rotary output by rows of megatron's own ``RotaryEmbedding.forward(max(position)+1)``.  Multi-latent
+  attention (DeepSeek) has no model-level rotary embedding: each ``MLASelfAttention`` owns one
+  (``YarnRotaryEmbedding``, returning ``(angles, mscale)``), so every layer's is hooked.  Hooking
+  only the model-level one left MLA at ``0..s-1`` while HF ran at the probe positions, which is
+  what made DeepSeek-V3 "fail" the probe by ~0.9 in fp32 (ckptbridge issue 11).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 
 from . import points as P
+from . import routing
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -81,6 +86,7 @@ class HFRecorder(_Hooks):
             self._record(layer, P.layer_point(i, "output"))
         self._record_input(dec.norm, P.FINAL_NORM_INPUT)
         self._record(dec.norm, P.FINAL_NORM)
+        routing.hook_hf(self, dec.layers)
 
     def _record_input(self, module: torch.nn.Module, name: str) -> None:
         def pre(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -112,12 +118,16 @@ class MCoreRecorder(_Hooks):
                 self._rope_positions(m.rotary_pos_emb, list(positions))
             for layer in m.decoder.layers:
                 i = int(layer.layer_number) - 1
+                own_rope = getattr(layer.self_attention, "rotary_pos_emb", None)  # MLA
+                if positions is not None and own_rope is not None:
+                    self._rope_positions(own_rope, list(positions))
                 self._inject(layer, P.layer_input(i), kw="hidden_states")
                 self._record(layer.input_layernorm, P.layer_point(i, "attn_norm"), seq_first=True)
                 self._record(layer.self_attention, P.layer_point(i, "attn_out"), seq_first=True)
                 self._record(layer.pre_mlp_layernorm, P.layer_point(i, "mlp_norm"), seq_first=True)
                 self._record(layer.mlp, P.layer_point(i, "mlp_out"), seq_first=True)
                 self._record(layer, P.layer_point(i, "output"), seq_first=True)
+            routing.hook_mcore(self, m.decoder.layers)
             final = getattr(m.decoder, "final_layernorm", None)
             if final is not None:
                 self._inject(final, P.FINAL_NORM_INPUT, kw=None)
@@ -144,10 +154,13 @@ class MCoreRecorder(_Hooks):
     def _rope_positions(self, rope: torch.nn.Module, positions: list[int]) -> None:
         index = torch.tensor(positions, dtype=torch.long)
 
-        def hook(m: torch.nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
-            if out.shape[0] != len(positions):
-                raise ValueError(f"RoPE covers {out.shape[0]} tokens, {len(positions)} positions were given")
+        def hook(m: torch.nn.Module, _args: Any, out: Any) -> Any:
+            angles = _first(out)  # YarnRotaryEmbedding returns (angles, mscale): mscale is position-free
+            if angles.shape[0] != len(positions):
+                raise ValueError(f"RoPE covers {angles.shape[0]} tokens, {len(positions)} positions were given")
             full = m.forward(max(positions) + 1)  # megatron's own angles for 0..max (bypasses this hook)
+            if isinstance(out, tuple):
+                return (_first(full)[index.to(angles.device)], *out[1:])
             return full[index.to(full.device)]
 
         self.handles.append(rope.register_forward_hook(hook))

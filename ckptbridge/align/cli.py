@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import click
 
 from ..errors import CkptBridgeError
 from ..weight_options import weight_source_options
+from .quiet import collected_stderr
 
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3  # an unexpected crash: not a failed gate (1), not a bad input (2)
 
 
 def _positions(text: str | None) -> tuple[int, ...] | None:
@@ -49,6 +52,8 @@ def _positions(text: str | None) -> tuple[int, ...] | None:
 @click.option("--max-kl", type=float, default=None, help="Gate: logits KL(HF||MCore).")
 @click.option("--min-top1", type=float, default=None, help="Gate: logits top-1 agreement (0..1).")
 @click.option("--min-cosine", type=float, default=None, help="Gate: cosine at every point.")
+@click.option("--min-routing-agreement", type=click.FloatRange(0, 1), default=None,
+              help="Gate: share of tokens whose top-k experts agree, every MoE layer (default fp32 1.0, bf16 0.9).")
 @click.option("--out", "out_root", type=click.Path(path_type=Path, file_okay=False), default=Path("reports"), show_default=True,
               help="Reports are written to OUT/RUN/.")
 @click.option("--run", "run_name", default=None, help="Report folder name (default: <model>-<dtype>-<time>).")
@@ -56,10 +61,12 @@ def _positions(text: str | None) -> tuple[int, ...] | None:
               help="Keep generated weights here (default: a temporary folder, deleted afterwards).")
 def align(preset, hf_path, mcore_path, random_init, layers, shrink, seed, prompt, tokens, seq_len, dtype, device, tp, pp,
           mode, ablate, probe, probe_positions, layerwise, gate_file, max_logit_abs, max_kl, min_top1, min_cosine,
-          out_root, run_name, work_dir):
+          min_routing_agreement, out_root, run_name, work_dir):
     """Run HF and Megatron-Core side by side, layer by layer, and write an ablation error report.
 
-    Exit status: 0 when the gate passes, 1 when a gate check fails, 2 on a usage or input error.
+    Exit status: 0 when the gate passes, 1 when a gate check fails, 2 on a usage or input error
+    (one line naming the cause), 3 on an unexpected crash (traceback in the run's stderr.log).
+    Library warnings and progress bars go to OUT/RUN/stderr.log; one line summarises them.
     Every run is gated (defaults per dtype, see ckptbridge/align/gate.py); --gate and the --max-*/--min-*
     flags replace individual thresholds.
 
@@ -85,24 +92,41 @@ def align(preset, hf_path, mcore_path, random_init, layers, shrink, seed, prompt
     overrides: dict[str, dict[str, float]] = {}
     for value, group, key in ((max_logit_abs, "logits", "max_abs"), (max_kl, "logits", "max_kl"),
                               (min_top1, "logits", "min_top1"), (min_cosine, "points", "min_cosine"),
-                              (min_cosine, "logits", "min_cosine")):
+                              (min_cosine, "logits", "min_cosine"),
+                              (min_routing_agreement, "routing", "min_routing_agreement")):
         if value is not None:
             overrides.setdefault(group, {})[key] = value
     opts = AlignOptions(preset=preset, hf=hf_path, mcore=mcore_path, random_init=random_init, layers=layers, shrink=shrink,
                         seed=seed, prompt=prompt, tokens=tokens, seq_len=seq_len, dtype=dtype, device=device, tp=tp, pp=pp,
                         modes=modes, ablate=ablate, probe=probe, probe_positions=_positions(probe_positions),
                         layerwise=layerwise, work_dir=work_dir)
-    try:
-        thresholds = load_thresholds(dtype, gate_file, overrides)
-        result = run_alignment(opts)
-    except CkptBridgeError as exc:
-        click.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(EXIT_USAGE)
-    checks = evaluate(result.rows, thresholds, list(result.meta["modes"]), result.num_layers)
     name = run_name or f"{preset or Path(hf_path).name}-{dtype}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(out_root) / name
+    try:
+        thresholds = load_thresholds(dtype, gate_file, overrides)
+        with collected_stderr(out_dir / "stderr.log") as log:
+            try:
+                result = run_alignment(opts)
+            except CkptBridgeError:
+                raise
+            except Exception:  # an internal crash: traceback to the log, one line (exit 3) on the terminal
+                traceback.print_exc()
+                raise
+    except CkptBridgeError as exc:
+        click.secho(f"error: {str(exc).splitlines()[0]}", fg="red", err=True)
+        sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        last = (str(exc).strip().splitlines() or [""])[-1]
+        click.secho(f"internal error: {type(exc).__name__}: {last} (traceback in {out_dir / 'stderr.log'})", fg="red", err=True)
+        sys.exit(EXIT_INTERNAL)
+    click.echo(log.summary())
+    checks = evaluate(result.rows, thresholds, list(result.meta["modes"]), result.num_layers, result.routing)
     paths = write_report(result, out_dir, checks, _command(click.get_current_context()))
     failed = [c for c in checks if not c.passed]
+    for s in result.skipped:
+        click.echo(f"skipped {s.name}: {s.skipped}")
+    if result.meta.get("hf_attention_note"):
+        click.echo(f"note: {result.meta['hf_attention_note']}")
     click.echo(f"report: {paths['report']}")
     click.echo(f"gate: {'FAILED' if failed else 'passed'} ({len(checks) - len(failed)}/{len(checks)} checks)")
     for c in failed:

@@ -18,6 +18,13 @@ only to that dtype::
     logits: {max_abs: 1.0e-4, min_top1: 1.0, max_kl: 1.0e-4, min_cosine: 0.9999}
     points: {min_cosine: 0.9999, max_rel_err: 1.0e-5}
     probe:  {max_abs: 1.0e-4, min_top1: 1.0, max_kl: 1.0e-4, min_cosine: 0.9999, max_growth: 2.0}
+    routing: {min_routing_agreement: 1.0}
+
+``routing.min_routing_agreement`` gates every MoE layer of the baseline (each mode and probe
+position): the share of tokens whose top-k expert set is the same in HF and MCore.  fp32 must
+route every token identically (1.0); in bf16/fp16 the router logits round differently and a
+near-tie between the k-th and (k+1)-th expert may flip, so the default allows 10 % of tokens
+(measured: random-init tiny Qwen3-MoE / DeepSeek-V3 / Mixtral flip 1-3 of 64 tokens, 0.95-0.98).
 """
 
 from __future__ import annotations
@@ -33,20 +40,22 @@ import yaml
 
 from ..errors import CkptBridgeError
 
-GROUPS = ("logits", "points", "probe")
-KEYS = ("max_abs", "min_top1", "max_kl", "min_cosine", "max_rel_err", "max_growth")
+GROUPS = ("logits", "points", "probe", "routing")
+KEYS = ("max_abs", "min_top1", "max_kl", "min_cosine", "max_rel_err", "max_growth", "min_routing_agreement")
 _METRIC = {"max_abs": "max_abs", "min_top1": "top1", "max_kl": "kl", "min_cosine": "cosine", "max_rel_err": "rel_err",
-           "max_growth": "growth"}
+           "max_growth": "growth", "min_routing_agreement": "topk_agreement"}
 
 Thresholds = dict[str, dict[str, float]]
 
 DEFAULTS: dict[str, Thresholds] = {
     "fp32": {"logits": {"max_abs": 1e-4, "min_top1": 1.0, "max_kl": 1e-4},
              "points": {"min_cosine": 0.9999},
-             "probe": {"max_abs": 1e-4, "min_top1": 1.0, "max_kl": 1e-4}},
+             "probe": {"max_abs": 1e-4, "min_top1": 1.0, "max_kl": 1e-4},
+             "routing": {"min_routing_agreement": 1.0}},
     "bf16": {"logits": {"max_kl": 0.015, "min_cosine": 0.99},
              "points": {"min_cosine": 0.99},
-             "probe": {"max_kl": 0.015, "min_cosine": 0.99, "max_growth": 2.0}},
+             "probe": {"max_kl": 0.015, "min_cosine": 0.99, "max_growth": 2.0},
+             "routing": {"min_routing_agreement": 0.9}},
 }
 DEFAULTS["fp16"] = DEFAULTS["bf16"]
 
@@ -141,8 +150,10 @@ def _isnan(v: Any) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
-def evaluate(rows: list[dict[str, Any]], thresholds: Thresholds, modes: list[str], num_layers: int) -> list[Check]:
-    """Judge the *baseline* setting: logits and per-layer points in each mode, and each probe position."""
+def evaluate(rows: list[dict[str, Any]], thresholds: Thresholds, modes: list[str], num_layers: int,
+             routing: list[dict[str, Any]] | None = None) -> list[Check]:
+    """Judge the *baseline* setting: logits and per-layer points in each mode, each probe position,
+    and (MoE models) each MoE layer's routing agreement in every baseline pass."""
     base = [r for r in rows if r["setting"] == "baseline"]
     checks: list[Check] = []
     for mode in modes:
@@ -156,6 +167,11 @@ def evaluate(rows: list[dict[str, Any]], thresholds: Thresholds, modes: list[str
     for pos in sorted({r["position"] for r in base if r["mode"] == "probe"}):
         probe = [r for r in base if r["mode"] == "probe" and r["position"] == pos and r["point"] == "logits"]
         checks += _judge(f"probe@{pos}.logits", thresholds.get("probe", {}), probe)
+    base_routing = [{**r, "where": f"layer{r['layer']} ({r['mode']}" + (f"@{r['position']}" if r["position"] else "") + ")"}
+                    for r in routing or [] if r["setting"] == "baseline" and "topk_agreement" in r]
+    for layer in sorted({r["layer"] for r in base_routing}):
+        checks += _judge(f"routing.layer{layer}", thresholds.get("routing", {}),
+                         [r for r in base_routing if r["layer"] == layer], where_key="where")
     return checks
 
 

@@ -16,11 +16,29 @@ from .variants import HFRope, VariantContext
 BASELINE_ATTENTION = "sdpa"
 
 
-def load_hf(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """``from_pretrained`` in ``dtype`` with SDPA attention, in eval mode, on ``device``."""
+#: HF's attention when the model class does not support SDPA (Gemma 2: softcapping).
+FALLBACK_ATTENTION = "eager"
+
+
+def attention_implementation(path: Path) -> tuple[str, str]:
+    """``("sdpa", "")``, or ``("eager", why)`` when the checkpoint's HF class cannot run SDPA.
+
+    Decided from the class's ``_supports_sdpa`` before loading (``from_pretrained`` would raise
+    half-way through a run); the reason goes into report.md."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if cls is None or getattr(cls, "_supports_sdpa", False):
+        return BASELINE_ATTENTION, ""
+    return FALLBACK_ATTENTION, f"{cls.__name__} does not support SDPA, so HF runs {FALLBACK_ATTENTION} attention"
+
+
+def load_hf(path: Path, dtype: torch.dtype, device: str, attention: str = BASELINE_ATTENTION) -> torch.nn.Module:
+    """``from_pretrained`` in ``dtype`` with ``attention`` (see :func:`attention_implementation`), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=BASELINE_ATTENTION)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     return model.to(device).eval()
 
 

@@ -114,16 +114,14 @@ class McoreTensors:
         self.source.close()
 
 
-def hf_skeleton(weights: Weights, dtype: torch.dtype) -> tuple[torch.nn.Module, HFTensors]:
+def hf_skeleton(weights: Weights, dtype: torch.dtype, attention: str) -> tuple[torch.nn.Module, HFTensors]:
     """HF model with meta parameters; embedding, final norm and lm_head loaded."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .hf_side import BASELINE_ATTENTION
-
     config = AutoConfig.from_pretrained(weights.hf_path)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=BASELINE_ATTENTION)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     model.eval()
     load = HFTensors(weights.hf_path)
     dec = hf_decoder(model)
@@ -160,13 +158,16 @@ def mcore_skeleton(weights: Weights, dtype: torch.dtype) -> tuple[list[torch.nn.
 
 
 def run_layerwise(weights: Weights, sample: TokenSample, dtype: torch.dtype, settings: list[Setting],
-                  ctx: VariantContext, registry: dict[str, Ablation], positions: list[int]) -> list[dict[str, Any]]:
-    """Isolated-mode rows for every setting (and probe position), streaming both models."""
+                  ctx: VariantContext, registry: dict[str, Ablation], positions: list[int],
+                  hf_attention: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Isolated-mode metric rows and MoE routing rows for every setting (and probe position),
+    streaming both models."""
     from .hf_side import fill_context, run_hf
     from .mcore_side import McorePass, McoreSpec, run_pass
+    from .routing import compare_routing
     from .runner import probe_position_ids
 
-    hf, hf_load = hf_skeleton(weights, dtype)
+    hf, hf_load = hf_skeleton(weights, dtype, hf_attention)
     fill_context(hf, ctx)
     models, mc_load = mcore_skeleton(weights, dtype)
     spec = McoreSpec(str(weights.mcore_iter), 1, 1, dtype, "cpu")
@@ -174,6 +175,7 @@ def run_layerwise(weights: Weights, sample: TokenSample, dtype: torch.dtype, set
     mc_layers = [(layer, f"decoder.layers.{int(layer.layer_number) - 1}.") for layer in models[0].decoder.layers]
     num_layers = len(mc_layers)
     rows: list[dict[str, Any]] = []
+    routing: list[dict[str, Any]] = []
     try:
         for s in settings:
             for mode, offset in [("isolated", 0)] + [("probe", p) for p in (positions if s.probed else [])]:
@@ -184,7 +186,9 @@ def run_layerwise(weights: Weights, sample: TokenSample, dtype: torch.dtype, set
                 p = McorePass(f"{s.name}|{mode}|{offset}", sample.ids, s.mcore_variants, inject, tuple(pos) if pos else None)
                 with streaming(mc_layers, mc_load):
                     caps = run_pass(models, spec, p, ctx)
-                rows += compare_captures(ref, caps, sample.ids, num_layers, {"setting": s.name, "mode": mode, "position": offset})
+                base = {"setting": s.name, "mode": mode, "position": offset}
+                rows += compare_captures(ref, caps, sample.ids, num_layers, base)
+                routing += compare_routing(ref, caps, base, int(sample.ids.shape[1]))
     finally:
         mc_load.close()
-    return rows
+    return rows, routing

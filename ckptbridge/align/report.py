@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import plots
 from .gate import Check, checks_json, write_junit
+from .routing_report import routing_plot, routing_section, skipped_section
 from .runner import BASELINE, AlignResult
 from .table import ablation_table, contribution_basis, display_table, markdown
 
@@ -42,9 +43,10 @@ def _facts(result: AlignResult, command: str | None) -> str:
         ("device", m["environment"]["device"]),
         ("MCore layout", f"TP={m['tp']} PP={m['pp']}" + (" (gloo worker processes)" if m["tp"] * m["pp"] > 1 else " (in-process gloo, world size 1)")),
         ("modes", ", ".join(m["modes"]) + (" (layer-streaming, --layerwise)" if m["layerwise"] else "")),
-        ("HF attention (baseline)", m.get("hf_attention", "-")),
+        ("HF attention (baseline)", m.get("hf_attention", "-") + (f" ({m['hf_attention_note']})" if m.get("hf_attention_note") else "")),
         ("HF inv_freq dtype", m.get("hf_inv_freq_dtype", "-")),
         ("settings", ", ".join(s.name for s in result.settings)),
+        ("skipped (not applicable)", ", ".join(s.name for s in result.skipped) or "none"),
         ("emulated variants", ", ".join(s.name for s in result.settings if "emulated" in s.implementation) or "none"),
         ("wall time", f"{m.get('seconds', '?')} s"),
     ]
@@ -63,6 +65,26 @@ def _gate(checks: list[Check]) -> str:
     df = pd.DataFrame([{"check": c.name, "threshold": c.metric, "value": c.value, "limit": c.limit,
                         "result": "pass" if c.passed else "FAIL", "worst point": c.where} for c in checks])
     return head + " Thresholds apply to the baseline setting.\n\n" + markdown(df, ".4g")
+
+
+def rope_words(meta: dict[str, Any]) -> str:
+    """This checkpoint's RoPE in words, for the ``{rope}`` placeholder of recipe texts: a sentence
+    about rope scaling must be true for the model at hand (issue 11: "megatron's fixed llama3
+    parameters match" was printed for a model without any rope scaling)."""
+    rs = meta.get("rope_scaling") or {}
+    kind = rs.get("rope_type", rs.get("type", "default")) or "default"
+    if kind == "default":
+        return "plain RoPE without scaling"
+    if kind == "llama3":
+        return (f"llama3 scaling, factor {rs.get('factor')}, low/high frequency factors {rs.get('low_freq_factor')}/"
+                f"{rs.get('high_freq_factor')}, original length {rs.get('original_max_position_embeddings')}: "
+                "megatron's fixed values, which the mapping checks")
+    return f"{kind} scaling, factor {rs.get('factor')}"
+
+
+def _say(text: str, result: AlignResult) -> str:
+    """A recipe's why/same_because with its placeholders filled for this model."""
+    return text.format_map({"rope": rope_words(result.meta), "dtype": result.meta["dtype"]})
 
 
 def _ranking(result: AlignResult, table: pd.DataFrame) -> str:
@@ -89,20 +111,22 @@ def _ranking(result: AlignResult, table: pd.DataFrame) -> str:
         for i, row in enumerate(helpful.to_dict("records"), 1):
             s = by_name[row["setting"]]
             exact = " -- the logits become bit-identical to HF's" if row[basis] == 0 else ""
-            out.append(f"{i}. `{s.name}` ({s.side} side, {s.implementation}) removes {100 * row['contribution']:.1f} %{exact}: {s.why}")
+            out.append(f"{i}. `{s.name}` ({s.side} side, {s.implementation}) removes {100 * row['contribution']:.1f} %{exact}: {_say(s.why, result)}")
     if len(identical):
         out += ["", "**Bit-identical to the baseline at every point**, so this op is not where HF and MCore differ here:", ""]
-        out += [f"- `{r}` ({by_name[r].implementation}): {by_name[r].same_because or by_name[r].why}" for r in identical["setting"]]
+        out += [f"- `{r}` ({by_name[r].implementation}): {_say(by_name[r].same_because or by_name[r].why, result)}"
+                for r in identical["setting"]]
     if len(level):
         out += ["", f"**Different values, same error level** (within {100 * NOISE:.0f} % of the baseline: another rounding, "
                 "neither closer to HF nor further):", ""]
-        out += [f"- `{r['setting']}` ({by_name[r['setting']].implementation}, {100 * r['contribution']:+.1f} %): {by_name[r['setting']].why}"
+        out += [f"- `{r['setting']}` ({by_name[r['setting']].implementation}, {100 * r['contribution']:+.1f} %): "
+                f"{_say(by_name[r['setting']].why, result)}"
                 for r in level.to_dict("records")]
     if len(harmful):
         out += ["", "**Further from HF:**", ""]
         for r in harmful.sort_values("contribution", ascending=False).to_dict("records"):
             s = by_name[r["setting"]]
-            out.append(f"- `{s.name}` ({s.side} side, {s.implementation}) adds {-100 * r['contribution']:.1f} %: {s.why}")
+            out.append(f"- `{s.name}` ({s.side} side, {s.implementation}) adds {-100 * r['contribution']:.1f} %: {_say(s.why, result)}")
     hf_order = [s.name for s in result.settings if s.hf_order]
     if hf_order:
         best = rest.iloc[0]["setting"]
@@ -163,15 +187,20 @@ def write_report(result: AlignResult, out_dir: Path, checks: list[Check], comman
     paths = {"metrics_csv": out_dir / "metrics.csv", "ablations_csv": out_dir / "ablations.csv",
              "summary_json": out_dir / "summary.json", "junit": out_dir / "junit.xml", "report": out_dir / "report.md"}
     pd.DataFrame(result.rows).to_csv(paths["metrics_csv"], index=False)
+    if result.routing:
+        paths["routing_csv"] = out_dir / "routing.csv"
+        pd.DataFrame(result.routing).to_csv(paths["routing_csv"], index=False)
     table.to_csv(paths["ablations_csv"], index=False)
     figures = {
         "Error vs layer, every setting (propagated)": plots.error_vs_layer(result, plot_dir / "error_vs_layer.png"),
         "Propagated vs isolated, per setting": plots.propagated_vs_isolated(result, plot_dir / "propagated_vs_isolated.png"),
         "Long-position probe": plots.probe_plot(result, plot_dir / "probe.png"),
+        "MoE routing agreement and expert load": routing_plot(result, plot_dir / "routing.png"),
     }
     suite = f"ckptbridge.align.{result.meta.get('preset') or 'model'}.{result.meta['dtype']}"
     write_junit(checks, paths["junit"], suite, float(result.meta.get("seconds", 0.0)))
     summary = {"meta": result.meta, "command": command, "settings": [asdict(s) for s in result.settings],
+               "skipped": [asdict(s) for s in result.skipped], "routing": result.routing,
                "ablation_table": json.loads(table.to_json(orient="records")),
                "gate": {"passed": all(c.passed for c in checks), "checks": checks_json(checks)},
                "rows": result.rows}
@@ -187,7 +216,8 @@ def write_report(result: AlignResult, out_dir: Path, checks: list[Check], comman
         title=f"{result.meta.get('preset') or result.meta['architecture']}, {result.meta['dtype']}, {result.meta['environment']['device']}",
         verdict=verdict, run_facts=_facts(result, command), environment=_environment(result), gate=_gate(checks),
         ablation_table=markdown(display_table(result)), ranking=_ranking(result, table),
-        baseline_table=_baseline_table(result), probe=_probe(result), plots=_plots(figures, out_dir), files=files)
+        baseline_table=_baseline_table(result), probe=_probe(result), plots=_plots(figures, out_dir), files=files,
+        routing=routing_section(result), skipped=skipped_section(result))
     paths["report"].write_text(text)
     return paths
 

@@ -23,7 +23,8 @@ import torch
 from ..errors import CkptBridgeError
 from ..presets import load_preset
 from . import points as P
-from .ablations import Ablation, hf_side_names, layout_of, load_ablations, mcore_side_names, parts, select
+from .ablations import Ablation, hf_side_names, layout_of, load_ablations, mcore_side_names, not_applicable, parts, select
+from .applicability import layout_problem
 from .metrics import logit_metrics, tensor_metrics
 from .tokens import TokenSample, make_tokens
 from .variants import VariantContext
@@ -78,6 +79,7 @@ class Setting:
     tp: int = 1
     pp: int = 1
     probed: bool = False
+    skipped: str = ""  # why the recipe does not apply to this model (then it is not run)
 
 
 @dataclass
@@ -88,6 +90,8 @@ class AlignResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     num_layers: int = 0
     probe_positions: list[int] = field(default_factory=list)
+    routing: list[dict[str, Any]] = field(default_factory=list)  # one row per MoE layer x pass (routing.py)
+    skipped: list[Setting] = field(default_factory=list)  # recipes that do not apply, with .skipped set
 
     def setting(self, name: str) -> Setting:
         return next(s for s in self.settings if s.name == name)
@@ -201,13 +205,13 @@ def environment(opts: AlignOptions, ctx: VariantContext) -> dict[str, Any]:
                       else "local (pure PyTorch) spec",
         "tf32": "off",
         "deterministic_algorithms": "on (warn only)",
-        "sdpa": "torch default backend selection",
+        "sdpa": "torch default backend selection (when HF runs SDPA)",
         "hostname_os": f"{platform.system()} {platform.release()}",
     }
 
 
 def _settings(chosen: list[Ablation], registry: dict[str, Ablation], ctx: VariantContext, opts: AlignOptions) -> list[Setting]:
-    out = [Setting(BASELINE, "baseline", "-", "stock HF (SDPA) vs stock megatron-core (local spec)", "real", False,
+    out = [Setting(BASELINE, "baseline", "-", "stock HF vs stock megatron-core (local spec)", "real", False,
                    "the reference row", tp=opts.tp, pp=opts.pp, probed=True)]
     for ab in chosen:
         layout = layout_of(ab, registry)
@@ -216,6 +220,20 @@ def _settings(chosen: list[Ablation], registry: dict[str, Ablation], ctx: Varian
                            tp=int(layout.get("tp", opts.tp)), pp=int(layout.get("pp", opts.pp)),
                            probed=any(p.op == "rope" for p in parts(ab, registry))))
     return out
+
+
+def _applicable(settings: list[Setting], registry: dict[str, Ablation], args: dict[str, Any], hf_attention: str,
+                opts: AlignOptions) -> tuple[list[Setting], list[Setting]]:
+    """Split the settings into those that run and those that do not apply to this model (reason set)."""
+    run, skipped = [], []
+    for s in settings:
+        reason = None if s.name == BASELINE else not_applicable(registry[s.name], registry, args, hf_attention, opts.tp, opts.pp)
+        if reason:
+            s.skipped = reason
+            skipped.append(s)
+        else:
+            run.append(s)
+    return run, skipped
 
 
 def _check_options(opts: AlignOptions, settings: list[Setting]) -> None:
@@ -257,11 +275,18 @@ def _run(opts: AlignOptions, weights: Weights, dtype: torch.dtype, settings: lis
          registry: dict[str, Ablation], ctx: VariantContext, preset: dict[str, Any] | None) -> AlignResult:
     from .mcore_side import checkpoint_args
 
+    from .hf_side import attention_implementation
+
     cfg = weights.hf_config
     sample = make_tokens(weights.hf_path, int(cfg["vocab_size"]), opts.prompt, opts.tokens, opts.seq_len)
     margs = checkpoint_args(weights.mcore_iter)
     ctx.mcore_args = {k: v for k, v in vars(margs).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
     num_layers = int(margs.num_layers)
+    problem = layout_problem(ctx.mcore_args, opts.tp, opts.pp)
+    if problem:
+        raise CkptBridgeError(f"--tp {opts.tp} --pp {opts.pp}: {problem}")
+    hf_attention, attention_note = attention_implementation(weights.hf_path)
+    settings, skipped = _applicable(settings, registry, ctx.mcore_args, hf_attention, opts)
     positions = probe_positions(opts, preset, int(cfg.get("max_position_embeddings") or 0), sample.ids.shape[1])
     meta = {
         "preset": opts.preset, "hub_id": (preset or {}).get("hub_id"),
@@ -272,20 +297,19 @@ def _run(opts: AlignOptions, weights: Weights, dtype: torch.dtype, settings: lis
         "dtype": opts.dtype, "tp": opts.tp, "pp": opts.pp, "modes": list(opts.modes), "layerwise": opts.layerwise,
         "tokens": sample.source, "seq_len": int(sample.ids.shape[1]), "token_ids_head": sample.ids[0, :16].tolist(),
         "probe_positions": positions,
+        "hf_attention": hf_attention, "hf_attention_note": attention_note, "moe": bool(ctx.mcore_args.get("num_moe_experts")),
+        "skipped": {s.name: s.skipped for s in skipped},
         "probe_method": ("the sample's first half at position ids 0..h-1 and its second half at P..P+h-1, so the second "
                          "half attends across a distance of about P (HF: position_ids with an explicit all-ones mask; "
                          "MCore: a hook takes rows 0..h-1 and P.. of megatron's own RotaryEmbedding output), instead of a "
                          "P-token sequence whose attention would cost O(P^2)"),
         "environment": environment(opts, ctx),
     }
-    result = AlignResult(opts, meta, settings, num_layers=num_layers, probe_positions=positions)
+    result = AlignResult(opts, meta, settings, num_layers=num_layers, probe_positions=positions, skipped=skipped)
     if opts.layerwise:
         from .layerwise import run_layerwise
 
-        from .hf_side import BASELINE_ATTENTION
-
-        result.rows = run_layerwise(weights, sample, dtype, settings, ctx, registry, positions)
-        meta["hf_attention"] = BASELINE_ATTENTION
+        result.rows, result.routing = run_layerwise(weights, sample, dtype, settings, ctx, registry, positions, hf_attention)
     else:
         _run_in_memory(result, weights, sample, dtype, registry, ctx)
     add_probe_growth(result.rows, dtype)
@@ -294,13 +318,13 @@ def _run(opts: AlignOptions, weights: Weights, dtype: torch.dtype, settings: lis
 
 def _run_in_memory(result: AlignResult, weights: Weights, sample: TokenSample, dtype: torch.dtype,
                    registry: dict[str, Ablation], ctx: VariantContext) -> None:
-    from .hf_side import BASELINE_ATTENTION, fill_context, inv_freq_dtype, load_hf, run_hf
+    from .hf_side import fill_context, inv_freq_dtype, load_hf, run_hf
     from .mcore_side import McorePass, McoreRunner, McoreSpec
+    from .routing import compare_routing
 
     opts, tokens = result.options, sample.ids
-    hf = load_hf(weights.hf_path, dtype, opts.device)
+    hf = load_hf(weights.hf_path, dtype, opts.device, result.meta["hf_attention"])
     fill_context(hf, ctx)
-    result.meta["hf_attention"] = BASELINE_ATTENTION
     result.meta["hf_inv_freq_dtype"] = inv_freq_dtype(hf)
 
     hf_caps: dict[tuple[tuple[str, ...], int], dict[str, torch.Tensor]] = {}
@@ -331,5 +355,6 @@ def _run_in_memory(result: AlignResult, weights: Weights, sample: TokenSample, d
             runner.close()
         for p, s, mode, offset in items:
             base = {"setting": s.name, "mode": mode, "position": offset}
-            result.rows += compare_captures(hf_caps[(s.hf_variants, offset)], caps.pop(p.key), tokens,
-                                            result.num_layers, base)
+            mc = caps.pop(p.key)
+            result.rows += compare_captures(hf_caps[(s.hf_variants, offset)], mc, tokens, result.num_layers, base)
+            result.routing += compare_routing(hf_caps[(s.hf_variants, offset)], mc, base, int(tokens.shape[1]))

@@ -48,10 +48,15 @@ EXIT_USAGE = 2
 @click.option("--run", "run_name", default=None, help="Report folder name (default: converge-<model>-<dtype>-<time>).")
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Keep converted weights and resume checkpoints here (default: a temporary folder).")
+@click.option("--save", "save_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Keep the baseline's trained model and optimizer here, laid out as Megatron-LM's save_checkpoint "
+                   "writes them at the run's --tp/--pp (latest_checkpointed_iteration.txt, iter_NNNNNNN/).")
+@click.option("--save-format", type=click.Choice(["torch_dist", "torch"]), default="torch_dist", show_default=True,
+              help="Megatron-LM's --ckpt-format for --save: torch_dist, or the legacy per-rank torch files.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-step progress lines.")
 def converge(preset, hf_path, mcore_path, random_init, layers, shrink, seed, variants, no_envelope, steps, lr, warmup,
              micro_batch_size, num_microbatches, seq_len, dtype, tp, pp, data, data_seed, rtol, resume_rtol, resume_at,
-             no_step0, out_root, run_name, work_dir, quiet):
+             no_step0, out_root, run_name, work_dir, save_dir, save_format, quiet):
     """Short megatron-core training runs that confirm a converted checkpoint still converges.
 
     Every variant trains the same weights on the same batches with megatron-core's GPTModel, DDP,
@@ -59,7 +64,9 @@ def converge(preset, hf_path, mcore_path, random_init, layers, shrink, seed, var
     max(rtol x loss, envelope), the envelope being the baseline's distance to itself on another batch
     order.  Variants marked `resume` also save at --resume-at (default: 5 steps before the end), reload in a fresh process and must continue
     the uninterrupted curve (optimizer state survives the reload).  The first batch's loss is checked
-    against HF's.  Writes report.md, summary.json, losses.csv, junit.xml and loss_curves.png.
+    against HF's.  --save keeps the baseline's trained model and optimizer as Megatron-LM's
+    save_checkpoint writes them (args, RNG states and scheduler included).  Writes report.md,
+    summary.json, losses.csv, junit.xml and loss_curves.png.
 
     Exit status: 0 when every verdict passes, 1 when one fails, 2 on a usage or input error.
 
@@ -68,6 +75,7 @@ def converge(preset, hf_path, mcore_path, random_init, layers, shrink, seed, var
       ckptbridge converge --model llama3.2-1b --random-init --layers 2 --steps 30 --variants baseline,offload,fp8
       ckptbridge converge --hf ./Llama-3.2-1B --data corpus.jsonl --steps 50 --tp 2
       ckptbridge converge --model qwen3-8b --random-init --layers 2 --shrink --variants broken-resume
+      ckptbridge converge --hf ./Llama-3.2-1B --steps 20 --tp 2 --pp 2 --save ./trained --save-format torch_dist
     """
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
     from .report import write_report
@@ -81,7 +89,7 @@ def converge(preset, hf_path, mcore_path, random_init, layers, shrink, seed, var
                            warmup=warmup, micro_batch_size=micro_batch_size, num_microbatches=num_microbatches,
                            seq_len=seq_len, dtype=dtype, tp=tp, pp=pp, data=data, data_seed=data_seed, rtol=rtol,
                            resume_rtol=resume_rtol, resume_at=resume_at, step0=not no_step0, work_dir=work_dir,
-                           verbose=not quiet)
+                           save=save_dir, save_format=save_format, verbose=not quiet)
     t0 = time.perf_counter()
     try:
         result = run_converge(opts, progress=lambda msg: click.echo(msg, err=True))

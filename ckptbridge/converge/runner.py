@@ -21,6 +21,7 @@ from ..errors import CkptBridgeError
 from ..formats.mcore_common import iteration_dir
 from ..presets import load_preset
 from .data import TokenStream, load_stream
+from .megatron_save import MegatronSave
 from .trainer import TrainJob, run_job
 from .variants import ENVELOPE, Variant, select
 from .verdict import (DEFAULT_RESUME_RTOL, DEFAULT_RTOL, Verdict, envelope, judge_curve, judge_falls, judge_resume,
@@ -57,6 +58,8 @@ class ConvergeOptions:
     step0: bool = True
     work_dir: Path | None = None
     verbose: bool = False  # a progress line per training step (stderr)
+    save: Path | None = None  # keep the baseline's trained model + optimizer here, as Megatron-LM saves
+    save_format: str = "torch_dist"  # or "torch" (Megatron-LM's --ckpt-format)
 
 
 @dataclass
@@ -147,11 +150,13 @@ def hf_first_batch_loss(hf_path: Path, stream: TokenStream, opts: ConvergeOption
     return float(torch.stack(losses).mean())
 
 
-def _run_variant(v: Variant, base: TrainJob, work: Path, resume_at: int, progress: Any, verbose: bool) -> Curve:
+def _run_variant(v: Variant, base: TrainJob, work: Path, resume_at: int, progress: Any, verbose: bool,
+                 megatron_save: MegatronSave | None = None) -> Curve:
     save_dir = str(work / "resume" / v.name) if v.resume else None
     job = replace(base, optimizer=dict(v.optimizer), fp8=v.fp8, data_seed=base.data_seed + v.data_seed,
                   save_at=resume_at if v.resume else None, save_dir=save_dir,
-                  step0_batch=v.name == "baseline", label=v.name if verbose else "")
+                  step0_batch=v.name == "baseline", label=v.name if verbose else "",
+                  megatron_save=megatron_save if v.name == "baseline" else None)
     t0 = time.perf_counter()
     out = run_job(job)
     curve = Curve(v, out["rows"], implementation=out.get("optimizer", ""), fp8=out.get("fp8"),
@@ -159,7 +164,7 @@ def _run_variant(v: Variant, base: TrainJob, work: Path, resume_at: int, progres
     curve.rows[0]["step0_loss"] = out.get("step0_loss")
     curve.rows[0]["step0_loss_padded_vocab"] = out.get("step0_loss_padded_vocab")
     if v.resume:
-        again = run_job(replace(job, save_at=None, save_dir=None, resume_from=save_dir, fault=v.fault,
+        again = run_job(replace(job, save_at=None, save_dir=None, megatron_save=None, resume_from=save_dir, fault=v.fault,
                                 step0_batch=False, label=f"{v.name} (resumed)" if verbose else ""))
         curve.resumed = again["rows"]
     progress(f"{v.name}: {len(curve.rows)} steps, loss {curve.losses[0]:.4f} -> {curve.losses[-1]:.4f} "
@@ -207,7 +212,11 @@ def run_converge(opts: ConvergeOptions, progress: Any = print) -> ConvergeResult
                         data_seed=opts.data_seed)
         progress(f"weights: {source}")
         progress(f"data: {stream.source}")
-        curves = [_run_variant(v, base, work, resume_at, progress, opts.verbose) for v in variants]
+        saved = MegatronSave(str(opts.save), opts.save_format) if opts.save is not None else None
+        curves = [_run_variant(v, base, work, resume_at, progress, opts.verbose, saved) for v in variants]
+        if saved is not None:
+            progress(f"saved the baseline's model and optimizer after {opts.steps} steps as Megatron-LM does "
+                     f"({opts.save_format}): {opts.save}")
         hf_loss = hf_first_batch_loss(hf_path, stream, opts) if (opts.step0 and hf_path is not None) else None
         verdicts = verdicts_for(curves, opts, resume_at, hf_loss)
         meta = _meta(opts, source, stream, resume_at, hf_loss, variants)

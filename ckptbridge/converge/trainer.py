@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .data import TokenStream
+from .megatron_save import MegatronSave
 
 # Optimizer settings of every run (OptimizerConfig fields); a variant's ``optimizer:`` overrides them.
 BASE_OPTIMIZER: dict[str, Any] = dict(
@@ -43,6 +44,7 @@ class TrainJob:
     dtype: torch.dtype = torch.float32
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert-parallel size (MoE); the world is tp x pp x ep ranks
     seed: int = 1234
     data_seed: int = 0
     optimizer: dict[str, Any] = field(default_factory=dict)
@@ -53,10 +55,16 @@ class TrainJob:
     fault: str | None = None
     step0_batch: bool = False  # also return the loss of the first batch *before* any update
     label: str = ""  # prefix of the per-step progress lines; empty: silent
+    megatron_save: MegatronSave | None = None  # after the last step, save as Megatron-LM's save_checkpoint
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp
+        return self.tp * self.pp * self.ep
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per step over all data-parallel replicas (each replica sees the same batches)."""
+        return self.micro_batch_size * self.num_microbatches * self.world // (self.tp * self.pp)
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -115,9 +123,10 @@ class _Run:
         from ..mcore.compat import host_as_device
 
         self.job = job
-        args = checkpoint_args(job.iter_dir, job.tp, job.pp)
+        args = checkpoint_args(job.iter_dir, job.tp, job.pp, job.ep)
+        self.start_args = args
         self.vocab_size = int(args.vocab_size)
-        mm.init_parallel(job.tp, job.pp, seed=job.seed, create_gloo_process_groups=True)
+        mm.init_parallel(job.tp, job.pp, seed=job.seed, create_gloo_process_groups=True, ep=job.ep)
         overrides: dict[str, Any] = {}
         self.fp8_label: str | None = None
         self.fp8_real = False
@@ -142,8 +151,16 @@ class _Run:
         opt_config = _optimizer_config(job)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                    use_distributed_optimizer=opt_config.use_distributed_optimizer)
-        self.ddp = [DistributedDataParallel(config, ddp_config, m) for m in self.models]
+        wrapped: list[Any] = list(self.models)
+        if job.dtype != torch.float32 and not self.fp8_real and (config.bf16 or config.fp16):
+            # Megatron-LM's get_model wraps half-precision models in Float16Module, which casts every
+            # parameter -- the local spec's fp32 norm weights too -- to the training dtype
+            from megatron.core.transformer.module import Float16Module
+
+            wrapped = [Float16Module(config, m) for m in self.models]
+        self.ddp = [DistributedDataParallel(config, ddp_config, m) for m in wrapped]
         self._distributed = bool(opt_config.use_distributed_optimizer)
+        self.opt_config = opt_config
         with host_as_device():
             self.optimizer = get_megatron_optimizer(opt_config, self.ddp)
         _fused_adam_on_cpu(self.optimizer)
@@ -199,6 +216,23 @@ class _Run:
             self.fp8.load_state_dict(state["fp8"])
         self.start_step = int(state["iteration"])
 
+    def save_megatron_lm(self, step: int, save: MegatronSave) -> Path:
+        """This run at ``step`` as Megatron-LM's ``save_checkpoint`` writes it (model, optimizer, args, RNG)."""
+        from dataclasses import fields
+
+        from .megatron_save import RunFacts, megatron_lm_args, save_megatron_lm, training_flops
+
+        j = self.job
+        optimizer = {f.name: getattr(self.opt_config, f.name) for f in fields(self.opt_config)
+                     if f.name in {"optimizer", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad"}}
+        facts = RunFacts(iteration=step, train_iters=j.steps, dtype=j.dtype, tp=j.tp, pp=j.pp, ep=j.ep,
+                         world=j.world, micro_batch_size=j.micro_batch_size, global_batch_size=j.global_batch_size,
+                         seq_length=j.seq_len, lr=j.lr, warmup=j.warmup, seed=j.seed, optimizer=optimizer,
+                         use_distributed_optimizer=self._distributed, save=save)
+        flops = training_flops(self.models, step * j.global_batch_size * j.seq_len)
+        return save_megatron_lm(self.models, self.optimizer, megatron_lm_args(self.start_args, facts), step, save,
+                                flops)
+
     # ---------------------------------------------------------------- training
 
     def _forward_step(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
@@ -213,7 +247,9 @@ class _Run:
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             loss = per_token.float().mean()
-            return loss, {"lm loss": loss.detach()}
+            # a copy: the schedule divides the returned loss by num_microbatches in place
+            # (schedules.py:263-269), which a detach() view would share
+            return loss, {"lm loss": loss.detach().clone()}
 
         return output, loss_func
 
@@ -293,6 +329,8 @@ def train_worker(rank: int, world: int, job: TrainJob) -> dict[str, Any]:
     if job.resume_from:
         run.resume(job.resume_from)
     rows = run.train(job.steps)
+    if job.megatron_save is not None:
+        run.save_megatron_lm(job.steps, job.megatron_save)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0
     out: dict[str, Any] = {"reporter": last, "rows": rows if last else [],
                            "step0_loss": step0[0] if last and step0 else None,

@@ -10,7 +10,8 @@ import torch
 from ..errors import FormatError
 from ..staging import MARKER as STAGING_MARKER
 from ..spec import ModelSpec, PlannedTensor
-from .hf import HFSource
+from ..config_source import ConfigOptions
+from .hf import HFSource, asset_files
 from .legacy import RANK_DIR, LegacySource
 from .mcore_common import ASSETS_DIR, checkpoint_root, iteration_dir
 from .torch_dist import TorchDistSource
@@ -26,7 +27,7 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: Path, iteration: int | None = None) -> str:
     """``hf``, ``torch_dist`` or ``torch`` (legacy)."""
     path = Path(path)
     if not path.exists():
@@ -37,7 +38,7 @@ def detect_format(path: Path) -> str:
                               "not a checkpoint (convert --clean removes such leftovers)")
     if (path / "config.json").exists():
         return "hf"
-    it = iteration_dir(path)
+    it = iteration_dir(path, iteration)
     if (it / "metadata.json").exists() or (it / ".metadata").exists():
         return "torch_dist"
     if any(RANK_DIR.match(p.name) for p in it.iterdir()):
@@ -45,20 +46,40 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{it}: neither torch_dist (metadata.json) nor legacy (mp_rank_*) checkpoint")
 
 
-def open_source(path: Path, expect: str | None = None) -> Source:
-    """Open ``path``; ``expect`` is ``hf`` or ``mcore`` (from --src) and must agree with what is found."""
-    fmt = detect_format(path)
+def open_source(path: Path, expect: str | None = None, config: ConfigOptions | None = None,
+                iteration: int | None = None) -> Source:
+    """Open ``path``; ``expect`` is ``hf`` or ``mcore`` (from --src) and must agree with what is found.
+    ``config`` says where an MCore checkpoint's HF config comes from when ckptbridge did not write it;
+    ``iteration`` picks an ``iter_NNNNNNN`` folder instead of the tracker's."""
+    fmt = detect_format(path, iteration)
     family = "hf" if fmt == "hf" else "mcore"
     if expect and expect != family:
         raise FormatError(f"{path}: --src {expect} given, but this is an {family} checkpoint ({fmt})")
     if fmt == "hf":
         return HFSource(path)
-    it = iteration_dir(path)
-    return TorchDistSource(it) if fmt == "torch_dist" else LegacySource(it)
+    it = iteration_dir(path, iteration)
+    return TorchDistSource(it, config) if fmt == "torch_dist" else LegacySource(it, config)
 
 
-def source_assets(path: Path, source: Source) -> list[Path]:
+def source_assets(path: Path, source: Source, config: ConfigOptions | None = None) -> list[Path]:
+    """Tokenizer and generation-config files that travel with a conversion: the HF folder's, else those
+    of the ``--hf-config`` folder, else those ckptbridge stored beside an MCore checkpoint."""
     if isinstance(source, HFSource):
         return source.assets()
+    if config is not None and config.asset_folder() is not None:
+        return asset_files(config.asset_folder())
     folder = checkpoint_root(Path(path)) / ASSETS_DIR
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def source_notes(source: Source) -> tuple[str, ...]:
+    """What a user must know about an MCore source: who wrote it, where its HF config came from, what
+    was left out (optimizer state is never converted)."""
+    common = getattr(source, "common", None)
+    if common is None:
+        return ()
+    out = [f"source: {common.producer} checkpoint, iteration {common.iteration}; HF config: {common.origin}"]
+    skipped = source.training_state()
+    if skipped.entries:
+        out.append(f"dropped training state: {skipped.describe()}")
+    return (*out, *common.notes)

@@ -27,12 +27,27 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 
 
 def asset_files(folder: Path) -> list[Path]:
-    """Files that travel with the model but are not weights (tokenizer, generation config...)."""
-    return [
+    """Files that travel with the model but are not weights (tokenizer, generation config...). A symlink
+    must stay inside the folder, or point into the HF cache's ``blobs/`` of the same repository (the hub
+    cache's layout): anything else could copy a file from elsewhere on the machine into the output."""
+    out = [
         p for p in sorted(Path(folder).iterdir())
         if p.is_file() and p.name not in ("config.json", INDEX) and not p.name.endswith(WEIGHT_SUFFIXES)
         and not p.name.endswith(".index.json")
     ]
+    for p in out:
+        if p.is_symlink() and not inside_checkpoint(p, Path(folder)):
+            raise FormatError(f"{p}: a symlink to {p.resolve()}, outside the checkpoint folder; refusing to copy it")
+    return out
+
+
+def inside_checkpoint(path: Path, folder: Path) -> bool:
+    """Whether ``path`` resolves inside ``folder`` or, for an HF-cache snapshot, its repository's blobs."""
+    target, root = path.resolve(), folder.resolve()
+    allowed = [root]
+    if folder.parent.name == "snapshots":
+        allowed.append(folder.parent.parent.resolve() / "blobs")
+    return any(target == a or a in target.parents for a in allowed)
 
 
 class HFSource:
@@ -54,6 +69,8 @@ class HFSource:
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise FormatError(f"{index_path}: corrupt index ({exc})") from None
             for name in sorted(set(weight_map.values())):
+                if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                    raise FormatError(f"{index_path}: names {name!r}, which is not a file inside the checkpoint folder")
                 self.files[name] = SafetensorsFile(self.folder / name)
             for tensor, fname in weight_map.items():
                 if tensor not in self.files[fname].entries:
@@ -136,8 +153,13 @@ class HFSource:
     def assets(self) -> list[Path]:
         return asset_files(self.folder)
 
+    def check_unchanged(self) -> None:
+        for f in self.files.values():
+            f.check_unchanged()
+
     def close(self) -> None:
-        pass
+        for f in self.files.values():
+            f.close()
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -25,6 +25,7 @@ from ..errors import FormatError, LayoutError, PlanError
 from ..fileio import CheckedFile, check_size, pwrite_all
 from ..layout import ParallelLayout, StageChunk
 from ..sharding import merge, split
+from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
 from .mcore_common import (
     CHECKPOINT_VERSION,
@@ -34,7 +35,8 @@ from .mcore_common import (
     open_fd,
     read_storage,
     safe_load,
-    spec_from_record,
+    CommonState,
+    SkippedState,
 )
 
 RANK_DIR = re.compile(r"^mp_rank_\d{2}(?:_\d{3}){0,2}$")
@@ -144,13 +146,14 @@ def write_legacy(
     dtype: torch.dtype,
     spec_name: str,
     progress: Callable[[int], None],
+    iteration: int = 0,
 ) -> None:
     """Write every rank file of ``layout``; ``read`` yields canonical tensors already in ``dtype``."""
     if layout.expert_tp not in (1, layout.tp):
         raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
     grouped = bool(margs.get("moe_grouped_gemm"))
     placement = slots(spec, layout, spec_name, grouped)
-    ns = args_namespace(margs)
+    ns = args_namespace(margs, iteration)
     record = bridge_record(spec, spec_name)
     for pp in range(layout.pp):
         # every (TP, EP) file of the stage at once: each canonical tensor is read once, however many
@@ -162,7 +165,7 @@ def write_legacy(
                 path = iter_dir / rank_dir_name(rank[0], pp, layout, rank[1]) / FILE
                 mine = [(pt, slot) for pt, slot in todo if slot.ep in (None, rank[1])]
                 files[rank] = _lay_out(path, spec, layout, margs, dtype, pp, rank[1], grouped, mine,
-                                       {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                                       {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
                                         "ckptbridge": record}, spec_name)
             for pt, slot in todo:
                 canonical = pt.to_stored(read(pt), margs)
@@ -236,22 +239,31 @@ def _local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayou
     return tuple(shape)
 
 
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside a nested state (dicts, lists) loaded on the meta device."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
 class LegacySource:
     """Canonical tensors read from a legacy checkpoint (strictly inventoried first)."""
 
     format = "torch"
 
-    def __init__(self, iter_dir: Path):
+    def __init__(self, iter_dir: Path, options: ConfigOptions | None = None):
         self.iter_dir = Path(iter_dir)
         dirs = sorted(p.name for p in self.iter_dir.iterdir() if p.is_dir() and RANK_DIR.match(p.name))
         if not dirs:
             raise FormatError(f"{self.iter_dir}: no mp_rank_* folders")
         first_path = self.iter_dir / dirs[0] / FILE
-        head = safe_load(first_path, map_location="meta")
-        if "args" not in head:
-            raise FormatError(f"{first_path}: no 'args' in the checkpoint")
-        self.margs = vars(head["args"])
-        self.spec = spec_from_record(head.get("ckptbridge"), first_path)
+        head = safe_load(first_path, map_location="meta")  # structure only: no tensor (model or optimizer) is read
+        self.common = CommonState.from_dict(head, first_path, options)
+        self.spec, self.margs = self.common.spec, self.common.margs
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
         expected = {rank_dir_name(t, p, self.layout, e): (t, p, e) for t, p, e in all_ranks(self.layout)}
@@ -267,11 +279,30 @@ class LegacySource:
         self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")))
         self._fds: dict[Rank, int] = {}
 
+    def training_state(self) -> SkippedState:
+        """Optimizer and RNG state in the rank files and the distributed optimizer's files beside them
+        (``distrib_optim.pt``): never read, only counted."""
+        entries, size, kinds = 0, 0, set()
+        for sd in self.meta.values():
+            for key, value in sd.items():
+                if key.startswith("model") or key in ("args", "ckptbridge"):
+                    continue
+                tensors = [t for t in _tensors_in(value)]
+                if key in ("optimizer", "rng_state", "opt_param_scheduler") or tensors:
+                    kinds.add("optimizer state" if key == "optimizer" else key)
+                    entries += max(1, len(tensors))
+                    size += sum(t.numel() * t.element_size() for t in tensors)
+        for path in sorted(self.iter_dir.glob("mp_rank_*/distrib_optim.pt")):
+            kinds.add("distributed optimizer (distrib_optim.pt)")
+            entries += 1
+            size += path.stat().st_size
+        return SkippedState(entries, size, tuple(sorted(kinds)))
+
     def _dtype(self) -> torch.dtype:
         for sd in self.meta.values():
             for mk, models in sd.items():
                 if mk.startswith("model") and models:
-                    return next(v.dtype for v in models.values() if isinstance(v, torch.Tensor))
+                    return next(v.dtype for k, v in models.items() if isinstance(v, torch.Tensor) and not is_extra_state(k))
         raise FormatError(f"{self.iter_dir}: checkpoint holds no tensors")
 
     def verify(self) -> None:

@@ -5,37 +5,55 @@ and safe ``.pt`` loading."""
 from __future__ import annotations
 
 import argparse
+import re
 import os
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
 from .. import __version__
 from ..errors import FormatError
+from ..config_source import ConfigOptions, checkpoint_args, resolve
+from ..megatron_args import full_megatron_lm_args
 from ..fileio import write_text
 from ..spec import ModelSpec
+from .safe_globals import megatron_globals
 from .safetensors_io import read_into
 
 CHECKPOINT_VERSION = 3.0
 RELEASE = "release"
 ASSETS_DIR = "hf_assets"  # tokenizer / generation config travel here, beside the iteration folders
-_SAFE_GLOBALS = [argparse.Namespace]
 TRAINING_STATE_PREFIXES = ("optimizer", "rng_state", "rerun_state_machine_state", "opt_param_scheduler")
 
 
 def is_training_state(key: str) -> bool:
-    """Entries a training checkpoint carries besides the model (kept out of conversions, reported)."""
-    return key.startswith(TRAINING_STATE_PREFIXES)
+    """Entries a training checkpoint carries besides the model (kept out of conversions, reported).
+    A ChainedOptimizer (MoE: dense and expert parameters; Megatron-LM with several param groups)
+    prefixes each of its optimizers' entries with ``chained_N.``."""
+    return _CHAINED.sub("", key, count=1).startswith(TRAINING_STATE_PREFIXES)
+
+
+_CHAINED = re.compile(r"^chained_\d+\.")
 
 
 def is_extra_state(key: str) -> bool:
     return key.endswith("_extra_state") or "._extra_state/" in key
 
 
-def iteration_dir(root: Path) -> Path:
-    """``root`` itself when it is an iteration folder, else the one ``latest_checkpointed_iteration.txt`` names."""
+def iteration_dir(root: Path, iteration: int | None = None) -> Path:
+    """``root`` itself when it is an iteration folder; else ``iter_NNNNNNN`` for ``iteration``; else the
+    folder ``latest_checkpointed_iteration.txt`` names (a number or ``release``), as Megatron-LM loads."""
     root = Path(root)
+    if iteration is not None:
+        sub = root / f"iter_{int(iteration):07d}"
+        if root.name.startswith("iter_") or root.name == RELEASE:
+            raise FormatError(f"{root}: --iteration selects a folder inside a checkpoint root, not an iteration folder")
+        if not sub.is_dir():
+            have = sorted(p.name for p in root.glob("iter_*") if p.is_dir()) if root.is_dir() else []
+            raise FormatError(f"{sub}: no such iteration folder (found: {', '.join(have) or 'none'})")
+        return sub
     tracker = root / "latest_checkpointed_iteration.txt"
     if not tracker.exists():
         if root.name == RELEASE or root.name.startswith("iter_"):
@@ -56,18 +74,26 @@ def checkpoint_root(path: Path) -> Path:
 
 
 def safe_load(path: Path, **kwargs: Any) -> Any:
-    """``torch.load`` with ``weights_only=True`` and only the classes MCore checkpoints need."""
-    torch.serialization.add_safe_globals(_SAFE_GLOBALS)
+    """``torch.load`` with ``weights_only=True`` and only the classes Megatron checkpoints need
+    (`safe_globals.allowed`): megatron's enums are read as stand-ins, no megatron code runs."""
     try:
-        return torch.load(path, weights_only=True, **kwargs)
+        with megatron_globals():
+            return torch.load(path, weights_only=True, **kwargs)
     except FileNotFoundError:
         raise FormatError(f"{path}: file is missing") from None
     except (RuntimeError, EOFError, ValueError) as exc:
-        raise FormatError(f"{path}: cannot be read as a torch checkpoint ({str(exc).splitlines()[0]})") from None
+        raise FormatError(f"{path}: cannot be read as a torch checkpoint ({_reason(exc)})") from None
     except Exception as exc:  # pickle.UnpicklingError and friends from a corrupt or unsafe file
         if type(exc).__module__.startswith(("pickle", "_pickle")):
-            raise FormatError(f"{path}: refused or corrupt pickle ({str(exc).splitlines()[0]})") from None
+            raise FormatError(f"{path}: refused or corrupt pickle ({_reason(exc)})") from None
         raise
+
+
+def _reason(exc: BaseException) -> str:
+    """torch's one line that names a refused class ("Unsupported global: GLOBAL x"), else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported global" in line]
+    return (named or lines or [type(exc).__name__])[0]
 
 
 def bridge_record(spec: ModelSpec, spec_name: str) -> dict[str, Any]:
@@ -76,6 +102,59 @@ def bridge_record(spec: ModelSpec, spec_name: str) -> dict[str, Any]:
     if spec.overrides:  # args the source's content decided (e.g. no MTP blocks), not config.json
         record["overrides"] = dict(spec.overrides)
     return record
+
+
+class SkippedState(NamedTuple):
+    """Training state a checkpoint holds beside the model (optimizer, RNG): never read, only counted."""
+
+    entries: int
+    bytes: int
+    kinds: tuple[str, ...]
+
+    def describe(self) -> str:
+        if not self.entries:
+            return "none"
+        return f"{', '.join(self.kinds)}: {self.entries} entries, {self.bytes / 2**20:.1f} MiB (not read)"
+
+
+@dataclass(frozen=True)
+class CommonState:
+    """An MCore checkpoint's non-tensor state: the model it holds (and where that description came
+    from), who wrote it, and at which iteration."""
+
+    spec: ModelSpec
+    margs: dict[str, Any]  # the checkpoint's Megatron args, under ckptbridge's names
+    producer: str  # "ckptbridge", "Megatron-LM" (or a trainer on it) or "Megatron-Bridge"
+    origin: str  # where the HF config came from
+    iteration: int | None
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, path: Path, options: ConfigOptions | None = None) -> "CommonState":
+        return cls.from_dict(safe_load(path), path, options)
+
+    @classmethod
+    def from_dict(cls, state: Any, where: Path, options: ConfigOptions | None = None) -> "CommonState":
+        if not isinstance(state, dict):
+            raise FormatError(f"{where}: does not hold a dict")
+        if "args" not in state:
+            raise FormatError(
+                f"{where}: no 'args' (Megatron-LM stores its model arguments there; a Megatron-Bridge checkpoint "
+                "keeps them in run_config.yaml instead, which is not read yet: pass --hf-config)"
+                if options is None or options.hf_config is None else f"{where}: no 'args'")
+        args = vars(state["args"]) if hasattr(state["args"], "__dict__") else state["args"]
+        if not isinstance(args, dict):
+            raise FormatError(f"{where}: 'args' is a {type(state['args']).__name__}, not a namespace")
+        record = state.get("ckptbridge")
+        resolved = resolve(args, record, where, options)
+        return cls(
+            spec=resolved.spec,
+            margs=checkpoint_args(args),
+            producer="ckptbridge" if isinstance(record, dict) else "Megatron-LM",
+            origin=resolved.origin,
+            iteration=state.get("iteration"),
+            notes=resolved.notes,
+        )
 
 
 def spec_from_record(record: Any, where: Path) -> ModelSpec:
@@ -88,11 +167,17 @@ def spec_from_record(record: Any, where: Path) -> ModelSpec:
 
 
 def args_namespace(args: dict[str, Any], iteration: int = 0) -> argparse.Namespace:
-    return argparse.Namespace(**args, iteration=iteration)
+    """The full args Namespace Megatron-LM itself would save for this model (its names only)."""
+    return full_megatron_lm_args(args, iteration)
 
 
-def write_tracker(root: Path) -> None:
-    write_text(root / "latest_checkpointed_iteration.txt", RELEASE)
+def iteration_name(iteration: int | None) -> str:
+    """``release`` (no iteration) or Megatron-LM's ``iter_0000100``."""
+    return RELEASE if iteration is None else f"iter_{iteration:07d}"
+
+
+def write_tracker(root: Path, iteration: int | None = None) -> None:
+    write_text(root / "latest_checkpointed_iteration.txt", RELEASE if iteration is None else str(iteration))
 
 
 def read_storage(fd: int, meta: torch.Tensor, what: str) -> torch.Tensor:

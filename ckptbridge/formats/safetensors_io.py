@@ -19,6 +19,7 @@ import torch
 
 from ..errors import FormatError
 from ..fileio import CheckedFile, check_size
+from .held_file import HeldFile
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -60,47 +61,31 @@ def read_into(fd: int, offset: int, nbytes: int, what: str) -> torch.Tensor:
 
 
 class SafetensorsFile:
-    """One ``.safetensors`` file: header parsed and checked against the file size."""
+    """One ``.safetensors`` file, held open (`HeldFile`), its header checked as strictly as the reference
+    library checks it: a JSON object of entries whose byte ranges are in bounds, match their shape and
+    dtype, and tile the data section exactly (no gap, no overlap, nothing after)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.file = HeldFile(self.path)
+        size = self.file.size
+        head = os.pread(self.file.fd, 8, 0)
+        if len(head) < 8:
+            self.file.close()
+            raise FormatError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > _MAX_HEADER or 8 + hlen > size:
+            self.file.close()
+            raise FormatError(f"{self.path}: header length {hlen} does not fit a {size}-byte file (truncated or not safetensors)")
         try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise FormatError(f"{self.path}: file is missing") from None
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise FormatError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > _MAX_HEADER or 8 + hlen > size:
-                raise FormatError(f"{self.path}: header length {hlen} does not fit a {size}-byte file (truncated or not safetensors)")
-            try:
-                header = json.loads(f.read(hlen))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise FormatError(f"{self.path}: corrupt safetensors header ({exc})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        base = 8 + hlen
-        self.entries: dict[str, Entry] = {}
-        end_max = 0
-        for name, info in header.items():
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise FormatError(f"{self.path}: corrupt header entry for tensor {name!r}") from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - begin != numel * dtype.itemsize:
-                raise FormatError(f"{self.path}: tensor {name!r} declares {end - begin} bytes for shape {list(shape)}")
-            self.entries[name] = Entry(dtype, shape, base + begin, end - begin)
-            end_max = max(end_max, end)
-        if base + end_max > size:
-            raise FormatError(
-                f"{self.path}: truncated: tensors need {base + end_max} bytes, file has {size}"
-            )
+            header = json.loads(read_into(self.file.fd, 8, hlen, str(self.path)).numpy().tobytes())
+            self.entries, self.metadata = _entries(header, self.path, 8 + hlen, size)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.file.close()
+            raise FormatError(f"{self.path}: corrupt safetensors header ({exc})") from None
+        except FormatError:
+            self.file.close()
+            raise
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         """The whole tensor, or only ``tensor[index]`` (a contiguous run of bytes: one expert of a fused tensor)."""
@@ -110,12 +95,47 @@ class SafetensorsFile:
             nbytes //= shape[0]
             start += index * nbytes
             shape = shape[1:]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            raw = read_into(fd, start, nbytes, f"{self.path}: {name}")
-        finally:
-            os.close(fd)
+        raw = read_into(self.file.fd, start, nbytes, f"{self.path}: {name}")
         return raw.view(entry.dtype).reshape(shape)
+
+    def check_unchanged(self) -> None:
+        self.file.check_unchanged()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _entries(header: object, path: Path, base: int, size: int) -> tuple[dict[str, Entry], dict[str, str]]:
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, Entry] = {}
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        if begin < 0 or end < begin or any(d < 0 for d in shape):
+            raise FormatError(f"{path}: tensor {name!r} has invalid offsets {[begin, end]} or shape {list(shape)}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * dtype.itemsize:
+            raise FormatError(f"{path}: tensor {name!r} declares {end - begin} bytes for shape {list(shape)}")
+        entries[name] = Entry(dtype, shape, base + begin, end - begin)
+    covered = base
+    for name, entry in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].nbytes)):
+        if entry.start != covered:
+            what = "overlaps the tensor before it" if entry.start < covered else "leaves a gap before it"
+            raise FormatError(f"{path}: tensor {name!r} at byte {entry.start - base} {what} (offsets must tile the data)")
+        covered += entry.nbytes
+    if covered > size:
+        raise FormatError(f"{path}: truncated: tensors need {covered} bytes, file has {size}")
+    if covered < size:
+        raise FormatError(f"{path}: {size - covered} bytes after the last tensor (not a safetensors file as written)")
+    return entries, metadata
 
 
 class SafetensorsWriter:

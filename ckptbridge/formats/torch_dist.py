@@ -29,6 +29,7 @@ from ..errors import FormatError, PlanError
 from ..fileio import CheckedFile, check_size, write_bytes, write_text
 from ..layout import ParallelLayout
 from ..mapping.schema import layer_key
+from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
 from . import dcp_metadata
 from .dcp_metadata import (
@@ -41,16 +42,16 @@ from .dcp_metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from .held_file import HeldFile
 from .mcore_common import (
     CHECKPOINT_VERSION,
     args_namespace,
     bridge_record,
     is_extra_state,
     is_training_state,
-    open_fd,
     read_storage_at,
-    safe_load,
-    spec_from_record,
+    CommonState,
+    SkippedState,
 )
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
@@ -81,6 +82,7 @@ def write_torch_dist(
     dtype: torch.dtype,
     spec_name: str,
     progress: Callable[[int], None],
+    iteration: int = 0,
 ) -> None:
     iter_dir.mkdir(parents=True, exist_ok=True)
     chunks = layout.chunks(spec.num_layers)
@@ -152,7 +154,7 @@ def write_torch_dist(
     )
     # .metadata last: without it the folder is not a torch_dist checkpoint (for megatron-core either)
     write_bytes(iter_dir / "common.pt", _saved(
-        {"args": args_namespace(margs), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+        {"args": args_namespace(margs, iteration), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
          "ckptbridge": bridge_record(spec, spec_name)}))
     write_text(iter_dir / "metadata.json", json.dumps(METADATA_JSON))
     write_bytes(iter_dir / ".metadata", dcp_metadata.dumps(metadata))
@@ -233,6 +235,45 @@ def read_metadata(iter_dir: Path) -> Metadata:
     return md
 
 
+#: torch_dist keys the local spec saves under another name than the TE spec (megatron-core 0.16.1
+#: gpt_layer_specs.py:417-420: the local MoE layer maps ``pre_mlp_layernorm.`` onto
+#: ``mlp.linear_fc1.layer_norm_``, the TE MoE layer keeps it). Mapping files use the TE names.
+LOCAL_DIST_NAMES = {".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight"}  # TE suffix -> local suffix
+
+
+def _with_spec_names(md: Metadata, spec: ModelSpec) -> Metadata:
+    """``md`` with local-spec keys renamed to the TE names the mapping expects, where the TE name is
+    expected, absent, and its local twin is not itself expected (in a dense layer it is the TE name)."""
+    expected = {storage_key(pt, spec.stacked) for pt in spec.planned()}
+    renames = {}
+    for te in expected - set(md.state_dict_metadata):
+        for te_suffix, local_suffix in LOCAL_DIST_NAMES.items():
+            local = te.removesuffix(te_suffix) + local_suffix
+            if te.endswith(te_suffix) and local in md.state_dict_metadata and local not in expected:
+                renames[local] = te
+    if not renames:
+        return md
+    md.state_dict_metadata = {renames.get(k, k): v for k, v in md.state_dict_metadata.items()}
+    md.storage_data = {MetadataIndex(renames.get(i.fqn, i.fqn), i.offset, i.index) if i.fqn in renames else i: v
+                       for i, v in md.storage_data.items()}
+    return md
+
+
+def _check_tiling(key: str, md: TensorStorageMetadata, where: Path) -> None:
+    """Chunks inside the tensor and pairwise disjoint: with their sizes summing to the tensor's, they tile
+    it exactly (a sum alone would pass two chunks over one half and none over the other)."""
+    boxes = sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
+    for offsets, sizes in boxes:
+        if len(offsets) != len(md.size) or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, md.size)):
+            raise FormatError(f"{where}: a chunk of {key!r} at {list(offsets)} lies outside its shape {list(md.size)}")
+    for i, (oa, sa) in enumerate(boxes):  # sorted by offset: a later box overlapping needs its first offset < a's end
+        for ob, sb in boxes[i + 1:]:
+            if ob[0] >= oa[0] + sa[0]:
+                break
+            if all(b < a + n and a < b + m for a, n, b, m in zip(oa, sa, ob, sb)):
+                raise FormatError(f"{where}: chunks of {key!r} at {list(oa)} and {list(ob)} overlap")
+
+
 @dataclass(frozen=True)
 class _Chunk:
     offsets: tuple[int, ...]
@@ -245,23 +286,20 @@ class TorchDistSource:
 
     format = "torch_dist"
 
-    def __init__(self, iter_dir: Path):
+    def __init__(self, iter_dir: Path, options: ConfigOptions | None = None):
         self.iter_dir = Path(iter_dir)
         mjson = self.iter_dir / "metadata.json"
         try:
             backend = json.loads(mjson.read_text()).get("sharded_backend")
-        except (FileNotFoundError, json.JSONDecodeError) as exc:
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError) as exc:
             raise FormatError(f"{mjson}: missing or corrupt ({exc})") from None
         if backend != "torch_dist":
             raise FormatError(f"{mjson}: sharded_backend is {backend!r}, only torch_dist is supported")
-        common = safe_load(self.iter_dir / "common.pt")
-        if not isinstance(common, dict) or "args" not in common:
-            raise FormatError(f"{self.iter_dir / 'common.pt'}: no 'args'")
-        self.margs = vars(common["args"])
-        self.spec = spec_from_record(common.get("ckptbridge"), self.iter_dir / "common.pt")
+        self.common = CommonState.read(self.iter_dir / "common.pt", options)
+        self.spec, self.margs = self.common.spec, self.common.margs
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
-        self.metadata = read_metadata(self.iter_dir)
+        self.metadata = _with_spec_names(read_metadata(self.iter_dir), self.spec)
         self.chunks: dict[str, list[_Chunk]] = {}
         for index, info in self.metadata.storage_data.items():
             self.chunks.setdefault(index.fqn, []).append(_Chunk(tuple(index.offset or ()), (), info))
@@ -272,12 +310,20 @@ class TorchDistSource:
                     _Chunk(tuple(c.offsets), tuple(c.sizes), by_offset[tuple(c.offsets)].info)
                     for c in md.chunks if tuple(c.offsets) in by_offset
                 ]
-        dtypes = {md.properties.dtype for md in self.metadata.state_dict_metadata.values() if isinstance(md, TensorStorageMetadata)}
+        dtypes = {md.properties.dtype for k, md in self.metadata.state_dict_metadata.items()
+                  if isinstance(md, TensorStorageMetadata) and not is_training_state(k)}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else self.margs.get("params_dtype", torch.float32)
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, HeldFile] = {}  # data files, held open from verify() to close()
 
     def skipped(self) -> list[str]:
         return sorted(k for k in self.metadata.state_dict_metadata if is_training_state(k) or is_extra_state(k))
+
+    def training_state(self) -> SkippedState:
+        """The optimizer / RNG entries in the data files: never read, only counted."""
+        keys = {k for k in self.metadata.state_dict_metadata if is_training_state(k)}
+        size = sum(info.length for index, info in self.metadata.storage_data.items() if index.fqn in keys)
+        kinds = tuple(sorted({"rng_state" if k.startswith("rng_state") else "optimizer state" for k in keys}))
+        return SkippedState(len(keys), size, kinds)
 
     def verify(self) -> None:
         stacked = self.spec.stacked
@@ -295,22 +341,37 @@ class TorchDistSource:
             covered = sum(math.prod(c.sizes) for c in md.chunks)
             if covered != math.prod(md.size) or len(self.chunks[key]) != len(md.chunks):
                 raise FormatError(f"{where}: chunks of {key!r} do not cover the tensor (or lack storage entries)")
+            _check_tiling(key, md, where)
         missing = sorted(set(expected) - set(self.metadata.state_dict_metadata))
         if missing:
             raise PlanError(f"missing tensor {missing[0]!r} in {where} ({len(missing)} missing in all)")
-        for info in {c.info.relative_path: c.info for cs in self.chunks.values() for c in cs}.values():
-            path = self.iter_dir / info.relative_path
-            end = max(c.info.offset + c.info.length for cs in self.chunks.values() for c in cs if c.info.relative_path == info.relative_path)
-            if not path.exists():
-                raise FormatError(f"{path}: data file named by .metadata is missing")
-            if path.stat().st_size < end:
-                raise FormatError(f"{path}: truncated: .metadata needs {end} bytes, file has {path.stat().st_size}")
+        ends: dict[str, int] = {}
+        for key, cs in self.chunks.items():
+            if is_training_state(key):
+                continue
+            for c in cs:
+                ends[c.info.relative_path] = max(ends.get(c.info.relative_path, 0), c.info.offset + c.info.length)
+        for name, end in sorted(ends.items()):
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise FormatError(f"{where}: names data file {name!r}, which is not a file inside {self.iter_dir}")
+            if name not in self._files:
+                path = self.iter_dir / name
+                if not path.exists():
+                    raise FormatError(f"{path}: data file named by .metadata is missing")
+                self._files[name] = HeldFile(path)
+            if self._files[name].size < end:
+                raise FormatError(f"{self._files[name].path}: truncated: .metadata needs {end} bytes, "
+                                  f"file has {self._files[name].size}")
+
+    def check_unchanged(self) -> None:
+        for f in self._files.values():
+            f.check_unchanged()
 
     def _load_chunk(self, chunk: _Chunk, key: str) -> torch.Tensor:
         path = self.iter_dir / chunk.info.relative_path
-        if chunk.info.relative_path not in self._fds:
-            self._fds[chunk.info.relative_path] = open_fd(path)
-        fd = self._fds[chunk.info.relative_path]
+        if chunk.info.relative_path not in self._files:  # read without verify(): open it now
+            self._files[chunk.info.relative_path] = HeldFile(path)
+        fd = self._files[chunk.info.relative_path].fd
         what = f"{path}: chunk {list(chunk.offsets)} of {key!r}"
         try:
             meta = torch.load(io.BufferedReader(_Window(fd, chunk.info.offset, chunk.info.length)),
@@ -351,7 +412,7 @@ class TorchDistSource:
         return pt.from_stored(out)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 

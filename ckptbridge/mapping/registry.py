@@ -17,6 +17,7 @@ import yaml
 
 from ..errors import MappingError, UnsupportedArchitectureError
 from .. import expr
+from .features import FEATURES_OFF
 from .schema import ArchMapping, ConfigCheck, parse_extra_state, parse_mtp, parse_rule, validate_rules
 
 
@@ -34,7 +35,7 @@ def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], whe
     listed under ``exclude`` and appends the entries under ``add``.
     """
     out = copy.deepcopy(raw)
-    for section in ("config", "tensors", "checks", "extra_state"):
+    for section in ("config", "hf_config", "tensors", "checks", "extra_state"):
         value = out.get(section)
         if isinstance(value, dict) and "include" in value:
             base_name = value.pop("include")
@@ -64,13 +65,23 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
     rules = tuple(parse_rule(r, f"{where}: tensors[{i}]") for i, r in enumerate(raw["tensors"]))
     validate_rules(rules, where, set(config))
     checks = tuple(ConfigCheck(c["when"], c["error"]) for c in raw.get("checks") or [])
+    notes = tuple(ConfigCheck(c["when"], c["warning"]) for c in raw.get("warnings") or [])
     extra = tuple(parse_extra_state(e, f"{where}: extra_state[{i}]") for i, e in enumerate(raw.get("extra_state") or []))
     mtp = parse_mtp(raw.get("mtp"), where)
     if mtp is not None and (expr.names_in(mtp.depth) | expr.names_in(mtp.like)) - set(config):
         raise MappingError(f"{where}: mtp depth/like use names that the config section does not define")
     if mtp is None and any(r.place == "mtp" for r in rules):
         raise MappingError(f"{where}: place: mtp rules need an mtp section")
+    hf_config = dict(raw.get("hf_config") or {})
+    detect = raw.get("detect")
+    known = set(config) | set(FEATURES_OFF) | {"padded_vocab_size"}
+    for key, source in [*hf_config.items(), ("detect", detect)]:
+        if expr.names_in(source) - known:
+            raise MappingError(f"{where}: hf_config {key} uses {sorted(expr.names_in(source) - known)}, "
+                               "which the config section does not define")
     return ArchMapping(
+        hf_config=hf_config,
+        detect=detect,
         family=raw["family"],
         architectures=tuple(raw["architectures"]),
         description=raw.get("description", ""),
@@ -80,6 +91,7 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         extra_state=extra,
         source=where,
         mtp=mtp,
+        warnings=notes,
     )
 
 

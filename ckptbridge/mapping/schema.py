@@ -16,8 +16,10 @@ prefix is renamed (megatron builds it from the last decoder layer's spec).
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -135,7 +137,12 @@ def _fill(template: str, layer: int | None, expert: int | None = None, mtp: int 
 @dataclass(frozen=True)
 class ConfigCheck:
     when: str
-    error: str
+    error: str  # the message (for a ``warnings:`` entry: the warning text)
+
+
+class MappingWarning(UserWarning):
+    """A config that converts, but that the target megatron-core computes differently from HF
+    (a ``warnings:`` entry of the mapping file); ``ckptbridge convert`` prints it as one line."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +230,9 @@ class ArchMapping:
     extra_state: tuple[ExtraState, ...]
     source: str
     mtp: MtpSection | None = None
+    hf_config: dict[str, Any] = field(default_factory=dict)  # Megatron args -> HF config.json fields
+    detect: str | None = None  # over Megatron args: this family describes a checkpoint that has no HF config
+    warnings: tuple[ConfigCheck, ...] = ()
 
     def mtp_depth(self, args: Mapping[str, Any]) -> int:
         return self.mtp.count(args) if self.mtp else 0
@@ -236,6 +246,13 @@ class ArchMapping:
                 raise UnsupportedArchitectureError(f"{self.family}: config has no field {exc.name!r} needed by a check") from None
             if failed:
                 raise UnsupportedArchitectureError(f"{self.family}: " + check.error.format_map(_Lenient(hf)))
+        for note in self.warnings:
+            try:
+                hit = expr.evaluate(note.when, hf)
+            except expr.UnknownName:  # the (optional) field the warning is about is absent: nothing to warn about
+                hit = False
+            if hit:
+                warnings.warn(MappingWarning(f"{self.family}: " + note.error.format_map(_Lenient(hf))), stacklevel=2)
         out: dict[str, Any] = {}
         for key, source in self.config.items():
             try:
@@ -244,6 +261,31 @@ class ArchMapping:
                 raise UnsupportedArchitectureError(
                     f"{self.family}: config.json has no field {exc.name!r} (needed for {key})"
                 ) from None
+        return out
+
+    def describes(self, args: Mapping[str, Any]) -> bool:
+        """Whether a Megatron checkpoint with these args is of this family (``detect``; without one,
+        the family is only chosen by name)."""
+        try:
+            return self.detect is not None and bool(expr.evaluate(self.detect, args))
+        except expr.UnknownName:
+            return False
+
+    def synthesize_hf_config(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The HF ``config.json`` fields these Megatron args imply (the ``hf_config`` section: the
+        inverse of ``config``). Lists come out as lists, as JSON has them; a field given as YAML
+        ``null`` (not the expression ``None``) is left out: an included family's field this one lacks."""
+        if not self.hf_config:
+            raise UnsupportedArchitectureError(f"{self.family}: the mapping has no hf_config section (Megatron -> HF)")
+        out: dict[str, Any] = {}
+        for key, source in self.hf_config.items():
+            if source is None:
+                continue
+            try:
+                out[key] = _jsonable(expr.evaluate(source, args))
+            except expr.UnknownName as exc:
+                raise UnsupportedArchitectureError(
+                    f"{self.family}: the checkpoint's args have no {exc.name!r} (needed for HF field {key})") from None
         return out
 
     def rules_for(self, args: Mapping[str, Any]) -> list[TensorRule]:
@@ -259,6 +301,14 @@ class ArchMapping:
         if self.mtp and self.mtp_depth(args):
             extras += self.mtp.derive_extra(extras, args)
         return extras
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
 
 
 class _Lenient(dict):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptbridge.mcore.compat import apply_cpu_patches, cuda_to_cpu
+from ckptbridge.megatron_args import from_megatron_lm
 
 apply_cpu_patches()
 
@@ -110,6 +111,12 @@ MOE_CONFIG_FIELDS: tuple[str, ...] = (
 )
 
 _ARGS_ATTR = "_ckptbridge_args"
+
+
+def _our_names(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with Megatron-LM's names for ckptbridge's settings (``num_experts``,
+    ``layernorm_epsilon``) under ckptbridge's, so Megatron-LM's own checkpoint args build too."""
+    return argparse.Namespace(**from_megatron_lm(vars(args)))
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -223,6 +230,7 @@ def transformer_config_from_args(
     ``MLATransformerConfig`` with the fields in :data:`MLA_CONFIG_FIELDS` (Megatron-LM names);
     ``args.mtp_num_layers`` (multi-token prediction) is copied when set.
     """
+    args = _our_names(args)
     pp = int(args.pipeline_model_parallel_size)
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
     gqa = bool(getattr(args, "group_query_attention", False))
@@ -352,6 +360,7 @@ def layer_spec_from_args(args: argparse.Namespace, use_te: bool | None = None) -
     (gpt_layer_specs.py:291) -- with the override the local model requests
     ``decoder.layers.pre_mlp_layernorm.weight`` exactly like TE-spec Megatron-LM.
     """
+    args = _our_names(args)
     if use_te is None:
         use_te = getattr(args, "transformer_impl", "local") == "transformer_engine"
     qk_layernorm = bool(getattr(args, "qk_layernorm", False))
@@ -481,6 +490,7 @@ def build_gpt_model(
     (models/common/language_module/language_module.py:244).
     """
     apply_cpu_patches()
+    args = _our_names(args)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()

@@ -97,7 +97,7 @@ def run(ctx: GateContext, opts: AlignStepOptions) -> list[Check]:
         tp=opts.tp, pp=opts.pp, modes=opts.modes, probe=opts.probe, probe_positions=opts.probe_positions,
         work_dir=ctx.work / "align"))
     assert opts.thresholds is not None
-    verdicts = evaluate(result.rows, opts.thresholds, list(result.meta["modes"]), result.num_layers)
+    verdicts = evaluate(result.rows, opts.thresholds, list(result.meta["modes"]), result.num_layers, result.routing)
     paths = write_report(result, ctx.report_dir / "align", verdicts)
     ctx.files["align_report"] = str(paths["report"])
     if not verdicts:

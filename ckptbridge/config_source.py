@@ -1,0 +1,200 @@
+"""Where an MCore checkpoint's HF config comes from, and the proof that it describes the checkpoint.
+
+A checkpoint ckptbridge wrote carries its HF config (the ckptbridge record). One written by
+Megatron-LM's training does not: it has Megatron-LM's ``args`` only. In that case the config comes,
+in this order, from ``--hf-config`` (an HF folder or a ``config.json``), else it is synthesized from
+the args by the mapping's ``hf_config`` section (the inverse of its ``config`` section), the family
+picked by the mappings' ``detect`` expressions or ``--arch``. Either way the config is translated
+back into Megatron args and must agree with the checkpoint's own, field by field, so a wrong
+config, or a model no mapping can say, is refused naming the field instead of exporting wrongly.
+Values the args cannot decide (the unpadded vocabulary, token ids) come from flags, never guesses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FormatError, PlanError, UnsupportedArchitectureError
+from .hf_config import read_config, with_dtype
+from .mapping.features import MUST_BE_OFF, with_features
+from .mapping.registry import MappingRegistry, default_registry
+from .mapping.schema import ArchMapping
+from .megatron_args import from_megatron_lm
+from .spec import ModelSpec
+
+#: Megatron args a mapping derives from the HF config that training may legitimately change
+#: (they shape no tensor and no forward computation of the exported model)
+TRAINING_CHOICES = frozenset({
+    "moe_aux_loss_coeff", "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_router_dtype",
+    "max_position_embeddings", "vocab_size",
+})
+
+#: HF config fields no Megatron argument holds: written as null unless given (--hf-set)
+UNKNOWN_TO_MEGATRON = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclass(frozen=True)
+class ConfigOptions:
+    """What the user said about a checkpoint's HF config (``convert``/``inspect``/``compare`` flags)."""
+
+    hf_config: Path | None = None  # an HF folder (its config, tokenizer and generation config) or a config.json
+    arch: str | None = None  # HF architecture (LlamaForCausalLM) or mapping family (llama)
+    vocab_size: int | None = None  # the unpadded vocabulary, when the checkpoint stores only the padded one
+    hf_set: tuple[tuple[str, Any], ...] = ()  # further HF config fields (token ids...)
+
+    def asset_folder(self) -> Path | None:
+        """The HF folder whose tokenizer and generation config travel with the export."""
+        return self.hf_config if self.hf_config is not None and self.hf_config.is_dir() else None
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    spec: ModelSpec
+    origin: str  # "ckptbridge record", "--hf-config PATH" or "synthesized from Megatron args (family)"
+    notes: tuple[str, ...] = ()  # what the user should know (fields left null...)
+
+
+def checkpoint_args(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Megatron-LM's ``args`` under ckptbridge's names, with what Megatron-LM's ``validate_args``
+    derives filled in the way it derives it (query groups without GQA, kv_channels, expert width)."""
+    try:
+        args = from_megatron_lm(raw)
+    except ValueError as exc:
+        raise FormatError(f"checkpoint args disagree with themselves: {exc}") from None
+    heads, hidden = args.get("num_attention_heads"), args.get("hidden_size")
+    if heads and not args.get("group_query_attention") and not args.get("multi_latent_attention"):
+        args["num_query_groups"] = heads
+    if args.get("kv_channels") is None and heads and hidden:
+        args["kv_channels"] = hidden // heads
+    if args.get("num_moe_experts") and args.get("moe_ffn_hidden_size") is None:
+        args["moe_ffn_hidden_size"] = args.get("ffn_hidden_size")
+    return args
+
+
+def resolve(raw_args: Mapping[str, Any], record: Any, where: Path, options: ConfigOptions | None = None,
+            registry: MappingRegistry | None = None) -> ResolvedConfig:
+    """The model of an MCore checkpoint whose ``args`` are ``raw_args`` (``where``: its common file)."""
+    options = options or ConfigOptions()
+    registry = registry or default_registry()
+    if isinstance(record, dict) and "hf_config" in record and options.hf_config is None:
+        return ResolvedConfig(ModelSpec.from_stored(record["hf_config"], record["mapping"], record.get("overrides")),
+                              "ckptbridge record")
+    args = checkpoint_args(raw_args)
+    if options.hf_config is not None:
+        raw = _read_hf_config(options.hf_config)
+        raw.update(dict(options.hf_set))
+        spec = ModelSpec.from_hf_config(raw, registry)
+        check_agrees(spec, args, where, f"--hf-config {options.hf_config}")
+        return ResolvedConfig(spec, f"--hf-config {options.hf_config}")
+    return synthesize(args, where, options, registry)
+
+
+def synthesize(args: dict[str, Any], where: Path, options: ConfigOptions, registry: MappingRegistry) -> ResolvedConfig:
+    env = with_features(args)
+    env["vocab_size"] = _vocab_size(args, where, options)
+    mappings = [_named(options.arch, registry)] if options.arch else _detected(env, where, registry)
+    reasons = []
+    for mapping in mappings:
+        raw = mapping.synthesize_hf_config(env)
+        raw = with_dtype(raw, args["params_dtype"]) if isinstance(args.get("params_dtype"), torch.dtype) else raw
+        missing = [f for f in UNKNOWN_TO_MEGATRON if f not in dict(options.hf_set)]
+        raw.update({f: None for f in missing})
+        raw.update(dict(options.hf_set))
+        try:
+            spec = ModelSpec.from_hf_config(raw, registry)
+            check_agrees(spec, args, where, f"the {mapping.family} mapping")
+        except (PlanError, UnsupportedArchitectureError) as exc:
+            reasons.append(str(exc))
+            continue
+        notes = (f"{', '.join(missing)} are not stored by Megatron; written as null (set them with --hf-set "
+                 "FIELD=VALUE or pass --hf-config)",) if missing else ()
+        return ResolvedConfig(spec, f"synthesized from Megatron args ({mapping.family})", notes)
+    raise UnsupportedArchitectureError(reasons[0] if len(reasons) == 1 else "; ".join(reasons))
+
+
+def check_agrees(spec: ModelSpec, args: Mapping[str, Any], where: Path, source: str) -> None:
+    """Every architectural Megatron argument the HF config implies must equal the checkpoint's, and
+    every feature no mapping expresses must be off; the first disagreement is an error naming it."""
+    mapping = spec.mapping
+    for key, want in spec.args.items():
+        if key in TRAINING_CHOICES or key not in args:
+            continue
+        if not _same(args[key], want, args):
+            hf_field = mapping.config.get(key)
+            raise PlanError(f"{where}: {key} is {args[key]!r} in the checkpoint's args, but {source} implies "
+                            f"{want!r} (from HF {hf_field!r}); refusing to export with a config that does not "
+                            "describe the checkpoint")
+    for key, off in MUST_BE_OFF.items():
+        if key not in mapping.config and key in args and not _same(args[key], off, args):
+            raise UnsupportedArchitectureError(
+                f"{where}: the checkpoint's args set {key}={args[key]!r}, which the {mapping.family} mapping cannot "
+                "express (no mapping sets it); refusing to export a model that would compute something else")
+    padded, vocab = args.get("padded_vocab_size"), spec.args.get("vocab_size")
+    if padded is not None and vocab is not None and int(vocab) > int(padded):
+        raise PlanError(f"{where}: vocab_size {vocab} from {source} exceeds the checkpoint's padded vocabulary {padded}")
+
+
+def _same(have: Any, want: Any, args: Mapping[str, Any]) -> bool:
+    if isinstance(have, (list, tuple)) or isinstance(want, (list, tuple)):
+        layers = int(args.get("num_layers") or 0)
+        have, want = _per_layer(have, layers), _per_layer(want, layers)
+        return len(have) == len(want) and all(_same(a, b, args) for a, b in zip(have, want))
+    if have is None or want is None:  # unset and off/zero are one thing in Megatron's args
+        return (have or None) == (want or None)
+    if isinstance(have, (int, float)) and isinstance(want, (int, float)):
+        return math.isclose(have, want, rel_tol=1e-9, abs_tol=0.0)
+    return have == want
+
+
+def _per_layer(freq: Any, layers: int) -> list[Any]:
+    """Megatron's ``moe_layer_freq``: an int k (every k-th layer is MoE) or the per-layer list."""
+    if isinstance(freq, (list, tuple)):
+        return list(freq)
+    return [1 if i % int(freq) == 0 else 0 for i in range(layers)]
+
+
+def _vocab_size(args: Mapping[str, Any], where: Path, options: ConfigOptions) -> int:
+    if options.vocab_size is not None:
+        return int(options.vocab_size)
+    if args.get("vocab_size") is not None:
+        # Megatron-LM's NullTokenizer adds an end-of-document token to --vocab-size
+        return int(args["vocab_size"]) + (1 if args.get("tokenizer_type") == "NullTokenizer" else 0)
+    raise PlanError(f"{where}: the checkpoint stores only the padded vocabulary (padded_vocab_size="
+                    f"{args.get('padded_vocab_size')}); pass --vocab-size N (the tokenizer's vocabulary) or --hf-config")
+
+
+def _named(arch: str, registry: MappingRegistry) -> ArchMapping:
+    return registry.family(arch) if arch in registry.families else registry.for_architecture(arch)
+
+
+def _detected(env: Mapping[str, Any], where: Path, registry: MappingRegistry) -> list[ArchMapping]:
+    found = [registry.family(f) for f in registry.families if registry.family(f).describes(env)]
+    if not found:
+        shown = {k: env.get(k) for k in ("num_moe_experts", "multi_latent_attention", "qk_layernorm", "add_qkv_bias",
+                                          "moe_shared_expert_intermediate_size", "normalization", "swiglu")}
+        raise UnsupportedArchitectureError(
+            f"{where}: no mapping describes a model with these args ({', '.join(f'{k}={v!r}' for k, v in shown.items())}); "
+            f"supported: {', '.join(registry.architectures)} (pass --arch or --hf-config to choose)")
+    return found
+
+
+def _read_hf_config(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        return read_config(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{path}: --hf-config does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise FormatError(f"{path}: a config.json holds a JSON object")
+    return raw

@@ -73,19 +73,21 @@ def main() -> None:
 @click.option("--vocab-divisible-by", type=int, default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
 @click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
               help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
-@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists (atomically; never a DST holding files the source reaches).")
+@click.option("--clean", is_flag=True, help="First remove what interrupted conversions to DST left beside it (.DST.ckptbridge-tmp-*/-old-*).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
-            vocab_divisible_by, dst_iteration, force, quiet, src, dst, iteration, config):
+            vocab_divisible_by, dst_iteration, force, clean, quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
     be mapped exactly once and have the shape the config implies. The output
-    is written to a temporary folder beside DST and moved into place only when
-    complete; SRC is never modified. The HF config, the mapping used and the
+    is written to a temporary folder beside DST, under a lock on DST, and moved
+    into place only when complete; SRC is never modified. SIGINT/SIGTERM
+    remove the temporary folder and exit 130/143. The HF config, the mapping used and the
     tokenizer files travel inside MCore checkpoints, so exporting needs no
     original HF folder.
 
@@ -107,15 +109,16 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
     if dst_kind == "hf" and dst_iteration is not None:
         raise click.UsageError("--dst-iteration names an MCore output's iteration folder; it makes no sense with --dst hf")
+    from .interrupts import Interrupted, handled
     from .mapping.schema import MappingWarning
 
     shown: set[str] = set()
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
                         DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration)
-        with warnings.catch_warnings(record=True) as caught:  # mapping warnings: one line each, once
+        with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
-            result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration)
+            result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean)
         for w in caught:
             if issubclass(w.category, MappingWarning) and str(w.message) not in shown:
                 shown.add(str(w.message))
@@ -125,8 +128,18 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)
+    except Interrupted as exc:
+        what = f"DST was already complete: {dst}" if exc.committed else "nothing written"
+        click.secho(f"interrupted ({exc}), {what}", fg="red", err=True)
+        sys.exit(exc.exit_code)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    if result.restored:
+        click.echo(f"note: put back {dst} from {result.restored} (a --force replacement had died half-way)", err=True)
+    for left in result.cleaned:
+        click.echo(f"removed leftover of an interrupted conversion: {left.describe()}", err=True)
+    for left in result.leftovers:
+        click.echo(f"note: leftover of an interrupted conversion: {left.describe()}; --clean removes it", err=True)
     click.echo(
         f"{result.src_format} -> {result.dst_format} [{result.family}, {result.layout}, {str(result.dtype).replace('torch.', '')}]: "
         f"{result.tensors} tensors, {result.bytes / 2**20:.1f} MiB in {result.seconds:.1f} s -> {result.dst}"

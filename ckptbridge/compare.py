@@ -1,4 +1,10 @@
-"""Compare two checkpoints of the same model tensor by tensor, whatever their formats and layouts."""
+"""Compare two checkpoints of the same model tensor by tensor, whatever their formats and layouts.
+
+Memory stays bounded by the two tensors being compared: one canonical tensor of
+each side is held at a time, equality is checked without a copy, and the
+difference of unequal tensors is computed in float64 over chunks of at most
+`CHUNK` elements, never over a whole tensor.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,31 @@ from .errors import CkptBridgeError
 from .config_source import ConfigOptions
 from .formats.detect import open_source
 
+CHUNK = 2**22  # elements per float64 difference block (32 MiB per temporary)
+
 
 @dataclass(frozen=True)
 class TensorDiff:
     name: str
     bit_exact: bool
     max_abs: float
+
+
+def max_abs_diff(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK) -> float:
+    """``max |x - y|`` in float64, over blocks of leading-axis slices of at most ``chunk`` elements."""
+    if x.dim() == 0:
+        return float((x.double() - y.double()).abs())
+    if x.numel() == 0:
+        return 0.0
+    row = x[0].numel()
+    if row > chunk and x.dim() > 1:  # one slice is already too big: go one axis deeper
+        return max(max_abs_diff(x[i], y[i], chunk) for i in range(x.shape[0]))
+    step = max(1, chunk // max(row, 1))
+    worst = 0.0
+    for start in range(0, x.shape[0], step):
+        a, b = x[start:start + step], y[start:start + step]
+        worst = max(worst, float((a.double() - b.double()).abs().max()))
+    return worst
 
 
 def compare(a: Path, b: Path, config: ConfigOptions | None = None, iteration: int | None = None) -> list[TensorDiff]:
@@ -30,12 +55,17 @@ def compare(a: Path, b: Path, config: ConfigOptions | None = None, iteration: in
         pa, pb = sa.spec.planned(), sb.spec.planned()
         if [p.mcore for p in pa] != [p.mcore for p in pb] or [p.shape for p in pa] != [p.shape for p in pb]:
             raise CkptBridgeError(f"{a} and {b} are not the same model (tensor names or shapes differ)")
+        # An MCore read may briefly hold a second copy (a chunk being assembled); an HF read of the
+        # largest tensors (embedding, head) does not. Reading the MCore side first keeps that
+        # transient copy out of the moment both tensors are held.
+        first, second = (sb, sa) if sa.format == "hf" and sb.format != "hf" else (sa, sb)
         out = []
         for pt in pa:
-            x, y = sa.read(pt), sb.read(pt)
+            x = first.read(pt)
+            y = second.read(pt)
             exact = x.dtype == y.dtype and torch.equal(x, y)
-            diff = 0.0 if exact else float((x.double() - y.double()).abs().max())
-            out.append(TensorDiff(pt.mcore, exact, diff))
+            out.append(TensorDiff(pt.mcore, exact, 0.0 if exact else max_abs_diff(x, y)))
+            del x, y
         return out
     finally:
         sa.close()

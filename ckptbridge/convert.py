@@ -4,19 +4,16 @@ folder beside the destination and move it into place only when complete."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
-from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from .errors import DestinationError
 from .config_source import ConfigOptions
+from .fileio import copy_file
 from .formats.detect import Source, open_source, source_assets, source_notes
 from .formats.hf import write_hf
 from .formats.legacy import write_legacy
@@ -25,6 +22,7 @@ from .formats.torch_dist import write_torch_dist
 from .layout import ParallelLayout
 from .prefetch import Prefetcher
 from .spec import PlannedTensor
+from .staging import Leftover, check_destination, staged
 
 Progress = Callable[[int], None]
 
@@ -42,6 +40,9 @@ class ConversionResult:
     bytes: int
     seconds: float
     notes: tuple[str, ...] = ()  # what the user should know: config origin, skipped training state...
+    leftovers: list[Leftover] = field(default_factory=list)  # of interrupted conversions to DST, still there
+    cleaned: list[Leftover] = field(default_factory=list)  # removed by --clean
+    restored: Path | None = None  # old DST put back: a two-step --force had died between its renames
 
 
 @dataclass(frozen=True)
@@ -60,45 +61,15 @@ class Target:
         return "hf" if self.kind == "hf" else self.ckpt_format
 
 
-def check_destination(src: Path, dst: Path, force: bool) -> None:
-    s, d = src.resolve(), dst.resolve()
-    if s == d or s in d.parents or d in s.parents:
-        raise DestinationError(f"destination {dst} overlaps the source {src}; the source is never modified")
-    if d.exists() and not force:
-        raise DestinationError(f"destination {dst} exists; pass --force to replace it")
-
-
-@contextmanager
-def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
-    """A temp folder beside ``dst`` that replaces it only if the block completes."""
-    dst = dst.resolve()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.ckptbridge-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():
-        if not force:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DestinationError(f"destination {dst} appeared during conversion")
-        old = dst.parent / f".{dst.name}.ckptbridge-old-{os.getpid()}"
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(dst)
-
-
 def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: bool = False,
             progress_factory: Callable[[int, str], Progress] | None = None, config: ConfigOptions | None = None,
-            iteration: int | None = None) -> ConversionResult:
+            iteration: int | None = None, clean: bool = False) -> ConversionResult:
     """Convert ``src`` into ``dst``; every check runs before the first byte is written. ``config`` and
-    ``iteration`` say how to read an MCore source that ckptbridge did not write (see `config_source`)."""
+    ``iteration`` say how to read an MCore source that ckptbridge did not write (see `config_source`).
+
+    Output is staged beside DST under a lock and replaces it only when complete (see `staging`);
+    ``clean`` removes what interrupted conversions to the same DST left behind.
+    """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)
@@ -120,25 +91,27 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
 
         assets = source_assets(src, source, config)
         notes = source_notes(source)
-        with staging_dir(dst, force) as tmp, closing(Prefetcher(planned, read_cast)) as read:
+        with staged(src, dst, force, clean, total) as stage, closing(Prefetcher(planned, read_cast)) as read:
+            tmp, progress = stage.folder, stage.progress(progress, total)
             if target.kind == "hf":
                 write_hf(spec, read, tmp, dtype, assets, progress)
             else:
+                if assets:
+                    (tmp / ASSETS_DIR).mkdir()
+                    for a in assets:
+                        copy_file(a, tmp / ASSETS_DIR / a.name)
                 iter_dir = tmp / iteration_name(target.iteration)
                 iter_dir.mkdir()
                 writer = write_torch_dist if target.ckpt_format == "torch_dist" else write_legacy
                 writer(spec, read, iter_dir, target.layout, margs, dtype, target.spec_name, progress,
                        iteration=target.iteration or 0)
-                write_tracker(tmp, target.iteration)
-                if assets:
-                    (tmp / ASSETS_DIR).mkdir()
-                    for a in assets:
-                        shutil.copy2(a, tmp / ASSETS_DIR / a.name)
+                write_tracker(tmp, target.iteration)  # last: the tracker makes the folder a checkpoint for Megatron-LM
     finally:
         source.close()
     return ConversionResult(
         src=src, dst=dst, src_format=source.format, dst_format=target.format_name, family=spec.mapping.family,
         layout=target.layout.describe() if target.kind == "mcore" else "-", dtype=dtype, tensors=len(planned),
         bytes=total, seconds=time.perf_counter() - start, notes=notes,
+        leftovers=stage.leftovers, cleaned=stage.cleaned, restored=stage.restored,
     )
 

@@ -82,7 +82,7 @@ def split(tensor: torch.Tensor, kind: ShardKind, tp: int, what: str = "tensor") 
 
 def merge(shards: Sequence[torch.Tensor], kind: ShardKind, what: str = "tensor") -> torch.Tensor:
     """TP shards -> global tensor; the exact inverse of `split`."""
-    if kind.axis is None:
+    if kind.axis is None or len(shards) == 1:  # one shard is the global tensor: no copy (compare's memory bound)
         return shards[0]
     tp = len(shards)
     shape = list(shards[0].shape)

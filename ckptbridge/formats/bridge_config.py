@@ -110,5 +110,5 @@ _MLA_ONLY = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim"
              "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
 
 
-def write_run_config(iter_dir: Path, margs: Mapping[str, Any]) -> None:
-    (Path(iter_dir) / RUN_CONFIG).write_text(yaml.safe_dump(run_config(margs), sort_keys=False))
+def run_config_text(margs: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(run_config(margs), sort_keys=False)

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from ..errors import FormatError
+from ..staging import MARKER as STAGING_MARKER
 from ..spec import ModelSpec, PlannedTensor
 from ..config_source import ConfigOptions
 from .hf import HFSource, asset_files
@@ -31,6 +32,10 @@ def detect_format(path: Path, iteration: int | None = None) -> str:
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: does not exist")
+    for folder in (path, path.parent):  # a staging folder, or an iteration folder inside one
+        if (folder / STAGING_MARKER).exists():
+            raise FormatError(f"{folder}: an unfinished ckptbridge output (it holds {STAGING_MARKER}); "
+                              "not a checkpoint (convert --clean removes such leftovers)")
     if (path / "config.json").exists():
         return "hf"
     it = iteration_dir(path, iteration)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..errors import FormatError, PlanError
+from ..fileio import copy_file, write_text
 from ..hf_config import config_dtype, read_config, with_dtype
 from ..spec import ModelSpec, PlannedTensor
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
@@ -191,23 +191,23 @@ def write_hf(
     for fname, group in zip(names, groups):
         entries = [(n, pt.dtype(dtype), s) for pt in group
                    for n, s in [*zip(pt.hf_names, pt.hf_shapes), *((c, pt.hf_shapes[0]) for c in pt.hf_copies)]]
-        writer = SafetensorsWriter(out / fname, entries, {"format": "pt"})
-        for pt in group:
-            canonical = read(pt)
-            hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
-            for name, tensor in [*zip(pt.hf_names, hf), *((c, hf[0]) for c in pt.hf_copies)]:
-                writer.write(name, tensor)
-                weight_map[name] = fname
-                total += tensor.numel() * tensor.element_size()
-            progress(canonical.numel() * canonical.element_size())
-        writer.close()
+        with SafetensorsWriter(out / fname, entries, {"format": "pt"}) as writer:
+            for pt in group:
+                canonical = read(pt)
+                hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
+                for name, tensor in [*zip(pt.hf_names, hf), *((c, hf[0]) for c in pt.hf_copies)]:
+                    writer.write(name, tensor)
+                    weight_map[name] = fname
+                    total += tensor.numel() * tensor.element_size()
+                progress(canonical.numel() * canonical.element_size())
+    for asset in assets:
+        copy_file(asset, out / asset.name)
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_text(out / INDEX, json.dumps(index, indent=2) + "\n")
     config = spec.hf_config if config_dtype(spec.hf_config) in (None, dtype) else with_dtype(spec.hf_config, dtype)
     if config_dtype(config) is None:
         config = with_dtype(config, dtype)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for asset in assets:
-        shutil.copy2(asset, out / asset.name)
+    # config.json last: without it the folder is not an HF checkpoint, for transformers either
+    write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import FormatError, LayoutError, PlanError
+from ..fileio import CheckedFile, check_size, pwrite_all
 from ..layout import ParallelLayout, StageChunk
 from ..sharding import merge, split
 from ..config_source import ConfigOptions
@@ -158,7 +159,7 @@ def write_legacy(
         # every (TP, EP) file of the stage at once: each canonical tensor is read once, however many
         # EP ranks hold a replica of it
         todo = [(pt, slot) for entries in placement.values() for pt, slot in entries if slot.pp == pp]
-        files: dict[tuple[int, int], tuple[int, dict[tuple[str, str], int]]] = {}
+        files: dict[tuple[int, int], _Laid] = {}
         try:
             for rank in [(t, e) for e in range(layout.ep) for t in range(layout.tp)]:
                 path = iter_dir / rank_dir_name(rank[0], pp, layout, rank[1]) / FILE
@@ -169,21 +170,46 @@ def write_legacy(
             for pt, slot in todo:
                 canonical = pt.to_stored(read(pt), margs)
                 shards = split(canonical, pt.rule.shard_kind(spec_name), layout.tp_for(pt.rule.parallel), pt.mcore)
-                for (t, e), (fd, offsets) in files.items():
+                for (t, e), laid in files.items():
                     if slot.ep in (None, e):
-                        shard = shards[shard_index(t, pt, layout)]
-                        os.pwrite(fd, memoryview(shard.contiguous().view(torch.uint8).numpy()).cast("B"),
-                                  offsets[(slot.model_key, slot.key)])
+                        laid.write(slot, shards[shard_index(t, pt, layout)])
                 progress(canonical.numel() * canonical.element_size())
+            for laid in files.values():
+                laid.check()
         finally:
-            for fd, _ in files.values():
-                os.close(fd)
+            for laid in files.values():
+                laid.file.close()
+
+
+@dataclass
+class _Laid:
+    """One rank file laid out by `_lay_out`: where each tensor's bytes go, and how many were written."""
+
+    file: CheckedFile
+    size: int  # the file's size once laid out; filling in tensor bytes must not change it
+    regions: dict[tuple[str, str], tuple[int, int]]  # (model key, key) -> (offset, nbytes)
+    written: set[tuple[str, str]] = field(default_factory=set)
+
+    def write(self, slot: Slot, shard: torch.Tensor) -> None:
+        offset, nbytes = self.regions[(slot.model_key, slot.key)]
+        data = memoryview(shard.contiguous().view(torch.uint8).numpy()).cast("B")
+        if len(data) != nbytes:
+            raise PlanError(f"{self.file.path}: {slot.key!r} has {len(data)} bytes, the layout reserved {nbytes}")
+        pwrite_all(self.file.fd, data, offset, self.file.path)
+        self.written.add((slot.model_key, slot.key))
+
+    def check(self) -> None:
+        """Every reserved region written, and the file still the size its layout gave it."""
+        missing = sorted(set(self.regions) - self.written)
+        if missing:
+            raise PlanError(f"{self.file.path}: {len(missing)} tensors never written (first {missing[0][1]!r})")
+        check_size(self.file.path, self.size)
 
 
 def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], dtype: torch.dtype,
              pp: int, ep: int, grouped: bool, entries: list[tuple[PlannedTensor, Slot]],
-             extra: dict[str, Any], spec_name: str = "te") -> tuple[int, dict[tuple[str, str], int]]:
-    """Write one rank file's structure (no tensor bytes) and return an open fd and each tensor's byte offset."""
+             extra: dict[str, Any], spec_name: str = "te") -> _Laid:
+    """Write one rank file's structure (no tensor bytes); return it open, with each tensor's byte region."""
     models: dict[str, dict[str, torch.Tensor | None]] = {model_key(c): {} for c in layout.stage_chunks(spec.num_layers, pp)}
     for pt, slot in entries:
         shape = _local_shape(pt, margs, layout, spec_name)
@@ -191,12 +217,18 @@ def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[st
     for mk, key in extra_state_keys(spec, layout, pp, ep, grouped):
         models[mk][key] = None
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.serialization.skip_data():
-        torch.save({**models, **extra}, path)
-    meta = safe_load(path, map_location="meta")
-    offsets = {(mk, k): v.untyped_storage()._checkpoint_offset
+    f = CheckedFile(path)
+    try:
+        with torch.serialization.skip_data():
+            f.saving({**models, **extra})
+        size = f.tell()
+        meta = safe_load(path, map_location="meta")
+    except BaseException:
+        f.close()
+        raise
+    regions = {(mk, k): (v.untyped_storage()._checkpoint_offset, v.untyped_storage().nbytes())
                for mk, sd in meta.items() if mk.startswith("model") for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return os.open(path, os.O_WRONLY), offsets
+    return _Laid(f, size, regions)
 
 
 def _local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout, spec_name: str) -> tuple[int, ...]:

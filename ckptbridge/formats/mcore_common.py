@@ -17,6 +17,7 @@ from .. import __version__
 from ..errors import FormatError
 from ..config_source import ConfigOptions, checkpoint_args, resolve
 from ..megatron_args import full_megatron_lm_args
+from ..fileio import write_text
 from ..spec import ModelSpec
 from .bridge_config import RUN_CONFIG, args_from_run_config
 from .safe_globals import megatron_globals
@@ -180,7 +181,7 @@ def iteration_name(iteration: int | None) -> str:
 
 
 def write_tracker(root: Path, iteration: int | None = None) -> None:
-    (root / "latest_checkpointed_iteration.txt").write_text(RELEASE if iteration is None else str(iteration))
+    write_text(root / "latest_checkpointed_iteration.txt", RELEASE if iteration is None else str(iteration))
 
 
 def read_storage(fd: int, meta: torch.Tensor, what: str) -> torch.Tensor:

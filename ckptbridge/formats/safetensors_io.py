@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError
+from ..fileio import CheckedFile, check_size
 from .held_file import HeldFile
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -153,9 +154,23 @@ class SafetensorsWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self.size = 8 + len(blob) + offset  # what the finished file must hold
+        self._file = CheckedFile(self.path)
+        try:
+            self._file.write(struct.pack("<Q", len(blob)) + blob)
+        except BaseException:
+            self._file.close()
+            raise
         self._next = 0
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, dtype, shape = self._order[self._next]
@@ -165,6 +180,8 @@ class SafetensorsWriter:
         self._next += 1
 
     def close(self) -> None:
+        """Close the file; it must hold every planned tensor and exactly the planned number of bytes."""
+        self._file.close()
         if self._next != len(self._order):
             raise AssertionError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
-        self._file.close()
+        check_size(self.path, self.size)

@@ -26,6 +26,7 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from ..errors import FormatError, PlanError
+from ..fileio import CheckedFile, check_size, write_bytes, write_text
 from ..layout import ParallelLayout
 from ..mapping.schema import layer_key
 from ..config_source import ConfigOptions
@@ -41,7 +42,7 @@ from .dcp_metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from .bridge_config import write_run_config
+from .bridge_config import RUN_CONFIG, run_config_text
 from .held_file import HeldFile
 from .mcore_common import (
     CHECKPOINT_VERSION,
@@ -90,12 +91,12 @@ def write_torch_dist(
     stage_of = {layer: c.pp_rank for c in chunks for layer in c.layers}
     state: dict[str, TensorStorageMetadata] = {}
     storage: dict[MetadataIndex, StorageInfo] = {}
-    files: dict[int, io.BufferedWriter] = {}
+    files: dict[int, CheckedFile] = {}
 
-    def data_file(rank: int) -> io.BufferedWriter:
+    def data_file(rank: int) -> CheckedFile:
         """The ``__{rank}_0.distcp`` file of the rank that would own an item in megatron-core."""
         if rank not in files:
-            files[rank] = open(iter_dir / f"__{rank}_0.distcp", "wb")
+            files[rank] = CheckedFile(iter_dir / f"__{rank}_0.distcp")
         return files[rank]
 
     try:
@@ -121,8 +122,8 @@ def write_torch_dist(
                     f = data_file(stage * layout.tp + rank)
                     begin = f.tell()
                     with _no_crc():
-                        torch.save(_compact(piece), f)
-                    storage[MetadataIndex(key, torch.Size(offsets))] = StorageInfo(Path(f.name).name, begin, f.tell() - begin)
+                        f.saving(_compact(piece))
+                    storage[MetadataIndex(key, torch.Size(offsets))] = StorageInfo(f.path.name, begin, f.tell() - begin)
                     meta.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(piece.shape)))
             progress(canonical.numel() * canonical.element_size())
         none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
@@ -141,25 +142,33 @@ def write_torch_dist(
             begin = f.tell()
             f.write(none_bytes)
             state[key] = BytesStorageMetadata()
-            storage[MetadataIndex(key)] = StorageInfo(Path(f.name).name, begin, len(none_bytes))
+            storage[MetadataIndex(key)] = StorageInfo(f.path.name, begin, len(none_bytes))
     finally:
         for f in files.values():
             f.close()
+    _check_items(iter_dir, storage)
     metadata = Metadata(
         state_dict_metadata=dict(state),
         planner_data={k: (k,) for k in state},
         storage_data=storage,
         storage_meta=StorageMeta(checkpoint_id=None, save_id=uuid.uuid4().hex, load_id=None),
     )
-    with open(iter_dir / ".metadata", "wb") as f:
-        dcp_metadata.dump(metadata, f)
-    torch.save(
+    # .metadata last: without it the folder is not a torch_dist checkpoint (for megatron-core either)
+    write_bytes(iter_dir / "common.pt", _saved(
         {"args": args_namespace(margs, iteration), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-         "ckptbridge": bridge_record(spec, spec_name)},
-        iter_dir / "common.pt",
-    )
-    write_run_config(iter_dir, margs)  # what Megatron-Bridge's export_ckpt builds the model from
-    (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
+         "ckptbridge": bridge_record(spec, spec_name)}))
+    write_text(iter_dir / RUN_CONFIG, run_config_text(margs))  # what Megatron-Bridge's export_ckpt builds the model from
+    write_text(iter_dir / "metadata.json", json.dumps(METADATA_JSON))
+    write_bytes(iter_dir / ".metadata", dcp_metadata.dumps(metadata))
+
+
+def _check_items(iter_dir: Path, storage: dict[MetadataIndex, StorageInfo]) -> None:
+    """Each data file holds exactly its items, back to back, as the index will say."""
+    sizes: dict[str, int] = {}
+    for info in storage.values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sizes.items():
+        check_size(iter_dir / name, size)
 
 
 def _saved(obj: Any) -> bytes:

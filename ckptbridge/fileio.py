@@ -1,0 +1,150 @@
+"""Writes that never lose bytes silently.
+
+``os.write``/``os.pwrite`` may write fewer bytes than asked (Linux caps one
+call at 2,147,479,552 bytes; a nearly full disk or a signal can cut one
+short), so every writer of ckptbridge goes through `pwrite_all` or
+`CheckedFile`, which loop until every byte is written and turn a full disk
+(ENOSPC, EDQUOT) or a file-size limit (EFBIG) into a one-line `WriteError`
+naming the file. `check_size` then compares each finished file with the size
+the plan gives it.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import CkptBridgeError
+
+# Linux writes at most this many bytes per write()/pwrite() call (MAX_RW_COUNT).
+MAX_WRITE = 0x7FFFF000
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+         errno.EFBIG: "file too large (file-size limit reached)"}
+
+
+class WriteError(CkptBridgeError):
+    """A file of the output could not be written whole (disk full, quota, file-size limit, I/O error)."""
+
+    def __init__(self, path: Path | str, reason: str, disk_full: bool):
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+        self.disk_full = disk_full
+
+
+def _error(path: Path | str, exc: OSError) -> WriteError:
+    reason = _FULL.get(exc.errno or 0, exc.strerror or str(exc))
+    return WriteError(path, reason, exc.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
+def pwrite_all(fd: int, data: Any, offset: int | None, path: Path | str, cap: int = MAX_WRITE) -> int:
+    """Write every byte of ``data`` at ``offset`` (at the file position when None); returns the count.
+
+    ``cap`` bounds one system call (the kernel's own limit by default); tests pass a small one to
+    exercise the loop on short writes.
+    """
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        chunk = view[done:done + cap]
+        try:
+            n = os.write(fd, chunk) if offset is None else os.pwrite(fd, chunk, offset + done)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise _error(path, exc) from None
+        if n <= 0:
+            raise WriteError(path, f"the system accepted {done} of {len(view)} bytes and then none", True)
+        done += n
+    return done
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """``Path.write_bytes`` with every byte checked and the size verified."""
+    with CheckedFile(path) as f:
+        f.write(data)
+    check_size(path, len(data))
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def copy_file(src: Path, dst: Path, chunk: int = 16 * 2**20) -> None:
+    """Copy ``src`` (an asset: tokenizer, generation config) to ``dst`` with checked writes and its mode/times."""
+    size = 0
+    with open(src, "rb") as f, CheckedFile(dst) as out:
+        while block := f.read(chunk):
+            size += out.write(block)
+    check_size(dst, size)
+    shutil.copystat(src, dst)
+
+
+def check_size(path: Path, expected: int) -> None:
+    """The file at ``path`` must hold exactly ``expected`` bytes (what the plan laid out)."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise _error(path, exc) from None
+    if size != expected:
+        raise WriteError(path, f"holds {size} bytes after writing, the plan gives it {expected}", False)
+
+
+class CheckedFile(io.RawIOBase):
+    """A writable, seekable file object whose ``write`` writes everything or raises `WriteError`.
+
+    torch.save writes through Python callbacks and wraps any exception they raise in a RuntimeError;
+    `saving` unwraps it again so the caller sees the one-line `WriteError`.
+    """
+
+    def __init__(self, path: Path, cap: int = MAX_WRITE):
+        super().__init__()
+        self.path = Path(path)
+        self.cap = cap
+        self.error: WriteError | None = None
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise _error(path, exc) from None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return pwrite_all(self.fd, data, None, self.path, self.cap)
+        except WriteError as exc:
+            self.error = exc
+            raise
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        return os.lseek(self.fd, pos, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, io.SEEK_CUR)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+    def saving(self, obj: Any) -> None:
+        """``torch.save(obj, self)``, raising our `WriteError` rather than torch's wrapper around it."""
+        import torch
+
+        try:
+            torch.save(obj, self)
+        except Exception:
+            if self.error is not None:
+                raise self.error from None
+            raise

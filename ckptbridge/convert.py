@@ -106,6 +106,7 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
                 writer(spec, read, iter_dir, target.layout, margs, dtype, target.spec_name, progress,
                        iteration=target.iteration or 0)
                 write_tracker(tmp, target.iteration)  # last: the tracker makes the folder a checkpoint for Megatron-LM
+            source.check_unchanged()  # a source modified or replaced while it was read: nothing is installed
     finally:
         source.close()
     return ConversionResult(

@@ -27,12 +27,12 @@ from ..layout import ParallelLayout, StageChunk
 from ..sharding import merge, split
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
+from .held_file import HeldFile
 from .mcore_common import (
     CHECKPOINT_VERSION,
     args_namespace,
     bridge_record,
     is_extra_state,
-    open_fd,
     read_storage,
     safe_load,
     CommonState,
@@ -273,11 +273,18 @@ class LegacySource:
                 f"missing {sorted(set(expected) - set(dirs))}, unexpected {sorted(set(dirs) - set(expected))}"
             )
         self.paths: dict[Rank, Path] = {rank: self.iter_dir / name / FILE for name, rank in expected.items()}
+        # held open before their structure is read: offsets parsed now are read from these very files
+        self._files: dict[Rank, HeldFile] = {}
+        try:
+            for rank, path in self.paths.items():
+                self._files[rank] = HeldFile(path)
+        except FormatError:
+            self.close()
+            raise
         self.meta = {rank: (head if path == first_path else safe_load(path, map_location="meta"))
                      for rank, path in self.paths.items()}
         self.dtype = self._dtype()
         self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")))
-        self._fds: dict[Rank, int] = {}
 
     def training_state(self) -> SkippedState:
         """Optimizer and RNG state in the rank files and the distributed optimizer's files beside them
@@ -335,9 +342,11 @@ class LegacySource:
         self.check_replicas()
 
     def _fd(self, rank: Rank) -> int:
-        if rank not in self._fds:
-            self._fds[rank] = open_fd(self.paths[rank])
-        return self._fds[rank]
+        return self._files[rank].fd
+
+    def check_unchanged(self) -> None:
+        for f in self._files.values():
+            f.check_unchanged()
 
     def _read_slot(self, pt: PlannedTensor, slot: Slot) -> torch.Tensor:
         """The global tensor from one EP rank's TP shards; a dense weight must be identical on every EP rank."""
@@ -376,6 +385,6 @@ class LegacySource:
                         raise PlanError(f"{slot.key!r} on stage {slot.pp} is not an exact replica of {pt.mcore}")
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import os
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -198,7 +197,3 @@ def read_storage_at(fd: int, base: int, meta: torch.Tensor, what: str) -> torch.
     raw = read_into(fd, base + offset, storage.nbytes(), what)
     flat = raw.view(meta.dtype) if storage.nbytes() else torch.empty(0, dtype=meta.dtype)
     return flat.as_strided(meta.shape, meta.stride(), meta.storage_offset())
-
-
-def open_fd(path: Path) -> int:
-    return os.open(path, os.O_RDONLY)

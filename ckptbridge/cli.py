@@ -74,13 +74,14 @@ def main() -> None:
 @click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
               help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists (atomically; never a DST holding files the source reaches).")
+@click.option("--allow-nonfinite", is_flag=True, help="Convert tensors holding NaN/Inf as they are (default: an error naming the tensor).")
 @click.option("--clean", is_flag=True, help="First remove what interrupted conversions to DST left beside it (.DST.ckptbridge-tmp-*/-old-*).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
-            vocab_divisible_by, dst_iteration, force, clean, quiet, src, dst, iteration, config):
+            vocab_divisible_by, dst_iteration, force, allow_nonfinite, clean, quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -118,7 +119,8 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
                         DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration)
         with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
-            result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean)
+            result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean,
+                         allow_nonfinite)
         for w in caught:
             if issubclass(w.category, MappingWarning) and str(w.message) not in shown:
                 shown.add(str(w.message))

@@ -22,6 +22,7 @@ from .formats.torch_dist import write_torch_dist
 from .layout import ParallelLayout
 from .prefetch import Prefetcher
 from .spec import PlannedTensor
+from .values import ValueChecks
 from .staging import Leftover, check_destination, staged
 
 Progress = Callable[[int], None]
@@ -63,7 +64,7 @@ class Target:
 
 def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: bool = False,
             progress_factory: Callable[[int, str], Progress] | None = None, config: ConfigOptions | None = None,
-            iteration: int | None = None, clean: bool = False) -> ConversionResult:
+            iteration: int | None = None, clean: bool = False, allow_nonfinite: bool = False) -> ConversionResult:
     """Convert ``src`` into ``dst``; every check runs before the first byte is written. ``config`` and
     ``iteration`` say how to read an MCore source that ckptbridge did not write (see `config_source`).
 
@@ -86,8 +87,10 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
 
+        values = ValueChecks(dtype, explicit=target.dtype is not None, allow_nonfinite=allow_nonfinite)
+
         def read_cast(pt: PlannedTensor) -> torch.Tensor:
-            return source.read(pt).to(pt.dtype(dtype))
+            return values.cast(pt, source.read(pt))
 
         assets = source_assets(src, source, config)
         notes = source_notes(source)
@@ -112,7 +115,7 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
     return ConversionResult(
         src=src, dst=dst, src_format=source.format, dst_format=target.format_name, family=spec.mapping.family,
         layout=target.layout.describe() if target.kind == "mcore" else "-", dtype=dtype, tensors=len(planned),
-        bytes=total, seconds=time.perf_counter() - start, notes=notes,
+        bytes=total, seconds=time.perf_counter() - start, notes=(*notes, *values.notes()),
         leftovers=stage.leftovers, cleaned=stage.cleaned, restored=stage.restored,
     )
 

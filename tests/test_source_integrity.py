@@ -52,7 +52,7 @@ def test_source_changed_during_conversion_is_an_error(tiny, tmp_path, how):
                 else:
                     with open(shard, "r+b") as f:
                         f.seek(-4, os.SEEK_END)
-                        f.write(b"\x00\x00\x80\x7f")
+                        f.write(b"\x00\x00\x80\x3f")  # 1.0: finite, only the change can tell
         return advance
 
     _convert_refused(src, tmp_path / "out", "changed while it was being converted", progress_factory=progress_factory)
@@ -153,3 +153,64 @@ def test_asset_symlink_leaving_the_folder_is_refused(tiny, tmp_path):
     secret.write_text("do not copy me")
     (src / "tokenizer.json").symlink_to(secret)
     _convert_refused(src, tmp_path / "out", "outside the checkpoint folder")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_hidden_layers", 100_000_000, "num_layers .*num_hidden_layers.* outside"),
+    ("num_hidden_layers", 2.5, "must be an integer"),
+    ("hidden_size", "64", "must be an integer"),
+    ("num_attention_heads", 0, "outside"),
+    ("rms_norm_eps", "tiny", "finite positive number"),
+    ("rope_theta", float("inf"), "finite positive number"),
+])
+def test_hostile_config_values_are_refused_naming_the_field(tiny, tmp_path, field, value, match):
+    from ckptbridge.errors import UnsupportedArchitectureError
+
+    src = _copy(tiny, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[field] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match=match):
+        convert(src, tmp_path / "out", None, Target("mcore"))
+    assert not (tmp_path / "out").exists()
+
+
+def _with_values(src: Path, dst: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_nan_is_an_error_unless_allowed(tiny, tmp_path):
+    from ckptbridge.errors import PlanError
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    src = _with_values(tiny, tmp_path / "src", lambda t: t[name].view(-1)[:3].fill_(float("nan")))
+    with pytest.raises(PlanError, match=rf"{name}.*3 NaN"):
+        convert(src, tmp_path / "out", None, Target("mcore"))
+    assert not (tmp_path / "out").exists()
+    result = convert(src, tmp_path / "out", None, Target("mcore"), allow_nonfinite=True)
+    assert any("3 NaN" in n for n in result.notes)
+
+
+def test_fp16_overflow_and_mixed_dtypes_are_errors(tiny, tmp_path):
+    import torch
+
+    from ckptbridge.errors import PlanError
+
+    name = "model.layers.0.self_attn.o_proj.weight"
+    big = _with_values(tiny, tmp_path / "big", lambda t: t[name].view(-1)[:1].fill_(1e6))
+    with pytest.raises(PlanError, match=rf"casting tensor {name!r} to float16 overflows"):
+        convert(big, tmp_path / "out", None, Target("mcore", dtype=torch.float16))
+    assert not (tmp_path / "out").exists()
+
+    def to_bf16(t):
+        t[name] = t[name].to(torch.bfloat16)
+    mixed = _with_values(tiny, tmp_path / "mixed", to_bf16)
+    with pytest.raises(PlanError, match=rf"{name!r} is bfloat16 in the source.*pass --dtype"):
+        convert(mixed, tmp_path / "out", None, Target("mcore"))
+    convert(mixed, tmp_path / "out", None, Target("mcore", dtype=torch.float32))  # chosen explicitly: fine

@@ -27,6 +27,7 @@ import torch
 from .. import expr
 from ..errors import MappingError, UnsupportedArchitectureError
 from ..sharding import ShardKind, get_kind
+from .bounds import check_bounds
 from ..transforms import Shape, Transform, check_round_trip, get_transform
 
 LAYER = "{L}"
@@ -261,6 +262,10 @@ class ArchMapping:
                 raise UnsupportedArchitectureError(
                     f"{self.family}: config.json has no field {exc.name!r} (needed for {key})"
                 ) from None
+            except (TypeError, ValueError, ArithmeticError) as exc:  # a value of the wrong type in config.json
+                raise UnsupportedArchitectureError(
+                    f"{self.family}: config.json value for {key} ({source!r}) cannot be computed: {exc}") from None
+        check_bounds(out, f"{self.family}: config.json", self.config)
         return out
 
     def describes(self, args: Mapping[str, Any]) -> bool:

@@ -70,7 +70,7 @@ def main() -> None:
 @click.option("--moe-grouped-gemm", is_flag=True, help="MoE, legacy format: grouped-expert names (experts.linear_fc1.weight<e>) "
               "as TEGroupedMLP saves them, instead of sequential experts (local_experts.<e>.linear_fc1.weight).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast weights (default: keep the source dtype).")
-@click.option("--vocab-divisible-by", type=int, default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
+@click.option("--vocab-divisible-by", type=click.IntRange(1), default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
 @click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
               help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists (atomically; never a DST holding files the source reaches).")

@@ -36,11 +36,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise FormatError(f"{path}: no config.json; an HF checkpoint folder needs one") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise FormatError(f"{path}: holds a JSON {type(raw).__name__}, not an object")
+    return raw
 
 
 def normalise(raw: dict[str, Any]) -> dict[str, Any]:

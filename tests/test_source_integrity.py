@@ -214,3 +214,18 @@ def test_fp16_overflow_and_mixed_dtypes_are_errors(tiny, tmp_path):
     with pytest.raises(PlanError, match=rf"{name!r} is bfloat16 in the source.*pass --dtype"):
         convert(mixed, tmp_path / "out", None, Target("mcore"))
     convert(mixed, tmp_path / "out", None, Target("mcore", dtype=torch.float32))  # chosen explicitly: fine
+
+
+def test_bad_inputs_are_one_line_errors(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from ckptbridge.cli import main
+
+    bad = _copy(tiny, tmp_path / "bad")
+    (bad / "config.json").write_text("[1, 2]")
+    res = CliRunner().invoke(main, ["convert", "-q", "--src", "hf", "--dst", "mcore", str(bad), str(tmp_path / "o")])
+    assert res.exit_code == 2 and "holds a JSON list, not an object" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["convert", "-q", "--src", "hf", "--dst", "mcore", "--vocab-divisible-by", "0",
+                                    str(tiny), str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--vocab-divisible-by" in res.output
+    assert not (tmp_path / "o").exists()

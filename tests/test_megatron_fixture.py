@@ -150,3 +150,31 @@ def test_local_spec_moe_pre_mlp_norm_name_is_read(tmp_path):
         dcp_metadata.dump(md, f)
     diffs = compare(hf, tmp_path / "m")
     assert diffs and all(d.bit_exact for d in diffs)
+
+
+def test_legacy_file_with_te_extra_states_numpy_rng_and_optimizer(tmp_path):
+    """What a Megatron-LM legacy rank file holds besides the model: TransformerEngine ``_extra_state``
+    entries as BytesIO (``core_attention._extra_state`` too), numpy RNG states, optimizer tensors: read
+    with ``weights_only`` and the allow-list, the optimizer counted and never read."""
+    import io
+
+    import numpy as np
+
+    from ckptbridge.formats.legacy import FILE
+    from helpers import to_mcore
+
+    mcore = to_mcore(HF, tmp_path / "m", fmt="torch")
+    path = mcore / "release" / "mp_rank_00" / FILE
+    state = torch.load(path, weights_only=False)
+    state["model"]["decoder.layers.0.self_attention.core_attention._extra_state"] = io.BytesIO(b"te-state")
+    state["rng_state"] = [{"random_rng_state": ("MT19937", np.arange(624, dtype=np.uint32), 624, 0, 0.0),
+                           "np_rng_state": ("MT19937", np.arange(624, dtype=np.uint32), 624, 0, 0.0),
+                           "torch_rng_state": torch.zeros(16, dtype=torch.uint8)}]
+    state["optimizer"] = {"optimizer": {"state": {0: {"exp_avg": torch.ones(64, 64)}}, "param_groups": []}}
+    torch.save(state, path)
+    source = open_source(mcore)
+    skipped = source.training_state()
+    source.close()
+    assert "optimizer state" in skipped.kinds and skipped.bytes >= 64 * 64 * 4
+    diffs = compare(HF, mcore)
+    assert diffs and all(d.bit_exact for d in diffs)

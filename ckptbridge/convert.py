@@ -18,7 +18,7 @@ import torch
 from .errors import DestinationError
 from .config_source import ConfigOptions
 from .formats.detect import Source, open_source, source_assets, source_notes
-from .formats.hf import write_hf
+from .formats.hf import fp8_export, write_hf
 from .formats.legacy import write_legacy
 from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist import write_torch_dist
@@ -54,6 +54,7 @@ class Target:
     vocab_divisible_by: int = 128
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
     iteration: int | None = None  # MCore: iter_{N:07d}/ and tracker N (None: release/)
+    hf_fp8: bool = False  # HF: linear weights as block-scaled FP8 (--hf-dtype fp8-block)
 
     @property
     def format_name(self) -> str:
@@ -112,17 +113,19 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
             margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format,
                                        target.vocab_divisible_by, target.grouped_gemm)
         planned = spec.planned()
+        fp8, full_precision = fp8_export(spec) if target.kind == "hf" and target.hf_fp8 else (None, set())
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
 
         def read_cast(pt: PlannedTensor) -> torch.Tensor:
-            return source.read(pt).to(pt.dtype(dtype))
+            # a tensor to quantize is read in fp32: rounding it to --dtype first would lose the exact values
+            return source.read(pt).to(torch.float32 if pt.mcore in full_precision else pt.dtype(dtype))
 
         assets = source_assets(src, source, config)
         notes = source_notes(source)
         with staging_dir(dst, force) as tmp, closing(Prefetcher(planned, read_cast)) as read:
             if target.kind == "hf":
-                write_hf(spec, read, tmp, dtype, assets, progress)
+                write_hf(spec, read, tmp, dtype, assets, progress, fp8=fp8)
             else:
                 iter_dir = tmp / iteration_name(target.iteration)
                 iter_dir.mkdir()

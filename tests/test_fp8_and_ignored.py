@@ -236,6 +236,23 @@ def test_requantizing_recovers_scales_that_amax_over_448_misses():
     assert torch.equal(codes2.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(scale2, scale)
 
 
+def test_fp8_source_with_bf16_scales_round_trips_values(fp8_model, tmp_path):
+    """Qwen3's dense FP8 releases store bf16 scales: read as they are; exported back as fp32 scales
+    (the hub's DeepSeek layout) holding the same values, with the same codes."""
+    src = tmp_path / "src"
+    shutil.copytree(fp8_model[0], src)
+    _edit(src, tensors=lambda t: t.update({n: v.bfloat16() for n, v in t.items() if n.endswith("_scale_inv")}))
+    _convert(src, tmp_path / "mc", "mcore", dtype=torch.float32)
+    _convert(tmp_path / "mc", tmp_path / "back", "hf", dtype=torch.bfloat16, hf_fp8=True)
+    a, b = hf_tensors(src), hf_tensors(tmp_path / "back")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if name.endswith("_scale_inv"):
+            assert b[name].dtype == torch.float32 and torch.equal(b[name], a[name].float()), name
+        else:
+            assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+
+
 def test_bf16_model_exported_as_fp8_has_the_hub_layout(tmp_path):
     src = build_tiny_hf("qwen3-8b", tmp_path / "q", layers=1, dtype=torch.bfloat16)
     r = _cli("--src", "hf", "--dst", "hf", "--hf-dtype", "fp8-block", str(src), str(tmp_path / "out"))
@@ -288,3 +305,30 @@ def test_fp8_weights_without_quantization_config_are_refused(fp8_model, tmp_path
 def test_hf_dtype_needs_an_hf_output(tmp_path):
     r = _cli("--src", "hf", "--dst", "mcore", "--hf-dtype", "fp8-block", str(tmp_path / "a"), str(tmp_path / "b"))
     assert r.exit_code == 2 and "--hf-dtype describes an HF output" in r.output, r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# the mapping files' ignore / fp8_keep sections are checked when they load
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, old, new, fragment", [
+    ("llama", "check: rope_inv_freq", "check: whatever", "needs hf and check"),
+    ("llama", "base: rotary_base", "base: rope_base_typo", "uses ['rope_base_typo']"),
+    ("llama", "of: model.embed_tokens.weight", "of: model.embedding.weight", "which no tensor rule maps"),
+    ("llama", "    dim: kv_channels\n", "    dim: kv_channels\n    of: lm_head.weight\n", "unknown ['of']"),
+    ("deepseek_v3", "  - model.layers.{L}.mlp.gate.weight", "  - model.layers.{L}.mlp.router.weight", "fp8_keep names"),
+])
+def test_bad_ignore_sections_are_refused_when_the_file_loads(tmp_path, family, old, new, fragment):
+    from ckptbridge.errors import MappingError
+    from ckptbridge.mapping.registry import MappingRegistry, mappings_dir
+
+    folder = tmp_path / "mappings"
+    shutil.copytree(mappings_dir(), folder)
+    path = folder / f"{family}.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    with pytest.raises(MappingError, match="ignore|fp8_keep") as info:
+        MappingRegistry(folder)
+    assert fragment in str(info.value) and str(path) in str(info.value)

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 SCALE_SUFFIX = "_scale_inv"
+#: what scales are stored as: fp32 (DeepSeek, Kimi, and what the export writes); Qwen3's dense FP8
+#: releases store bf16, some fp16
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: the hub's layout, written by ``--hf-dtype fp8-block`` when the model's own config names none
 DEFAULT_CONFIG: dict[str, Any] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": [128, 128]}
@@ -93,8 +96,8 @@ def check_pair(weight: str, w_dtype: torch.dtype, w_shape: tuple[int, ...], s_dt
     if w_dtype != E4M3 or len(w_shape) != 2:
         raise FormatError(f"{where}: {weight!r} has a {scale_name(weight)!r} but is a {len(w_shape)}-D {w_dtype} "
                           "tensor, not a 2-D float8_e4m3fn one")
-    if s_dtype != torch.float32:
-        raise FormatError(f"{where}: {scale_name(weight)!r} is {s_dtype}; block scales are float32")
+    if s_dtype not in SCALE_DTYPES:
+        raise FormatError(f"{where}: {scale_name(weight)!r} is {s_dtype}; block scales are float32 (or bfloat16/float16)")
     if tuple(s_shape) != fmt.scale_shape(w_shape):
         raise FormatError(
             f"{where}: {scale_name(weight)!r} has shape {list(s_shape)}, but weight {weight!r} {list(w_shape)} with "

@@ -104,14 +104,15 @@ def check_pair(weight: str, w_dtype: torch.dtype, w_shape: tuple[int, ...], s_dt
             f"weight_block_size {list(fmt.block)} needs {list(fmt.scale_shape(w_shape))}")
 
 
-def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
-    """Each block's scale repeated over its elements, cut to ``shape`` (partial edge blocks)."""
-    return scale.repeat_interleave(block[0], 0)[: shape[0]].repeat_interleave(block[1], 1)[:, : shape[1]]
-
-
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fp32 ``q * scale_inv`` per block: one rounding (e4m3 values are exact in fp32)."""
-    return q.float() * _expand(scale_inv.float(), tuple(q.shape), block)
+    """fp32 ``q * scale_inv`` per block: one rounding (e4m3 values are exact in fp32). One row of blocks
+    at a time, so the only full-size buffer is the result."""
+    rows, cols = q.shape
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    for i in range(scale_inv.shape[0]):
+        part = slice(i * block[0], (i + 1) * block[0])
+        out[part] = q[part].float() * scale_inv[i].float().repeat_interleave(block[1])[:cols]
+    return out
 
 
 def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

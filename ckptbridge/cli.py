@@ -69,7 +69,11 @@ def main() -> None:
               help="MCore module names: TransformerEngine spec (what Megatron-LM trains with) or the local spec.")
 @click.option("--moe-grouped-gemm", is_flag=True, help="MoE, legacy format: grouped-expert names (experts.linear_fc1.weight<e>) "
               "as TEGroupedMLP saves them, instead of sequential experts (local_experts.<e>.linear_fc1.weight).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast weights (default: keep the source dtype).")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast weights (default: keep the source dtype; "
+              "an FP8 source: its config's dtype, else bf16).")
+@click.option("--hf-dtype", type=click.Choice(["fp8-block"]), default=None,
+              help="HF output: store the linear weights of the layers as e4m3 with fp32 block scales (weight_scale_inv), "
+                   "in the model's own FP8 layout or 128x128; the other tensors use --dtype.")
 @click.option("--vocab-divisible-by", type=click.IntRange(1), default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
 @click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
               help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
@@ -81,7 +85,8 @@ def main() -> None:
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
-            vocab_divisible_by, dst_iteration, force, allow_nonfinite, clean, quiet, src, dst, iteration, config):
+            hf_dtype, vocab_divisible_by, dst_iteration, force, allow_nonfinite, clean, quiet, src, dst, iteration,
+            config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -108,6 +113,8 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
 
     if dst_kind == "hf" and (tp, pp, vpp, pp_first, pp_last, ep, etp) != (1, 1, None, None, None, 1, None):
         raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
+    if dst_kind != "hf" and hf_dtype is not None:
+        raise click.UsageError("--hf-dtype describes an HF output; Megatron-Core checkpoints hold no FP8 weights")
     if dst_kind == "hf" and dst_iteration is not None:
         raise click.UsageError("--dst-iteration names an MCore output's iteration folder; it makes no sense with --dst hf")
     from .interrupts import Interrupted, handled
@@ -116,7 +123,8 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
     shown: set[str] = set()
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
-                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration)
+                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
+                        hf_fp8=hf_dtype == "fp8-block")
         with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
             result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean,

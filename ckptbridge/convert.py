@@ -15,7 +15,7 @@ import torch
 from .config_source import ConfigOptions
 from .fileio import copy_file
 from .formats.detect import Source, open_source, source_assets, source_notes
-from .formats.hf import write_hf
+from .formats.hf import fp8_export, write_hf
 from .formats.legacy import write_legacy
 from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist import write_torch_dist
@@ -56,6 +56,7 @@ class Target:
     vocab_divisible_by: int = 128
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
     iteration: int | None = None  # MCore: iter_{N:07d}/ and tracker N (None: release/)
+    hf_fp8: bool = False  # HF: linear weights as block-scaled FP8 (--hf-dtype fp8-block)
 
     @property
     def format_name(self) -> str:
@@ -84,20 +85,22 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
             margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format,
                                        target.vocab_divisible_by, target.grouped_gemm)
         planned = spec.planned()
+        fp8, full_precision = fp8_export(spec) if target.kind == "hf" and target.hf_fp8 else (None, set())
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
 
         values = ValueChecks(dtype, explicit=target.dtype is not None, allow_nonfinite=allow_nonfinite)
 
         def read_cast(pt: PlannedTensor) -> torch.Tensor:
-            return values.cast(pt, source.read(pt))
+            # a tensor to quantize is read in fp32: rounding it to --dtype first would lose the exact values
+            return values.cast(pt, source.read(pt), torch.float32 if pt.mcore in full_precision else None)
 
         assets = source_assets(src, source, config)
         notes = source_notes(source)
         with staged(src, dst, force, clean, total) as stage, closing(Prefetcher(planned, read_cast)) as read:
             tmp, progress = stage.folder, stage.progress(progress, total)
             if target.kind == "hf":
-                write_hf(spec, read, tmp, dtype, assets, progress)
+                write_hf(spec, read, tmp, dtype, assets, progress, fp8=fp8)
             else:
                 if assets:
                     (tmp / ASSETS_DIR).mkdir()

@@ -27,10 +27,11 @@ class ValueChecks:
     allow_nonfinite: bool = False
     nonfinite: list[tuple[str, int, int]] = field(default_factory=list)
 
-    def cast(self, pt: PlannedTensor, tensor: torch.Tensor) -> torch.Tensor:
-        want = pt.dtype(self.dtype)
+    def cast(self, pt: PlannedTensor, tensor: torch.Tensor, to: torch.dtype | None = None) -> torch.Tensor:
+        """``to``: read at another dtype than the output's (a tensor an FP8 export quantizes stays fp32)."""
+        want = to or pt.dtype(self.dtype)
         name = pt.hf_names[0] if pt.hf_names else pt.mcore
-        if not self.explicit and pt.rule.dtype is None and tensor.dtype != want:
+        if not self.explicit and to is None and pt.rule.dtype is None and tensor.dtype != want:
             raise PlanError(f"tensor {name!r} is {_name(tensor.dtype)} in the source, the model's others "
                             f"{_name(want)}: a mixed-dtype source is not cast silently; pass --dtype to choose")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

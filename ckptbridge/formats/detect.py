@@ -80,6 +80,8 @@ def source_assets(path: Path, source: Source, config: ConfigOptions | None = Non
 def source_notes(source: Source) -> tuple[str, ...]:
     """What a user must know about an MCore source: who wrote it, where its HF config came from, what
     was left out (optimizer state is never converted)."""
+    if isinstance(source, HFSource):
+        return source.notes  # e.g. an FP8 source that was dequantized
     common = getattr(source, "common", None)
     if common is None:
         return ()

@@ -18,6 +18,9 @@ from ..errors import FormatError, PlanError
 from ..fileio import copy_file, write_text
 from ..hf_config import config_dtype, read_config, with_dtype
 from ..spec import ModelSpec, PlannedTensor
+from .fp8_block import BlockFP8, check_pair, dequantize, export_layout, parse_quantization, quantize, quantized_names, scale_name
+from .fp8_block import E4M3, SCALE_SUFFIX
+from .hf_ignored import planned_ignores, verify_ignored
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 
 INDEX = "model.safetensors.index.json"
@@ -60,6 +63,7 @@ class HFSource:
         if not self.folder.is_dir():
             raise FormatError(f"{self.folder}: not a folder")
         self.raw_config = read_config(self.folder)
+        self.fp8: BlockFP8 | None = parse_quantization(self.raw_config, str(self.folder / "config.json"))
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}  # tensor -> file name
         index_path = self.folder / INDEX
@@ -92,8 +96,12 @@ class HFSource:
         dtypes = {e.dtype for f in self.files.values() for e in f.entries.values()}
         self.dtype = config_dtype(self.raw_config) if len(dtypes) != 1 else dtypes.pop()
         self.dtype = self.dtype or torch.float32
+        if self.fp8 is not None:  # dequantized weights: the config's dtype (that of the unquantized tensors)
+            self.dtype = config_dtype(self.raw_config) or torch.bfloat16
         self.fused: dict[str, tuple[str, int]] = {}
         self.renamed: dict[str, str] = {}
+        self.scaled: set[str] = set()  # FP8 weights stored with a block-scale tensor, dequantized when read
+        self.notes: tuple[str, ...] = ()
 
     def _fused(self) -> dict[str, tuple[str, int]]:
         """Per-expert HF names that this folder holds inside a fused tensor instead: name -> (fused, expert)."""
@@ -126,8 +134,16 @@ class HFSource:
                 expected[self.renamed.get(name, name)] = shape
             for name in pt.hf_copies:
                 expected[name] = pt.hf_shapes[0]
+        ignored = planned_ignores(self.spec)
+        self.scaled = self._check_scales(expected)
         for tensor, fname in sorted(self.where.items()):
             entry = self.files[fname].entries[tensor]
+            if tensor in ignored or (tensor.endswith(SCALE_SUFFIX) and tensor[: -len(SCALE_SUFFIX)] in self.scaled):
+                continue
+            if entry.dtype.is_floating_point and entry.dtype.itemsize == 1 and tensor not in self.scaled:
+                raise PlanError(f"tensor {tensor!r} in {self.folder / fname} is {entry.dtype}, but " + (
+                    f"has no {scale_name(tensor)!r}" if self.fp8 else
+                    "config.json declares no quantization_config; refusing to read it as plain weights"))
             if tensor not in expected:
                 raise PlanError(f"unmapped source tensor {tensor!r} in {self.folder / fname} (no rule of mapping '{self.spec.mapping.family}' names it)")
             if entry.shape != expected[tensor]:
@@ -137,18 +153,60 @@ class HFSource:
         missing = sorted(set(expected) - set(self.where))
         if missing:
             raise PlanError(f"missing tensor {missing[0]!r}: not in any file of {self.folder} ({len(missing)} missing in all)")
+        for name in sorted(set(ignored) & set(self.where)):
+            verify_ignored(name, *ignored[name], self.spec.args, self.files, self.where, self.folder)
+        if self.fp8 is not None:
+            self.notes = self._fp8_notes()
+
+    def _check_scales(self, expected: dict[str, tuple[int, ...]]) -> set[str]:
+        """The weights stored as FP8 with block scales; every scale tensor belongs to a mapped 2-D weight
+        of the declared layout (a scale without a quantization_config is an unmapped tensor)."""
+        if self.fp8 is None:
+            return set()
+        out: set[str] = set()
+        for tensor in sorted(t for t in self.where if t.endswith(SCALE_SUFFIX)):
+            weight = tensor[: -len(SCALE_SUFFIX)]
+            if weight not in expected or weight not in self.where:
+                raise PlanError(f"unmapped source tensor {tensor!r} in {self.folder / self.where[tensor]} "
+                                f"(no mapped weight {weight!r} for these FP8 scales)")
+            w, sc = self.files[self.where[weight]].entries[weight], self.files[self.where[tensor]].entries[tensor]
+            check_pair(weight, w.dtype, w.shape, sc.dtype, sc.shape, self.fp8, str(self.folder / self.where[tensor]))
+            out.add(weight)
+        return out
+
+    def _fp8_notes(self) -> tuple[str, ...]:
+        """What an ``--hf-dtype fp8-block`` export of this model would quantize differently from this folder."""
+        assert self.fp8 is not None
+        source = {self.renamed.get(n, n) for n in self.scaled}
+        policy = {self.renamed.get(n, n) for n in quantized_names(self.spec, self.fp8)}
+        out = [f"FP8 block-scaled source (block {list(self.fp8.block)}): {len(self.scaled)} weights dequantized"]
+        if source != policy:
+            extra, kept = sorted(policy - source), sorted(source - policy)
+            out.append("an --hf-dtype fp8-block export would quantize a different set than this folder: "
+                       + (f"also {extra[0]!r} ({len(extra)} in all)" if extra else "")
+                       + ("; " if extra and kept else "") + (f"not {kept[0]!r} ({len(kept)} in all)" if kept else ""))
+        return tuple(out)
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
         if pt.hf_names[0] in self.fused:  # transformers-5 fused experts: slot E already is the MCore tensor
             name, expert = self.fused[pt.hf_names[0]]
             return self.files[self.where[name]].read(name, expert)
         names = [self.renamed.get(n, n) for n in pt.hf_names]
-        tensors = [self.files[self.where[n]].read(n) for n in names]
+        tensors = [self._weight(n) for n in names]
         for copy in pt.hf_copies:  # MCore keeps one tensor: a copy that differs cannot be represented
             if not _same_bits(self.files[self.where[copy]].read(copy), tensors[0]):
                 raise PlanError(f"{copy!r} in {self.folder / self.where[copy]} is not an exact copy of {names[0]!r}; "
                                 f"MCore shares one {pt.mcore} between the model and its MTP blocks")
         return pt.rule.transform.to_mcore(tensors, self.spec.args)
+
+    def _weight(self, name: str) -> torch.Tensor:
+        """A stored tensor; an FP8 one dequantized to fp32 (e4m3 x its block's scale, one rounding)."""
+        tensor = self.files[self.where[name]].read(name)
+        if name not in self.scaled:
+            return tensor
+        assert self.fp8 is not None
+        scale = scale_name(name)
+        return dequantize(tensor, self.files[self.where[scale]].read(scale), self.fp8.block)
 
     def assets(self) -> list[Path]:
         return asset_files(self.folder)
@@ -174,12 +232,29 @@ def write_hf(
     assets: list[Path],
     progress: Callable[[int], None],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    fp8: BlockFP8 | None = None,
 ) -> None:
-    """Write safetensors shards (+ index), config.json and the assets."""
+    """Write safetensors shards (+ index), config.json and the assets. With ``fp8`` (``--hf-dtype
+    fp8-block``) the weights `fp8_block.quantized_names` picks are stored as e4m3 + fp32 block scales
+    and the config declares that layout; without it, any quantization_config the model carried is
+    dropped (the weights written are not quantized). A tied model's head is never written, as
+    transformers' ``save_pretrained`` does not write it."""
+    quantized = quantized_names(spec, fp8) if fp8 is not None else set()
+
+    def layout(pt: PlannedTensor) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        out: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for name, shape in [*zip(pt.hf_names, pt.hf_shapes), *((c, pt.hf_shapes[0]) for c in pt.hf_copies)]:
+            if name in quantized:
+                assert fp8 is not None
+                out += [(name, E4M3, shape), (scale_name(name), torch.float32, fp8.scale_shape(shape))]
+            else:
+                out.append((name, pt.dtype(dtype), shape))
+        return out
+
     groups: list[list[PlannedTensor]] = [[]]
     size = 0
     for pt in spec.planned():
-        nbytes = (sum(math.prod(s) for s in pt.hf_shapes) + len(pt.hf_copies) * math.prod(pt.hf_shapes[0])) * pt.dtype(dtype).itemsize
+        nbytes = sum(math.prod(shape) * dt.itemsize for _, dt, shape in layout(pt))
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -189,16 +264,20 @@ def write_hf(
     weight_map: dict[str, str] = {}
     total = 0
     for fname, group in zip(names, groups):
-        entries = [(n, pt.dtype(dtype), s) for pt in group
-                   for n, s in [*zip(pt.hf_names, pt.hf_shapes), *((c, pt.hf_shapes[0]) for c in pt.hf_copies)]]
-        with SafetensorsWriter(out / fname, entries, {"format": "pt"}) as writer:
+        with SafetensorsWriter(out / fname, [e for pt in group for e in layout(pt)], {"format": "pt"}) as writer:
             for pt in group:
                 canonical = read(pt)
                 hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
                 for name, tensor in [*zip(pt.hf_names, hf), *((c, hf[0]) for c in pt.hf_copies)]:
-                    writer.write(name, tensor)
-                    weight_map[name] = fname
-                    total += tensor.numel() * tensor.element_size()
+                    if name in quantized:
+                        assert fp8 is not None
+                        parts = zip((name, scale_name(name)), quantize(tensor, fp8.block))
+                    else:
+                        parts = [(name, tensor.to(pt.dtype(dtype)))]  # read in fp32 when a sibling is quantized
+                    for part, data in parts:
+                        writer.write(part, data)
+                        weight_map[part] = fname
+                        total += data.numel() * data.element_size()
                 progress(canonical.numel() * canonical.element_size())
     for asset in assets:
         copy_file(asset, out / asset.name)
@@ -208,6 +287,16 @@ def write_hf(
     config = spec.hf_config if config_dtype(spec.hf_config) in (None, dtype) else with_dtype(spec.hf_config, dtype)
     if config_dtype(config) is None:
         config = with_dtype(config, dtype)
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    if fp8 is not None:
+        config["quantization_config"] = fp8.config
     # config.json last: without it the folder is not an HF checkpoint, for transformers either
     write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
+
+def fp8_export(spec: ModelSpec) -> tuple[BlockFP8, set[str]]:
+    """``--hf-dtype fp8-block``: the layout written (the model's own, else 128 x 128) and the planned
+    MCore tensors that must reach `write_hf` in full precision (one of their HF tensors is quantized)."""
+    fmt = export_layout(spec.hf_config)
+    quantized = quantized_names(spec, fmt)
+    return fmt, {pt.mcore for pt in spec.planned() if quantized & {*pt.hf_names, *pt.hf_copies}}

@@ -18,6 +18,7 @@ import yaml
 from ..errors import MappingError, UnsupportedArchitectureError
 from .. import expr
 from .features import FEATURES_OFF
+from .ignore import check_against_rules, parse_fp8_keep, parse_ignores
 from .schema import ArchMapping, ConfigCheck, parse_extra_state, parse_mtp, parse_rule, validate_rules
 
 
@@ -35,7 +36,7 @@ def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], whe
     listed under ``exclude`` and appends the entries under ``add``.
     """
     out = copy.deepcopy(raw)
-    for section in ("config", "hf_config", "tensors", "checks", "extra_state"):
+    for section in ("config", "hf_config", "tensors", "checks", "extra_state", "ignore"):
         value = out.get(section)
         if isinstance(value, dict) and "include" in value:
             base_name = value.pop("include")
@@ -72,6 +73,8 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         raise MappingError(f"{where}: mtp depth/like use names that the config section does not define")
     if mtp is None and any(r.place == "mtp" for r in rules):
         raise MappingError(f"{where}: place: mtp rules need an mtp section")
+    ignore, fp8_keep = parse_ignores(raw.get("ignore"), where, set(config)), parse_fp8_keep(raw.get("fp8_keep"), where)
+    check_against_rules(ignore, fp8_keep, {n for r in rules for n in r.hf}, where)
     hf_config = dict(raw.get("hf_config") or {})
     detect = raw.get("detect")
     known = set(config) | set(FEATURES_OFF) | {"padded_vocab_size"}
@@ -92,6 +95,8 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         source=where,
         mtp=mtp,
         warnings=notes,
+        ignore=ignore,
+        fp8_keep=fp8_keep,
     )
 
 

@@ -29,6 +29,7 @@ from ..errors import MappingError, UnsupportedArchitectureError
 from ..sharding import ShardKind, get_kind
 from .bounds import check_bounds
 from ..transforms import Shape, Transform, check_round_trip, get_transform
+from .ignore import IgnoreRule
 
 LAYER = "{L}"
 EXPERT = "{E}"
@@ -234,6 +235,8 @@ class ArchMapping:
     hf_config: dict[str, Any] = field(default_factory=dict)  # Megatron args -> HF config.json fields
     detect: str | None = None  # over Megatron args: this family describes a checkpoint that has no HF config
     warnings: tuple[ConfigCheck, ...] = ()
+    ignore: tuple[IgnoreRule, ...] = ()  # HF tensors that are not weights, dropped once proven redundant
+    fp8_keep: tuple[str, ...] = ()  # 2-D per-layer HF weights that block-scaled FP8 checkpoints keep unquantized
 
     def mtp_depth(self, args: Mapping[str, Any]) -> int:
         return self.mtp.count(args) if self.mtp else 0

@@ -11,6 +11,7 @@ import math
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from ..errors import FormatError, PlanError
 from ..hf_config import config_dtype, read_config, with_dtype
 from ..spec import ModelSpec, PlannedTensor
+from ..transforms import TRANSFORMS, Pipeline, Shape
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 
 INDEX = "model.safetensors.index.json"
@@ -92,38 +94,26 @@ class HFSource:
         dtypes = {e.dtype for f in self.files.values() for e in f.entries.values()}
         self.dtype = config_dtype(self.raw_config) if len(dtypes) != 1 else dtypes.pop()
         self.dtype = self.dtype or torch.float32
-        self.fused: dict[str, tuple[str, int]] = {}
-        self.renamed: dict[str, str] = {}
+        self.layouts: dict[str, _Layout] = {}  # planned MCore name -> the HF layout this folder holds
 
-    def _fused(self) -> dict[str, tuple[str, int]]:
-        """Per-expert HF names that this folder holds inside a fused tensor instead: name -> (fused, expert)."""
-        out: dict[str, tuple[str, int]] = {}
-        for pt in self.spec.planned():
-            fused = pt.rule.hf_fused and pt.rule.hf_fused.replace("{L}", str(pt.hf_layer))
-            if fused and fused in self.where and not any(n in self.where for n in pt.hf_names):
-                out.update({n: (fused, pt.expert) for n in pt.hf_names})
-        return out
-
-    def _renamed(self) -> dict[str, str]:
-        """Planned HF names this folder holds under a rule's alternative names (``hf_alt``)."""
-        out: dict[str, str] = {}
-        for pt in self.spec.planned():
-            alt = pt.rule.hf_alt_names(pt.layer, pt.expert)
-            if alt and all(a in self.where for a in alt) and not any(n in self.where for n in pt.hf_names):
-                out.update(zip(pt.hf_names, alt))
-        return out
+    def _layout(self, pt: PlannedTensor) -> "_Layout":
+        """The rule's own HF layout, or the first of its ``alternatives`` whose tensors this folder holds
+        (all of them, and none of the rule's own: a half-converted folder is reported, not guessed)."""
+        own = _Layout(pt.hf_names, pt.hf_shapes, pt.rule.transform, False)
+        if any(n in self.where for n in pt.hf_names):
+            return own
+        for alt in pt.rule.alternatives:
+            names = tuple(alt.hf_names(pt.hf_layer, pt.expert, pt.mtp))
+            if all(n in self.where for n in names):
+                return _Layout(names, tuple(alt.hf_shapes(pt.rule, self.spec.args)), alt.transform, alt.shared)
+        return own
 
     def verify(self) -> None:
         expected: dict[str, tuple[int, ...]] = {}
-        self.renamed = self._renamed()
-        self.fused = self._fused()
-        experts = int(self.spec.args.get("num_moe_experts") or 0)
+        self.layouts = {pt.mcore: self._layout(pt) for pt in self.spec.planned()}
         for pt in self.spec.planned():
-            if pt.hf_names[0] in self.fused:
-                expected[self.fused[pt.hf_names[0]][0]] = (experts, *pt.shape)
-                continue
-            for name, shape in zip(pt.hf_names, pt.hf_shapes):
-                expected[self.renamed.get(name, name)] = shape
+            layout = self.layouts[pt.mcore]
+            expected.update(zip(layout.names, layout.shapes))
             for name in pt.hf_copies:
                 expected[name] = pt.hf_shapes[0]
         for tensor, fname in sorted(self.where.items()):
@@ -139,16 +129,17 @@ class HFSource:
             raise PlanError(f"missing tensor {missing[0]!r}: not in any file of {self.folder} ({len(missing)} missing in all)")
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
-        if pt.hf_names[0] in self.fused:  # transformers-5 fused experts: slot E already is the MCore tensor
-            name, expert = self.fused[pt.hf_names[0]]
-            return self.files[self.where[name]].read(name, expert)
-        names = [self.renamed.get(n, n) for n in pt.hf_names]
-        tensors = [self.files[self.where[n]].read(n) for n in names]
+        layout = self.layouts.get(pt.mcore) or self._layout(pt)
+        if layout.shared:  # one tensor holds every expert: read only slot E, then the steps after take_expert
+            name = layout.names[0]
+            slot = self.files[self.where[name]].read(name, pt.expert)
+            return Pipeline(layout.transform.steps[1:] or (TRANSFORMS["identity"],)).to_mcore([slot], self.spec.args)
+        tensors = [self.files[self.where[n]].read(n) for n in layout.names]
         for copy in pt.hf_copies:  # MCore keeps one tensor: a copy that differs cannot be represented
             if not _same_bits(self.files[self.where[copy]].read(copy), tensors[0]):
-                raise PlanError(f"{copy!r} in {self.folder / self.where[copy]} is not an exact copy of {names[0]!r}; "
+                raise PlanError(f"{copy!r} in {self.folder / self.where[copy]} is not an exact copy of {layout.names[0]!r}; "
                                 f"MCore shares one {pt.mcore} between the model and its MTP blocks")
-        return pt.rule.transform.to_mcore(tensors, self.spec.args)
+        return layout.transform.to_mcore(tensors, self.spec.args)
 
     def assets(self) -> list[Path]:
         return asset_files(self.folder)
@@ -160,6 +151,14 @@ class HFSource:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    names: tuple[str, ...]
+    shapes: tuple[Shape, ...]
+    transform: Pipeline
+    shared: bool  # one tensor for every expert (its steps start with take_expert)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

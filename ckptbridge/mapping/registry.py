@@ -157,15 +157,19 @@ class MappingRegistry:
         self._raws = raws
         self._resolved: dict[str, dict[str, Any]] = {}
         self._by_family: dict[str, ArchMapping] = {}
+        failed: dict[str, str] = {}
         for family, raw in raws.items():
             where = str(self._files[family])
             try:
                 self._resolved[family] = resolve_includes(raw, raws, where)
                 self._by_family[family] = build_mapping(self._resolved[family], where)
             except MappingError as exc:
-                archs = raw.get("architectures")
-                self.broken.append(BrokenMapping(self._files[family], str(exc), family,
-                                                 tuple(archs) if isinstance(archs, list) else ()))
+                failed[family] = str(exc)
+        for family, error in failed.items():  # the fault of an included family is reported as that
+            bad = sorted(_included(raws[family]) & set(failed))
+            if bad:
+                error = f"{self._files[family]}: includes {bad[0]!r}, which is broken ({self._files[bad[0]]})"
+            self.broken.append(BrokenMapping(self._files[family], error, family, _archs(raws[family])))
         for b in list(self.broken):  # a family that includes a broken one is broken too
             self._drop_includers(b.family, raws)
         self._by_arch: dict[str, ArchMapping] = {}
@@ -189,7 +193,7 @@ class MappingRegistry:
             if other in self._by_family and family in _included(raw) and other != family:
                 del self._by_family[other]
                 self.broken.append(BrokenMapping(self._files[other], f"{self._files[other]}: includes {family!r}, "
-                                                 "which is broken", other, tuple(raw.get("architectures") or ())))
+                                                 f"which is broken ({self._files.get(family, '?')})", other, _archs(raw)))
                 self._drop_includers(other, raws)
 
     def _broken_for(self, family: str | None = None, arch: str | None = None) -> BrokenMapping | None:
@@ -232,6 +236,11 @@ class MappingRegistry:
     def raw_families(self) -> dict[str, dict[str, Any]]:
         """Every readable file's data by family (what ``include`` resolves against)."""
         return copy.deepcopy(self._raws)
+
+
+def _archs(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    archs = raw.get("architectures")
+    return tuple(str(a) for a in archs) if isinstance(archs, list) else ()
 
 
 def _included(raw: Mapping[str, Any]) -> set[str]:

@@ -41,7 +41,10 @@ def _progress_factory(quiet: bool):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckptbridge")
-def main() -> None:
+@click.option("--mappings", "mapping_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              help="A folder of your own mapping files (*.yaml), read after the shipped ones and $CKPTBRIDGE_MAPPINGS "
+                   "(a file with a shipped family's name replaces it). Repeatable.")
+def main(mapping_dirs) -> None:
     """Convert checkpoints between HuggingFace and Megatron-Core, strictly, in one CPU process.
 
     \b
@@ -50,7 +53,12 @@ def main() -> None:
       ckptbridge convert --src mcore --dst hf ./llama-mcore ./Llama-3.1-8B-export
       ckptbridge convert --src mcore --dst mcore --tp 1 --pp 4 --format torch ./llama-mcore ./llama-pp4
       ckptbridge inspect ./llama-mcore --json
+      ckptbridge --mappings ./my-mappings check-mapping ./my-mappings/phi3.yaml --hf ./Phi-3-mini
     """
+    if mapping_dirs:
+        from .mapping.registry import set_user_folders
+
+        set_user_folders(mapping_dirs)
 
 
 @main.command()
@@ -249,13 +257,46 @@ def compare(a, b, iteration, config):
 
 @main.command("list-architectures")
 def list_architectures():
-    """Architectures with a mapping file, and the file that handles each."""
+    """Architectures with a mapping file, the file that handles each, and the files that are broken."""
     from .mapping import default_registry
+    from .mapping.registry import mappings_dir
 
-    reg = default_registry()
+    try:
+        reg = default_registry()
+    except CkptBridgeError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
     for family in reg.families:
         m = reg.family(family)
-        click.echo(f"{family:10s} {', '.join(m.architectures):30s} {m.description}")
+        where = "" if reg.file(family).parent.resolve() == mappings_dir().resolve() else f"  [{reg.file(family)}]"
+        click.echo(f"{family:10s} {', '.join(m.architectures):30s} {m.description}{where}")
+    for b in reg.broken:
+        click.secho(f"BROKEN     {b.path}: {b.error.removeprefix(str(b.path) + ': ')}", fg="red")
+
+
+@main.command("check-mapping")
+@click.option("--hf", "hf", type=click.Path(path_type=Path, exists=True), default=None,
+              help="An HF folder or config.json to run the config translation on (default: the shipped preset of the "
+                   "file's architecture, when there is one).")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+def check_mapping(hf, file):
+    """Validate mapping FILE: schema, invertibility of every rule, and config translation both ways.
+
+    Exit status 0 when every check passes; otherwise the first problem is printed, naming the rule,
+    section or field, and the exit status is 2.
+    """
+    from .mapping import default_registry
+    from .mapping.check import check_mapping as run
+    from .presets import load_preset, preset_names
+
+    try:
+        report = run(file, default_registry(), hf, {n: load_preset(n) for n in preset_names()})
+    except CkptBridgeError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    for line in report.lines:
+        click.echo(line)
+    click.echo(f"{file}: mapping {report.family} passes")
 
 
 from .align.cli import align  # noqa: E402  (light: the heavy imports happen when the command runs)

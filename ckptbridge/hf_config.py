@@ -3,6 +3,12 @@
 Checkpoints saved by transformers 4 carry ``rope_theta``/``rope_scaling``/
 ``torch_dtype``; transformers 5 writes ``rope_parameters``/``dtype``. Mapping
 files are written against the normalised names below, once, for every family.
+
+No field gets a value here that the config does not hold: a field a config may omit (because
+transformers' ``save_pretrained`` leaves out values equal to the class's default) takes the
+default the *mapping* says (its ``hf_defaults`` section, copied from that config class), so a
+family never inherits another family's default (a Gemma config read through Llama's
+defaults would pass the SwiGLU check with ``hidden_act`` silently ``silu``).
 """
 
 from __future__ import annotations
@@ -15,17 +21,6 @@ import torch
 
 from .errors import FormatError
 
-#: fields that older or smaller configs omit, with the value transformers assumes
-_DEFAULTS: dict[str, Any] = {
-    "attention_bias": False,
-    "mlp_bias": False,
-    "tie_word_embeddings": False,
-    "sliding_window": None,
-    "use_sliding_window": False,
-    "hidden_act": "silu",
-    "rms_norm_eps": 1e-6,
-    "num_nextn_predict_layers": 0,  # no multi-token-prediction blocks (DeepSeek-V3 configs name theirs)
-}
 
 #: names one transformers version writes where another writes the other (its ``attribute_map``)
 _ALIASES = [("num_experts", "num_local_experts")]
@@ -46,9 +41,15 @@ def read_config(folder: Path) -> dict[str, Any]:
     return raw
 
 
-def normalise(raw: dict[str, Any]) -> dict[str, Any]:
-    """Flatten the rope settings and fill defaults; the raw dict is left untouched."""
-    cfg = {**_DEFAULTS, **raw}
+def normalise(raw: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flatten the rope settings, then fill the fields still absent from ``defaults`` (the mapping's
+    ``hf_defaults``); the raw dict is left untouched.
+
+    Per-layer-type rope settings (transformers 5's ``rope_parameters`` keyed by layer type, next to
+    ``layer_types``) are not flattened: ``rope_parameters`` stays a dict the mapping reads by type
+    (``rope_parameters['full_attention']['rope_theta']``), and ``rope_theta``/``rope_type`` are
+    absent unless the config holds them at top level."""
+    cfg = dict(raw)
     cfg.setdefault("max_window_layers", cfg.get("num_hidden_layers"))
     for a, b in _ALIASES:
         if a in cfg and b not in cfg:
@@ -60,16 +61,28 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("num_key_value_heads") is None:
         cfg["num_key_value_heads"] = cfg.get("num_attention_heads")
     rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
-    cfg["rope_theta"] = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
-    cfg["rope_type"] = rope.get("rope_type", rope.get("type", "default")) or "default"
+    per_type = bool(rope) and all(isinstance(v, dict) for v in rope.values())
+    if per_type:
+        rope = {}
+    if "rope_theta" in raw or "rope_theta" in rope:
+        cfg["rope_theta"] = raw.get("rope_theta", rope.get("rope_theta"))
+    if not per_type:
+        cfg["rope_type"] = rope.get("rope_type", rope.get("type", "default")) or "default"
     cfg["rope_factor"] = rope.get("factor")
     cfg["rope_low_freq_factor"] = rope.get("low_freq_factor")
     cfg["rope_high_freq_factor"] = rope.get("high_freq_factor")
     cfg["rope_original_max_position_embeddings"] = rope.get("original_max_position_embeddings")
     for key, value in rope.items():  # every other rope field (yarn's beta_fast, mscale...) as rope_<field>
         cfg.setdefault(f"rope_{key}", value)
-    cfg["architecture"] = (raw.get("architectures") or [None])[0]
+    for key, value in (defaults or {}).items():
+        cfg.setdefault(key, value)
+    cfg["architecture"] = architecture(raw)
     return cfg
+
+
+def architecture(raw: dict[str, Any]) -> str | None:
+    """The HF architecture a config names (its first ``architectures`` entry)."""
+    return (raw.get("architectures") or [None])[0]
 
 
 def config_dtype(raw: dict[str, Any]) -> torch.dtype | None:

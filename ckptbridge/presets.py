@@ -26,6 +26,12 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.json"))
 
 
+def convertible_config(preset: dict[str, Any]) -> dict[str, Any]:
+    """The preset's real HF config with its ``overrides`` applied: what ckptbridge can convert when the
+    real one has a feature megatron-core lacks (Phi-3-mini's 2047-token sliding window)."""
+    return {**preset["hf_config"], **preset.get("overrides", {})}
+
+
 def load_preset(name: str) -> dict[str, Any]:
     path = presets_dir() / f"{name}.json"
     if not path.exists():
@@ -70,7 +76,7 @@ def build_tiny_hf(preset: str, out: Path, layers: int = 2, seed: int = 0, dtype:
     """Save a seeded random HF model of ``preset``'s architecture to ``out``; returns ``out``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    raw = shrink_config(load_preset(preset)["hf_config"], layers=layers, **shrink)
+    raw = shrink_config(convertible_config(load_preset(preset)), layers=layers, **shrink)
     model_type = raw.pop("model_type")
     raw.pop("architectures", None)
     config = AutoConfig.for_model(model_type, **raw)

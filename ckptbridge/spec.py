@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .errors import MappingError
-from .hf_config import normalise
+from .hf_config import architecture, normalise
 from .layout import ParallelLayout, padded_vocab_size
 from .mapping.registry import MappingRegistry, build_mapping, default_registry
 from .mapping.schema import EXPERT, ArchMapping, ExtraState, TensorRule
@@ -70,6 +70,15 @@ class ExtraStateAt(NamedTuple):
 MTP_ARG = "mtp_num_layers"
 
 
+def _with_family_defaults(mapping: ArchMapping) -> ArchMapping:
+    from dataclasses import replace
+
+    registry = default_registry()
+    if mapping.family not in registry.families:
+        return mapping
+    return replace(mapping, hf_defaults=dict(registry.family(mapping.family).hf_defaults))
+
+
 @dataclass
 class ModelSpec:
     mapping: ArchMapping
@@ -81,17 +90,19 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, raw: dict[str, Any], registry: MappingRegistry | None = None) -> "ModelSpec":
         registry = registry or default_registry()
-        norm = normalise(raw)
-        mapping = registry.for_architecture(norm["architecture"])
-        return cls(mapping, raw, mapping.translate_config(norm), registry.resolved_dict(mapping.family))
+        mapping = registry.for_architecture(architecture(raw))
+        return cls(mapping, raw, mapping.translate_config(normalise(raw, mapping.hf_defaults)),
+                   registry.resolved_dict(mapping.family))
 
     @classmethod
     def from_stored(cls, hf_config: dict[str, Any], mapping_data: dict[str, Any],
                     overrides: Mapping[str, Any] | None = None) -> "ModelSpec":
         """Rebuild from what an MCore checkpoint carries, with the mapping it was written with."""
         mapping = build_mapping(mapping_data, f"mapping stored in checkpoint ({mapping_data.get('family')})")
+        if "hf_defaults" not in mapping_data:  # written before mappings said their defaults: the family's own
+            mapping = _with_family_defaults(mapping)
         overrides = dict(overrides or {})
-        args = {**mapping.translate_config(normalise(hf_config)), **overrides}
+        args = {**mapping.translate_config(normalise(hf_config, mapping.hf_defaults)), **overrides}
         return cls(mapping, hf_config, args, mapping_data, overrides)
 
     @property
@@ -121,8 +132,8 @@ class ModelSpec:
         for pt in self.planned():
             if pt.mtp is not None:
                 names.update(pt.hf_names)
-                if pt.rule.hf_fused:
-                    names.add(pt.rule.hf_fused.replace("{L}", str(pt.hf_layer)))
+                for alt in pt.rule.alternatives:
+                    names.update(alt.hf_names(pt.hf_layer, pt.expert, pt.mtp))
             names.update(pt.hf_copies)
         return self if names & present else self.without_mtp()
 

@@ -14,7 +14,7 @@ from ckptbridge.errors import PlanError, UnsupportedArchitectureError
 from ckptbridge.hf_config import normalise
 from ckptbridge.mapping import default_registry
 from ckptbridge.megatron_args import to_megatron_lm
-from ckptbridge.presets import load_preset, preset_names
+from ckptbridge.presets import convertible_config, load_preset, preset_names
 from ckptbridge.spec import ModelSpec
 
 #: fields a synthesized config writes that the original may not carry (or carries under another dialect)
@@ -22,7 +22,7 @@ _NOT_COMPARED = {"bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch
 
 
 def _configs() -> list[tuple[str, dict]]:
-    out = [(name, load_preset(name)["hf_config"]) for name in preset_names()]
+    out = [(name, convertible_config(load_preset(name))) for name in preset_names()]
     ds = dict(load_preset("deepseek-v3")["hf_config"])  # DeepSeek-V2-Lite style: no q-LoRA, no MTP, no yarn
     ds.update(q_lora_rank=None, num_nextn_predict_layers=0, rope_scaling=None)
     out.append(("deepseek-v3-no-qlora", ds))
@@ -58,7 +58,8 @@ def test_hf_megatron_hf_reproduces_architectural_fields(name, raw):
 def test_family_is_detected_from_args(name, raw):
     spec = ModelSpec.from_hf_config(raw)
     resolved = resolve(_megatron_lm_args(spec), None, "args", ConfigOptions(vocab_size=raw["vocab_size"]))
-    expected = "llama" if spec.mapping.family == "mistral" else spec.mapping.family  # same model: Llama is picked
+    # Mistral and Phi-3 models are Llama models in Megatron's args (no detect of their own): Llama is picked
+    expected = "llama" if spec.mapping.family in ("mistral", "phi3") else spec.mapping.family
     assert resolved.spec.mapping.family == expected
     assert resolved.origin == f"synthesized from Megatron args ({expected})"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from ..spec import ModelSpec, PlannedTensor
 from .fp8_block import BlockFP8, check_pair, dequantize, export_layout, parse_quantization, quantize, quantized_names, scale_name
 from .fp8_block import E4M3, SCALE_SUFFIX
 from .hf_ignored import planned_ignores, verify_ignored
+from ..transforms import TRANSFORMS, Pipeline, Shape
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 
 INDEX = "model.safetensors.index.json"
@@ -98,40 +100,28 @@ class HFSource:
         self.dtype = self.dtype or torch.float32
         if self.fp8 is not None:  # dequantized weights: the config's dtype (that of the unquantized tensors)
             self.dtype = config_dtype(self.raw_config) or torch.bfloat16
-        self.fused: dict[str, tuple[str, int]] = {}
-        self.renamed: dict[str, str] = {}
+        self.layouts: dict[str, _Layout] = {}  # planned MCore name -> the HF layout this folder holds
         self.scaled: set[str] = set()  # FP8 weights stored with a block-scale tensor, dequantized when read
         self.notes: tuple[str, ...] = ()
 
-    def _fused(self) -> dict[str, tuple[str, int]]:
-        """Per-expert HF names that this folder holds inside a fused tensor instead: name -> (fused, expert)."""
-        out: dict[str, tuple[str, int]] = {}
-        for pt in self.spec.planned():
-            fused = pt.rule.hf_fused and pt.rule.hf_fused.replace("{L}", str(pt.hf_layer))
-            if fused and fused in self.where and not any(n in self.where for n in pt.hf_names):
-                out.update({n: (fused, pt.expert) for n in pt.hf_names})
-        return out
-
-    def _renamed(self) -> dict[str, str]:
-        """Planned HF names this folder holds under a rule's alternative names (``hf_alt``)."""
-        out: dict[str, str] = {}
-        for pt in self.spec.planned():
-            alt = pt.rule.hf_alt_names(pt.layer, pt.expert)
-            if alt and all(a in self.where for a in alt) and not any(n in self.where for n in pt.hf_names):
-                out.update(zip(pt.hf_names, alt))
-        return out
+    def _layout(self, pt: PlannedTensor) -> "_Layout":
+        """The rule's own HF layout, or the first of its ``alternatives`` whose tensors this folder holds
+        (all of them, and none of the rule's own: a half-converted folder is reported, not guessed)."""
+        own = _Layout(pt.hf_names, pt.hf_shapes, pt.rule.transform, False)
+        if any(n in self.where for n in pt.hf_names):
+            return own
+        for alt in pt.rule.alternatives:
+            names = tuple(alt.hf_names(pt.hf_layer, pt.expert, pt.mtp))
+            if all(n in self.where for n in names):
+                return _Layout(names, tuple(alt.hf_shapes(pt.rule, self.spec.args)), alt.transform, alt.shared)
+        return own
 
     def verify(self) -> None:
         expected: dict[str, tuple[int, ...]] = {}
-        self.renamed = self._renamed()
-        self.fused = self._fused()
-        experts = int(self.spec.args.get("num_moe_experts") or 0)
+        self.layouts = {pt.mcore: self._layout(pt) for pt in self.spec.planned()}
         for pt in self.spec.planned():
-            if pt.hf_names[0] in self.fused:
-                expected[self.fused[pt.hf_names[0]][0]] = (experts, *pt.shape)
-                continue
-            for name, shape in zip(pt.hf_names, pt.hf_shapes):
-                expected[self.renamed.get(name, name)] = shape
+            layout = self.layouts[pt.mcore]
+            expected.update(zip(layout.names, layout.shapes))
             for name in pt.hf_copies:
                 expected[name] = pt.hf_shapes[0]
         ignored = planned_ignores(self.spec)
@@ -177,8 +167,8 @@ class HFSource:
     def _fp8_notes(self) -> tuple[str, ...]:
         """What an ``--hf-dtype fp8-block`` export of this model would quantize differently from this folder."""
         assert self.fp8 is not None
-        source = {self.renamed.get(n, n) for n in self.scaled}
-        policy = {self.renamed.get(n, n) for n in quantized_names(self.spec, self.fp8)}
+        source = set(self.scaled)
+        policy = set(quantized_names(self.spec, self.fp8))
         out = [f"FP8 block-scaled source (block {list(self.fp8.block)}): {len(self.scaled)} weights dequantized"]
         if source != policy:
             extra, kept = sorted(policy - source), sorted(source - policy)
@@ -188,16 +178,17 @@ class HFSource:
         return tuple(out)
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
-        if pt.hf_names[0] in self.fused:  # transformers-5 fused experts: slot E already is the MCore tensor
-            name, expert = self.fused[pt.hf_names[0]]
-            return self.files[self.where[name]].read(name, expert)
-        names = [self.renamed.get(n, n) for n in pt.hf_names]
-        tensors = [self._weight(n) for n in names]
+        layout = self.layouts.get(pt.mcore) or self._layout(pt)
+        if layout.shared:  # one tensor holds every expert: read only slot E, then the steps after take_expert
+            name = layout.names[0]
+            slot = self.files[self.where[name]].read(name, pt.expert)
+            return Pipeline(layout.transform.steps[1:] or (TRANSFORMS["identity"],)).to_mcore([slot], self.spec.args)
+        tensors = [self._weight(n) for n in layout.names]
         for copy in pt.hf_copies:  # MCore keeps one tensor: a copy that differs cannot be represented
             if not _same_bits(self.files[self.where[copy]].read(copy), tensors[0]):
-                raise PlanError(f"{copy!r} in {self.folder / self.where[copy]} is not an exact copy of {names[0]!r}; "
+                raise PlanError(f"{copy!r} in {self.folder / self.where[copy]} is not an exact copy of {layout.names[0]!r}; "
                                 f"MCore shares one {pt.mcore} between the model and its MTP blocks")
-        return pt.rule.transform.to_mcore(tensors, self.spec.args)
+        return layout.transform.to_mcore(tensors, self.spec.args)
 
     def _weight(self, name: str) -> torch.Tensor:
         """A stored tensor; an FP8 one dequantized to fp32 (e4m3 x its block's scale, one rounding)."""
@@ -218,6 +209,14 @@ class HFSource:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    names: tuple[str, ...]
+    shapes: tuple[Shape, ...]
+    transform: Pipeline
+    shared: bool  # one tensor for every expert (its steps start with take_expert)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

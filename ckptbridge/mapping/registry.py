@@ -9,6 +9,10 @@ a few lines of data rather than a copy.
 from __future__ import annotations
 
 import copy
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], whe
     listed under ``exclude`` and appends the entries under ``add``.
     """
     out = copy.deepcopy(raw)
-    for section in ("config", "hf_config", "tensors", "checks", "extra_state", "ignore"):
+    for section in ("config", "hf_config", "hf_defaults", "tensors", "checks", "extra_state", "ignore"):
         value = out.get(section)
         if isinstance(value, dict) and "include" in value:
             base_name = value.pop("include")
@@ -97,32 +101,109 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         warnings=notes,
         ignore=ignore,
         fp8_keep=fp8_keep,
+        hf_defaults=dict(raw.get("hf_defaults") or {}),
     )
 
 
-class MappingRegistry:
-    """All known mappings, indexed by family and by HF architecture name."""
+@dataclass(frozen=True)
+class BrokenMapping:
+    """A mapping file that could not be loaded: where, why, and what it claimed (when readable)."""
 
-    def __init__(self, folder: Path):
+    path: Path
+    error: str
+    family: str | None = None
+    architectures: tuple[str, ...] = ()
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MappingError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MappingError(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("family"), str):
+        raise MappingError(f"{path}: not a mapping file (needs a 'family')")
+    return data
+
+
+def _claims(path: Path) -> tuple[str | None, tuple[str, ...]]:
+    """The family and architectures a broken file names, read leniently, so that using one of
+    them reports the file's problem instead of 'unsupported architecture'."""
+    family = re.search(r"^family:\s*([\w.-]+)", path.read_text(errors="replace"), re.M)
+    archs = re.search(r"^architectures:\s*\[([^\]]*)\]", path.read_text(errors="replace"), re.M)
+    names = tuple(a.strip().strip("'\"") for a in archs.group(1).split(",") if a.strip()) if archs else ()
+    return (family.group(1) if family else None), names
+
+
+class MappingRegistry:
+    """All known mappings, indexed by family and by HF architecture name.
+
+    Folders are read in order (the shipped one first, then user folders); a later file with the
+    same ``family`` replaces the earlier one. A file that cannot be loaded (bad YAML, unknown
+    operation, a non-invertible pipeline, an include of a broken family...) is kept aside as a
+    `BrokenMapping`: every other family still works, ``list-architectures`` names it, and using
+    its family or architecture raises its error.
+    """
+
+    def __init__(self, folder: Path | Sequence[Path]):
+        folders = [Path(folder)] if isinstance(folder, (str, Path)) else [Path(f) for f in folder]
         raws: dict[str, dict[str, Any]] = {}
         self._files: dict[str, Path] = {}
-        for path in sorted(Path(folder).glob("*.yaml")):
+        self.broken: list[BrokenMapping] = []
+        for path in (p for f in folders for p in sorted(f.glob("*.yaml"))):
             try:
-                data = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as exc:
-                raise MappingError(f"{path}: not valid YAML ({exc})") from None
-            if not isinstance(data, dict) or "family" not in data:
-                raise MappingError(f"{path}: not a mapping file (needs a 'family')")
+                data = _read_file(path)
+            except MappingError as exc:
+                self.broken.append(BrokenMapping(path, str(exc), *_claims(path)))
+                continue
             raws[data["family"]] = data
             self._files[data["family"]] = path
-        self._resolved = {f: resolve_includes(r, raws, str(self._files[f])) for f, r in raws.items()}
-        self._by_family = {f: build_mapping(r, str(self._files[f])) for f, r in self._resolved.items()}
+        self._raws = raws
+        self._resolved: dict[str, dict[str, Any]] = {}
+        self._by_family: dict[str, ArchMapping] = {}
+        failed: dict[str, str] = {}
+        for family, raw in raws.items():
+            where = str(self._files[family])
+            try:
+                self._resolved[family] = resolve_includes(raw, raws, where)
+                self._by_family[family] = build_mapping(self._resolved[family], where)
+            except MappingError as exc:
+                failed[family] = str(exc)
+        for family, error in failed.items():  # the fault of an included family is reported as that
+            bad = sorted(_included(raws[family]) & set(failed))
+            if bad:
+                error = f"{self._files[family]}: includes {bad[0]!r}, which is broken ({self._files[bad[0]]})"
+            self.broken.append(BrokenMapping(self._files[family], error, family, _archs(raws[family])))
+        for b in list(self.broken):  # a family that includes a broken one is broken too
+            self._drop_includers(b.family, raws)
         self._by_arch: dict[str, ArchMapping] = {}
-        for m in self._by_family.values():
+        for m in sorted(self._by_family.values(), key=lambda m: self._order(m.family, folders)):
             for arch in m.architectures:
-                if arch in self._by_arch:
-                    raise MappingError(f"architecture {arch} is claimed by both {self._by_arch[arch].family} and {m.family}")
+                if arch in self._by_arch and self._by_arch[arch].family != m.family:
+                    self.broken.append(BrokenMapping(self._files[m.family], f"{self._files[m.family]}: architecture "
+                                                     f"{arch} is claimed by both {self._by_arch[arch].family} and {m.family}",
+                                                     m.family, m.architectures))
+                    continue
                 self._by_arch[arch] = m
+
+    def _order(self, family: str, folders: Sequence[Path]) -> int:
+        parent = self._files[family].parent
+        return next((i for i, f in enumerate(folders) if f.resolve() == parent.resolve()), len(folders))
+
+    def _drop_includers(self, family: str | None, raws: Mapping[str, dict[str, Any]]) -> None:
+        if family is None:
+            return
+        for other, raw in raws.items():
+            if other in self._by_family and family in _included(raw) and other != family:
+                del self._by_family[other]
+                self.broken.append(BrokenMapping(self._files[other], f"{self._files[other]}: includes {family!r}, "
+                                                 f"which is broken ({self._files.get(family, '?')})", other, _archs(raw)))
+                self._drop_includers(other, raws)
+
+    def _broken_for(self, family: str | None = None, arch: str | None = None) -> BrokenMapping | None:
+        return next((b for b in reversed(self.broken) if (family and b.family == family)
+                     or (arch and arch in b.architectures)), None)
 
     @property
     def architectures(self) -> list[str]:
@@ -132,8 +213,14 @@ class MappingRegistry:
     def families(self) -> list[str]:
         return sorted(self._by_family)
 
+    def file(self, family: str) -> Path:
+        return self._files[family]
+
     def for_architecture(self, arch: str | None) -> ArchMapping:
         if arch not in self._by_arch:
+            broken = self._broken_for(arch=arch)
+            if broken is not None:
+                raise MappingError(f"the mapping for {arch} is broken: {broken.error}")
             raise UnsupportedArchitectureError(
                 f"unsupported architecture {arch!r}; supported: {', '.join(self.architectures)}"
             )
@@ -141,6 +228,9 @@ class MappingRegistry:
 
     def family(self, name: str) -> ArchMapping:
         if name not in self._by_family:
+            broken = self._broken_for(family=name)
+            if broken is not None:
+                raise MappingError(f"the mapping family {name!r} is broken: {broken.error}")
             raise UnsupportedArchitectureError(f"unknown mapping family {name!r}; known: {', '.join(self.families)}")
         return self._by_family[name]
 
@@ -148,7 +238,48 @@ class MappingRegistry:
         """The include-free mapping as plain data, to store inside an MCore checkpoint."""
         return copy.deepcopy(self._resolved[family])
 
+    def raw_families(self) -> dict[str, dict[str, Any]]:
+        """Every readable file's data by family (what ``include`` resolves against)."""
+        return copy.deepcopy(self._raws)
 
-@lru_cache(maxsize=1)
+
+def _archs(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    archs = raw.get("architectures")
+    return tuple(str(a) for a in archs) if isinstance(archs, list) else ()
+
+
+def _included(raw: Mapping[str, Any]) -> set[str]:
+    return {v["include"] for v in raw.values() if isinstance(v, dict) and isinstance(v.get("include"), str)}
+
+
+#: environment variable naming user mapping folders (separated like PATH)
+ENV_VAR = "CKPTBRIDGE_MAPPINGS"
+_user_folders: list[Path] = []
+
+
+def set_user_folders(folders: Sequence[Path]) -> None:
+    """Folders given on the command line (``--mappings DIR``); read after ``$CKPTBRIDGE_MAPPINGS``."""
+    _user_folders[:] = [Path(f) for f in folders]
+    default_registry.cache_clear()
+
+
+def user_folders() -> list[Path]:
+    env = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    out = env + _user_folders
+    for f in out:
+        if not f.is_dir():
+            raise MappingError(f"mapping folder {f} (from --mappings or ${ENV_VAR}) is not a folder")
+    return out
+
+
 def default_registry() -> MappingRegistry:
-    return MappingRegistry(mappings_dir())
+    """The shipped mappings, then the user folders; rebuilt when those change."""
+    return _registry((mappings_dir(), *user_folders()))
+
+
+@lru_cache(maxsize=4)
+def _registry(folders: tuple[Path, ...]) -> MappingRegistry:
+    return MappingRegistry(list(folders))
+
+
+default_registry.cache_clear = _registry.cache_clear  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ from .. import expr
 from ..errors import MappingError, UnsupportedArchitectureError
 from ..sharding import ShardKind, get_kind
 from .bounds import check_bounds
-from ..transforms import Shape, Transform, check_round_trip, get_transform
+from ..transforms import Pipeline, Shape, TakeExpert, check_expert_stack, check_round_trip, parse_transform
 from .ignore import IgnoreRule
 
 LAYER = "{L}"
@@ -53,11 +53,36 @@ PROBE_ARGS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
+class Alternative:
+    """An HF layout the reader may find instead of a rule's own (``alternatives:``): other names
+    (transformers 5's ``mlp.gate`` for Mixtral's ``block_sparse_moe.gate``), other shapes and steps
+    to the same MCore tensor. Only read, never written: the rule's own layout is what we write.
+    A ``shared`` layout (its steps start with ``take_expert``) is one HF tensor per layer that holds
+    every expert of a per-expert rule on its first axis."""
+
+    hf: tuple[str, ...]
+    shapes: tuple[tuple[str | int, ...], ...] | None  # None: (num_moe_experts, *the rule's MCore shape)
+    transform: Pipeline
+
+    @property
+    def shared(self) -> bool:
+        return isinstance(self.transform.steps[0], TakeExpert)
+
+    def hf_names(self, layer: int | None, expert: int | None = None, mtp: int | None = None) -> list[str]:
+        return [_fill(n, layer, None if self.shared else expert, mtp) for n in self.hf]
+
+    def hf_shapes(self, rule: "TensorRule", args: Mapping[str, Any]) -> list[Shape]:
+        if self.shapes is None:
+            return [(int(args["num_moe_experts"]), *rule.mcore_shape(args))]
+        return [tuple(int(expr.evaluate(d, args)) for d in shape) for shape in self.shapes]
+
+
+@dataclass(frozen=True)
 class TensorRule:
     mcore: str
     hf: tuple[str, ...]
     shapes: tuple[tuple[str | int, ...], ...]
-    transform: Transform
+    transform: Pipeline
     shard: ShardKind
     local: str
     place: str  # "layer", "first", "last" or "mtp"
@@ -66,8 +91,7 @@ class TensorRule:
     dist: str | None = None  # torch_dist key template, when it is not the MCore name
     layers: str | None = None  # which layers have it (an expression over the args and L); None: all
     grouped: str | None = None  # legacy name when experts are grouped (TEGroupedMLP: ...linear_fc1.weight{E})
-    hf_fused: str | None = None  # HF tensor holding every expert's MCore tensor on a leading axis (transformers 5)
-    hf_alt: tuple[str, ...] = ()  # the same HF tensors under the names another transformers layout uses
+    alternatives: tuple[Alternative, ...] = ()  # HF layouts the reader may find instead (read only)
     dtype: torch.dtype | None = None  # kept in this dtype whatever --dtype says (e.g. a router bias in fp32)
     mtp_copies: tuple[str, ...] = ()  # HF names (one per MTP block, {L}/{M}) holding exact copies of the HF tensor
     local_shard: ShardKind | None = None  # how the local spec splits it, when not as the TE spec does
@@ -91,9 +115,6 @@ class TensorRule:
     def hf_names(self, layer: int | None, expert: int | None = None, mtp: int | None = None) -> list[str]:
         """HF names; ``layer`` is the HF layer number (for an MTP block: the one it occupies)."""
         return [_fill(n, layer, expert, mtp) for n in self.hf]
-
-    def hf_alt_names(self, layer: int | None, expert: int | None = None, mtp: int | None = None) -> list[str]:
-        return [_fill(n, layer, expert, mtp) for n in self.hf_alt]
 
     def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None, grouped: bool = False,
                    mtp: int | None = None) -> str:
@@ -237,6 +258,7 @@ class ArchMapping:
     warnings: tuple[ConfigCheck, ...] = ()
     ignore: tuple[IgnoreRule, ...] = ()  # HF tensors that are not weights, dropped once proven redundant
     fp8_keep: tuple[str, ...] = ()  # 2-D per-layer HF weights that block-scaled FP8 checkpoints keep unquantized
+    hf_defaults: dict[str, Any] = field(default_factory=dict)  # values an HF config of this class may omit
 
     def mtp_depth(self, args: Mapping[str, Any]) -> int:
         return self.mtp.count(args) if self.mtp else 0
@@ -324,17 +346,64 @@ class _Lenient(dict):
         return f"<{key}?>"
 
 
+_RULE_FIELDS = {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist", "layers",
+                "dtype", "grouped", "alternatives", "hf_fused", "hf_alt", "mtp_copies", "local_shard"}
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _check_names(names: Sequence[str], place: str, per_expert: bool, where: str, shared: bool = False) -> None:
+    """Placeholders: {L} in per-layer names, {M} in MTP MCore names, {E} in per-expert names (not in
+    a shared layout's, which holds every expert)."""
+    for n in names:
+        if place == "mtp":
+            if LAYER not in n and MTP not in n:
+                raise MappingError(f"{where}: MTP rules use {LAYER} (or {MTP}) in HF names")
+        elif (LAYER in n) != (place == "layer") or MTP in n:
+            raise MappingError(f"{where}: per-layer rules (and only they) must use {LAYER} in every name ({MTP}: place mtp)")
+        if (EXPERT in n) != (per_expert and not shared):
+            raise MappingError(f"{where}: per-expert rules (and only they) must use {EXPERT} in every name, inside a layer"
+                               + (" (a take_expert layout names one tensor for all experts: no {E})" if shared else ""))
+
+
+def parse_alternatives(raw: Mapping[str, Any], hf: tuple[str, ...], shapes: tuple, transform: Any,
+                       where: str) -> tuple[Alternative, ...]:
+    """``alternatives:`` (each: hf, and optionally shapes and transform, defaulting to the rule's), plus
+    the older spellings ``hf_alt`` (the same tensors renamed) and ``hf_fused`` (every expert in one tensor)."""
+    out: list[Alternative] = []
+    for i, alt in enumerate(raw.get("alternatives") or []):
+        at = f"{where}: alternatives[{i}]"
+        if not isinstance(alt, Mapping) or "hf" not in alt or set(alt) - {"hf", "shapes", "transform"}:
+            raise MappingError(f"{at}: an alternative has hf and optionally shapes and transform")
+        names = _names(alt["hf"])
+        steps = parse_transform(alt.get("transform", transform), at)
+        alt_shapes = tuple(tuple(s) for s in alt["shapes"]) if "shapes" in alt else (None if isinstance(
+            steps.steps[0], TakeExpert) else shapes)
+        if alt_shapes is not None and len(alt_shapes) != len(names):
+            raise MappingError(f"{at}: {len(names)} HF names but {len(alt_shapes)} shapes")
+        out.append(Alternative(names, alt_shapes, steps))
+    if raw.get("hf_alt"):
+        names = _names(raw["hf_alt"])
+        if len(names) != len(hf):
+            raise MappingError(f"{where}: hf_alt must name as many tensors as hf")
+        out.append(Alternative(names, shapes, parse_transform(transform, where)))
+    if raw.get("hf_fused"):
+        out.append(Alternative((raw["hf_fused"],), None, parse_transform("take_expert", where)))
+    return tuple(out)
+
+
 def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
-    unknown = set(raw) - {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist",
-                          "layers", "dtype", "grouped", "hf_fused", "hf_alt", "mtp_copies", "local_shard"}
+    unknown = set(raw) - _RULE_FIELDS
     if unknown:
         raise MappingError(f"{where}: unknown rule field(s) {sorted(unknown)}")
     for key in ("mcore", "hf", "shapes", "shard"):
         if key not in raw:
             raise MappingError(f"{where}: rule needs {key!r}")
-    hf = (raw["hf"],) if isinstance(raw["hf"], str) else tuple(raw["hf"])
+    hf = _names(raw["hf"])
     shapes = tuple(tuple(s) for s in raw["shapes"])
-    transform = get_transform(raw.get("transform", "identity"))
+    transform = parse_transform(raw.get("transform", "identity"), f"{where} ({raw['mcore']})")
     try:
         shard = get_kind(raw["shard"])
         local_shard = get_kind(raw["local_shard"]) if "local_shard" in raw else None
@@ -344,27 +413,29 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     mcore, local = raw["mcore"], raw.get("local", raw["mcore"])
     if place not in ("layer", "first", "last", "mtp"):
         raise MappingError(f"{where}: place must be layer, first, last or mtp, not {place!r}")
-    names = (mcore, local, *hf)
     if place == "mtp":
-        if any(MTP not in n or LAYER in n for n in (mcore, local)) or any(LAYER not in n and MTP not in n for n in hf):
+        if any(MTP not in n or LAYER in n for n in (mcore, local)):
             raise MappingError(f"{where}: MTP rules use {MTP} in MCore names and {LAYER} (or {MTP}) in HF names")
-    elif any((LAYER in n) != (place == "layer") or MTP in n for n in names):
+    elif any((LAYER in n) != (place == "layer") or MTP in n for n in (mcore, local)):
         raise MappingError(f"{where}: per-layer rules (and only they) must use {LAYER} in every name ({MTP}: place mtp)")
-    if any((EXPERT in n) != (EXPERT in mcore) for n in names) or (EXPERT in mcore and place not in ("layer", "mtp")):
+    per_expert = EXPERT in mcore
+    if EXPERT in local and not per_expert or per_expert and (EXPERT not in local or place not in ("layer", "mtp")):
         raise MappingError(f"{where}: per-expert rules (and only they) must use {EXPERT} in every name, inside a layer")
-    copies = tuple([raw["mtp_copies"]] if isinstance(raw.get("mtp_copies"), str) else raw.get("mtp_copies", ()))
+    _check_names(hf, place, per_expert, where)
+    alternatives = parse_alternatives(raw, hf, shapes, raw.get("transform", "identity"), f"{where} ({mcore})")
+    for alt in alternatives:
+        if alt.shared and not per_expert:
+            raise MappingError(f"{where}: a take_expert layout belongs to a per-expert rule ({EXPERT} in its MCore name)")
+        _check_names(alt.hf, place, per_expert, f"{where}: alternative {list(alt.hf)}", alt.shared)
+    copies = _names(raw.get("mtp_copies", ()))
     if copies and (place not in ("first", "last") or len(hf) != 1 or any(LAYER not in c and MTP not in c for c in copies)):
         raise MappingError(f"{where}: mtp_copies belong to a first/last rule with one HF name, and use {LAYER} or {MTP}")
     parallel = raw.get("parallel", "tp")
     if parallel not in ("tp", "etp"):
         raise MappingError(f"{where}: parallel must be tp or etp, not {parallel!r}")
     index = MTP if place == "mtp" else LAYER  # what numbers the rule's MCore names
-    if raw.get("grouped") and not (EXPERT in raw["grouped"] and index in raw["grouped"] and EXPERT in mcore):
+    if raw.get("grouped") and not (EXPERT in raw["grouped"] and index in raw["grouped"] and per_expert):
         raise MappingError(f"{where}: a grouped-experts name belongs to a per-expert rule and uses {index} and {EXPERT}")
-    if raw.get("hf_alt") and len([raw["hf_alt"]] if isinstance(raw["hf_alt"], str) else raw["hf_alt"]) != len(hf):
-        raise MappingError(f"{where}: hf_alt must name as many tensors as hf")
-    if raw.get("hf_fused") and (EXPERT in raw["hf_fused"] or LAYER not in raw["hf_fused"] or EXPERT not in mcore):
-        raise MappingError(f"{where}: hf_fused names one tensor per layer ({LAYER}, no {EXPERT}) of a per-expert rule")
     if raw.get("dist") and ((LAYER in raw["dist"]) != (place == "layer") or (MTP in raw["dist"]) != (place == "mtp")):
         raise MappingError(f"{where}: a per-layer (MTP) rule's dist key must use {LAYER} ({MTP}) too")
     if "layers" in raw and place != "layer":
@@ -374,7 +445,10 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     if len(shapes) != len(hf):
         raise MappingError(f"{where}: {len(hf)} HF names but {len(shapes)} shapes")
     if transform.arity is not None and transform.arity != len(hf):
-        raise MappingError(f"{where}: transform {transform.name!r} takes {transform.arity} HF tensors, rule names {len(hf)}")
+        raise MappingError(f"{where}: rule {mcore}: transform {transform.name!r} takes {transform.arity} HF tensors, "
+                           f"rule names {len(hf)}")
+    if isinstance(transform.steps[0], TakeExpert):
+        raise MappingError(f"{where}: rule {mcore}: take_expert belongs in an alternative layout, not the rule's own")
     return TensorRule(
         mcore=mcore,
         hf=hf,
@@ -388,8 +462,7 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
         dist=raw.get("dist"),
         layers=raw.get("layers"),
         grouped=raw.get("grouped"),
-        hf_fused=raw.get("hf_fused"),
-        hf_alt=tuple([raw["hf_alt"]] if isinstance(raw.get("hf_alt"), str) else raw.get("hf_alt", ())),
+        alternatives=alternatives,
         dtype=_DTYPES[raw["dtype"]] if "dtype" in raw else None,
         mtp_copies=copies,
         local_shard=local_shard,
@@ -397,7 +470,8 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
 
 
 def validate_rules(rules: Sequence[TensorRule], where: str, config_keys: set[str]) -> None:
-    """Names must be unique in both directions, and each transform must round-trip.
+    """Names must be unique in both directions, and each rule's steps (and each alternative layout's)
+    must round-trip bit-exactly; the first failure names the rule.
 
     Rules restricted to some layers (``layers:``) may share a name template with other such
     rules (DeepSeek's post-attention norm is a fused fc1 norm in dense layers and a separate
@@ -418,10 +492,24 @@ def validate_rules(rules: Sequence[TensorRule], where: str, config_keys: set[str
             hf_seen.add(n)
     known = config_keys | set(PROBE_ARGS) | {"padded_vocab_size"}
     for r in rules:
+        at = f"{where}: rule {r.mcore}"
+        alt_names = set().union(*(a.transform.names() for a in r.alternatives),
+                                *(expr.names_in(d) for a in r.alternatives for s in a.shapes or () for d in s))
         used = set().union(*(expr.names_in(d) for s in r.shapes for d in s), expr.names_in(r.when),
-                           expr.names_in(r.layers) - {"L"})
-        missing = used - known
+                           expr.names_in(r.layers) - {"L"}, r.transform.names(), alt_names)
+        missing = used - known - {"E"}
         if missing:
-            raise MappingError(f"{where}: rule {r.mcore} uses unknown config field(s) {sorted(missing)}")
+            raise MappingError(f"{at} uses unknown config field(s) {sorted(missing)}")
         probe = {**{name: 3 for name in used}, **PROBE_ARGS}  # small sizes for any width the file names
-        check_round_trip(r.transform, r.hf_shapes(probe), probe, f"{where}: rule {r.mcore}")
+        check_round_trip(r.transform, r.hf_shapes(probe), probe, at)
+        want = r.mcore_shape(probe)
+        for alt in r.alternatives:
+            where_alt = f"{at}: alternative layout {list(alt.hf)}"
+            shapes = alt.hf_shapes(r, probe)
+            if alt.shared:
+                got = check_expert_stack(alt.transform, shapes[0], int(probe["num_moe_experts"]), probe, where_alt)
+            else:
+                check_round_trip(alt.transform, shapes, probe, where_alt)
+                got = tuple(alt.transform.mcore_shape(shapes, probe))
+            if tuple(got) != tuple(want):
+                raise MappingError(f"{where_alt}: gives MCore shape {list(got)}, the rule's own layout {list(want)}")

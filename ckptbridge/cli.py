@@ -11,6 +11,7 @@ import click
 import torch
 
 from .errors import CkptBridgeError
+from .extras import needs_extra
 from .source_options import source_read_options
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -176,7 +177,7 @@ def inspect(as_json, tensors, path, iteration, config):
         console.print(table)
 
 
-@main.command()
+@click.command()
 @click.option("--layers", type=int, default=2, show_default=True, help="Number of transformer layers.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True)
@@ -235,13 +236,13 @@ def list_architectures():
         click.echo(f"{family:10s} {', '.join(m.architectures):30s} {m.description}")
 
 
-from .align.cli import align  # noqa: E402  (light: the heavy imports happen when the command runs)
-
-main.add_command(align)
-from .gate.cli import gate  # noqa: E402
-main.add_command(gate)
+# light imports: each command imports what it runs when it runs; these need the [align] extra
+from .align.cli import align  # noqa: E402
 from .converge.cli import converge  # noqa: E402
-main.add_command(converge)
+from .gate.cli import gate  # noqa: E402
+
+for _command in (example, align, converge, gate):
+    main.add_command(needs_extra("align", _command))
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ from ..layout import ParallelLayout, StageChunk
 from ..sharding import merge, split
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
+from .safe_globals import save_with_megatron_names
 from .mcore_common import (
     CHECKPOINT_VERSION,
     args_namespace,
@@ -192,7 +193,7 @@ def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[st
         models[mk][key] = None
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.serialization.skip_data():
-        torch.save({**models, **extra}, path)
+        save_with_megatron_names({**models, **extra}, path)
     meta = safe_load(path, map_location="meta")
     offsets = {(mk, k): v.untyped_storage()._checkpoint_offset
                for mk, sd in meta.items() if mk.startswith("model") for k, v in sd.items() if isinstance(v, torch.Tensor)}

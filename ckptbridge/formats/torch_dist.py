@@ -42,6 +42,7 @@ from .dcp_metadata import (
     TensorStorageMetadata,
 )
 from .held_file import HeldFile
+from .safe_globals import save_with_megatron_names
 from .mcore_common import (
     CHECKPOINT_VERSION,
     args_namespace,
@@ -152,7 +153,7 @@ def write_torch_dist(
     )
     with open(iter_dir / ".metadata", "wb") as f:
         dcp_metadata.dump(metadata, f)
-    torch.save(
+    save_with_megatron_names(
         {"args": args_namespace(margs, iteration), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
          "ckptbridge": bridge_record(spec, spec_name)},
         iter_dir / "common.pt",

@@ -12,10 +12,40 @@ import torch
 
 from .errors import CkptBridgeError
 from .extras import needs_extra
+from .option_checks import refuse_given
 from .source_options import source_read_options
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: an integer, or a number with a unit (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+
+    name = "size"
+    UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper()
+        number = text.rstrip("KMGTIB")
+        try:
+            size = int(float(number) * self.UNITS[text[len(number):].strip()])
+        except (KeyError, ValueError):
+            self.fail(f"{value!r}: expected bytes or a size such as 5GB, 500MB, 2GiB", param, ctx)
+        if size < 1:
+            self.fail(f"{value!r}: must be at least one byte", param, ctx)
+        return size
+
+
+BYTE_SIZE = ByteSize()
+
+#: convert's options that shape an MCore output, and those that shape an HF output (click parameter names)
+MCORE_OUTPUT_OPTIONS = ("tp", "pp", "vpp", "pp_first", "pp_last", "ep", "etp", "ckpt_format", "spec_name",
+                        "moe_grouped_gemm", "vocab_divisible_by", "dst_iteration")
+HF_OUTPUT_OPTIONS = ("max_shard_size",)
 
 
 def _progress_factory(quiet: bool):
@@ -74,13 +104,16 @@ def main() -> None:
 @click.option("--vocab-divisible-by", type=int, default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
 @click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
               help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
+@click.option("--max-shard-size", type=BYTE_SIZE, default=None,
+              help="HF output: largest safetensors shard, e.g. 5GB, 500MB, 2GiB or bytes (default: the HF source's "
+                   "largest shard when it has an index, else 5GB).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
-            vocab_divisible_by, dst_iteration, force, quiet, src, dst, iteration, config):
+            vocab_divisible_by, dst_iteration, max_shard_size, force, quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -104,16 +137,18 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
     from .convert import Target, convert as run
     from .layout import ParallelLayout
 
-    if dst_kind == "hf" and (tp, pp, vpp, pp_first, pp_last, ep, etp) != (1, 1, None, None, None, 1, None):
-        raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
-    if dst_kind == "hf" and dst_iteration is not None:
-        raise click.UsageError("--dst-iteration names an MCore output's iteration folder; it makes no sense with --dst hf")
+    ctx = click.get_current_context()
+    if dst_kind == "hf":
+        refuse_given(ctx, MCORE_OUTPUT_OPTIONS, "would have no effect with --dst hf (they shape an MCore output)")
+    else:
+        refuse_given(ctx, HF_OUTPUT_OPTIONS, "would have no effect with --dst mcore (it sizes HF output shards)")
     from .mapping.schema import MappingWarning
 
     shown: set[str] = set()
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
-                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration)
+                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
+                        max_shard_size)
         with warnings.catch_warnings(record=True) as caught:  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
             result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration)
@@ -160,9 +195,9 @@ def inspect(as_json, tensors, path, iteration, config):
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)  # one line per fact, however narrow the terminal
     layout = info["layout"]
-    lay = "-" if not layout else f"tp{layout['tp']} pp{layout['pp']}" + (f" vpp{layout['vpp']}" if layout["vpp"] else "") + f" ({layout['spec']} spec)"
+    lay = "-" if not layout else f"{layout['summary']} ({layout['spec']} spec)"
     console.print(f"[bold]{info['path']}[/]: {info['format']}  {info['architecture']} ({info['family']})  "
                   f"{info['num_layers']} layers  {info['parameters'] / 1e6:.1f}M parameters  {info['dtype']}  layout {lay}")
     for key in ("producer", "iteration", "hf_config", "training_state"):
@@ -170,6 +205,10 @@ def inspect(as_json, tensors, path, iteration, config):
             console.print(f"  {key.replace('_', ' ')}: {info[key]}", highlight=False)
     for note in info.get("notes", []):
         console.print(f"  note: {note}", highlight=False)
+    extra = info.get("extra_state")
+    if extra:
+        console.print(f"  _extra_state: {extra['entries']} entries of {len(extra['modules'])} modules "
+                      f"(TransformerEngine state, not weights; --json lists the modules)", highlight=False)
     if tensors:
         table = Table("tensor", "shape", "dtype", "where")
         for t in info["tensors"]:

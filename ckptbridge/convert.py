@@ -15,10 +15,10 @@ from typing import Iterator
 
 import torch
 
-from .errors import DestinationError
-from .config_source import ConfigOptions
+from .errors import DestinationError, OptionError
+from .config_source import ConfigOptions, refuse_unused
 from .formats.detect import Source, open_source, source_assets, source_notes
-from .formats.hf import write_hf
+from .formats.hf import DEFAULT_MAX_SHARD_BYTES, INDEX, HFSource, write_hf
 from .formats.legacy import write_legacy
 from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist import write_torch_dist
@@ -54,10 +54,21 @@ class Target:
     vocab_divisible_by: int = 128
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
     iteration: int | None = None  # MCore: iter_{N:07d}/ and tracker N (None: release/)
+    max_shard_bytes: int | None = None  # HF: shard size limit (None: the source's, else 5 GB; see shard_limit)
 
     @property
     def format_name(self) -> str:
         return "hf" if self.kind == "hf" else self.ckpt_format
+
+
+def shard_limit(source: Source, target: Target, dtype: torch.dtype) -> int:
+    """The HF output's shard size limit: the one asked for; else, for an HF source with an index, its
+    largest shard (counted in the output dtype, so a cast keeps the layout); else 5 GB (transformers')."""
+    if target.max_shard_bytes is not None:
+        return target.max_shard_bytes
+    if isinstance(source, HFSource) and (source.folder / INDEX).exists():
+        return max(sum(math.prod(e.shape) for e in f.entries.values()) * dtype.itemsize for f in source.files.values())
+    return DEFAULT_MAX_SHARD_BYTES
 
 
 def check_destination(src: Path, dst: Path, force: bool) -> None:
@@ -104,8 +115,13 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
     check_destination(src, dst, force)
     source = open_source(src, src_kind, config, iteration)
     try:
+        refuse_unused(config, iteration, {src: source})
         source.verify()
         spec = source.spec
+        if not spec.args.get("num_moe_experts"):  # expert options on a dense model would do nothing
+            for flag, given in (("--moe-grouped-gemm", target.grouped_gemm), ("--etp", target.layout.etp is not None)):
+                if given:
+                    raise OptionError(f"{flag} applies to mixture-of-experts models; {src} has no experts")
         dtype = target.dtype or source.dtype
         margs = None
         if target.kind == "mcore":
@@ -122,7 +138,7 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         notes = source_notes(source)
         with staging_dir(dst, force) as tmp, closing(Prefetcher(planned, read_cast)) as read:
             if target.kind == "hf":
-                write_hf(spec, read, tmp, dtype, assets, progress)
+                write_hf(spec, read, tmp, dtype, assets, progress, shard_limit(source, target, dtype))
             else:
                 iter_dir = tmp / iteration_name(target.iteration)
                 iter_dir.mkdir()

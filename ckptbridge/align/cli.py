@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..errors import CkptBridgeError
+from ..option_checks import refuse_given
 from ..weight_options import weight_source_options
 from .quiet import collected_stderr
 
@@ -84,6 +85,11 @@ def align(preset, hf_path, mcore_path, random_init, layers, shrink, seed, prompt
 
     if preset is None and hf_path is None:
         raise click.UsageError("give --model PRESET (with --random-init or a cached/--hf checkpoint) or --hf PATH")
+    ctx = click.get_current_context()
+    if not random_init:
+        refuse_given(ctx, ("seed",), "would have no effect without --random-init (it seeds random weights)")
+    if not probe:
+        refuse_given(ctx, ("probe_positions",), "would have no effect with --no-probe")
     modes = MODES if mode == "both" else (mode,)
     if layerwise:
         if mode == "propagated":

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import CkptBridgeError
+from ..option_checks import refuse_given
 from ..weight_options import weight_source_options
 
 EXIT_FAILED = 1
@@ -83,6 +84,11 @@ def converge(preset, hf_path, mcore_path, random_init, layers, shrink, seed, var
 
     if preset is None and hf_path is None and mcore_path is None:
         raise click.UsageError("give --model PRESET (with --random-init or a cached checkpoint), --hf PATH or --mcore PATH")
+    ctx = click.get_current_context()
+    if not random_init:
+        refuse_given(ctx, ("seed",), "would have no effect without --random-init (it seeds random weights)")
+    if save_dir is None:
+        refuse_given(ctx, ("save_format",), "would have no effect without --save")
     names = tuple(v.strip() for v in variants.split(",") if v.strip() and v.strip() != "baseline")
     opts = ConvergeOptions(preset=preset, hf=hf_path, mcore=mcore_path, random_init=random_init, layers=layers,
                            shrink=shrink, seed=seed, variants=names, envelope=not no_envelope, steps=steps, lr=lr,

@@ -127,6 +127,7 @@ class CommonState:
     origin: str  # where the HF config came from
     iteration: int | None
     notes: tuple[str, ...] = ()
+    used_options: tuple[str, ...] = ()  # the --flags that shaped the HF config (see config_source.refuse_unused)
 
     @classmethod
     def read(cls, path: Path, options: ConfigOptions | None = None) -> "CommonState":
@@ -153,6 +154,7 @@ class CommonState:
             origin=resolved.origin,
             iteration=state.get("iteration"),
             notes=resolved.notes,
+            used_options=resolved.used_options,
         )
 
 

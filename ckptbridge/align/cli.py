@@ -78,6 +78,11 @@ def align(preset, hf_path, mcore_path, random_init, layers, shrink, seed, prompt
       ckptbridge align --model qwen3-8b --random-init --layers 2 --shrink --tp 2 --gate gate.yaml
       ckptbridge align --hf ./Llama-3.1-8B --mcore ./llama-mcore --dtype bf16 --layerwise
     """
+    ctx = click.get_current_context()
+    if not random_init:
+        refuse_given(ctx, ("seed",), "would have no effect without --random-init (it seeds random weights)")
+    if not probe:
+        refuse_given(ctx, ("probe_positions",), "would have no effect with --no-probe")
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")  # megatron's fp32-weight norm, every call
     from .gate import evaluate, load_thresholds
     from .report import write_report
@@ -85,11 +90,6 @@ def align(preset, hf_path, mcore_path, random_init, layers, shrink, seed, prompt
 
     if preset is None and hf_path is None:
         raise click.UsageError("give --model PRESET (with --random-init or a cached/--hf checkpoint) or --hf PATH")
-    ctx = click.get_current_context()
-    if not random_init:
-        refuse_given(ctx, ("seed",), "would have no effect without --random-init (it seeds random weights)")
-    if not probe:
-        refuse_given(ctx, ("probe_positions",), "would have no effect with --no-probe")
     modes = MODES if mode == "both" else (mode,)
     if layerwise:
         if mode == "propagated":

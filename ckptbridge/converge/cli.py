@@ -78,17 +78,17 @@ def converge(preset, hf_path, mcore_path, random_init, layers, shrink, seed, var
       ckptbridge converge --model qwen3-8b --random-init --layers 2 --shrink --variants broken-resume
       ckptbridge converge --hf ./Llama-3.2-1B --steps 20 --tp 2 --pp 2 --save ./trained --save-format torch_dist
     """
+    ctx = click.get_current_context()
+    if not random_init:
+        refuse_given(ctx, ("seed",), "would have no effect without --random-init (it seeds random weights)")
+    if save_dir is None:
+        refuse_given(ctx, ("save_format",), "would have no effect without --save")
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
     from .report import write_report
     from .runner import ConvergeOptions, run_converge
 
     if preset is None and hf_path is None and mcore_path is None:
         raise click.UsageError("give --model PRESET (with --random-init or a cached checkpoint), --hf PATH or --mcore PATH")
-    ctx = click.get_current_context()
-    if not random_init:
-        refuse_given(ctx, ("seed",), "would have no effect without --random-init (it seeds random weights)")
-    if save_dir is None:
-        refuse_given(ctx, ("save_format",), "would have no effect without --save")
     names = tuple(v.strip() for v in variants.split(",") if v.strip() and v.strip() != "baseline")
     opts = ConvergeOptions(preset=preset, hf=hf_path, mcore=mcore_path, random_init=random_init, layers=layers,
                            shrink=shrink, seed=seed, variants=names, envelope=not no_envelope, steps=steps, lr=lr,

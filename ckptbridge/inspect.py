@@ -17,6 +17,7 @@ from .formats.dcp_metadata import TensorStorageMetadata
 from .formats.detect import detect_format, open_source
 from .formats.hf import HFSource
 from .formats.legacy import LegacySource
+from .formats.mcore_common import is_extra_state
 from .formats.torch_dist import TorchDistSource
 
 
@@ -58,10 +59,6 @@ def describe(path: Path, config: ConfigOptions | None = None, iteration: int | N
         source.close()
 
 
-def _is_extra_state(name: str) -> bool:
-    return name.rpartition("/")[0].endswith("_extra_state") or name.endswith("_extra_state")
-
-
 def _extra_state(names: list[str]) -> dict[str, Any] | None:
     """How many ``_extra_state`` entries, of how many distinct modules (names without layer and shard)."""
     if not names:
@@ -77,9 +74,9 @@ def _mcore_tensors(source: TorchDistSource | LegacySource) -> tuple[list[dict[st
         tensors = [
             {"name": k, "shape": list(md.size), "dtype": str(md.properties.dtype).replace("torch.", ""), "chunks": len(md.chunks)}
             if isinstance(md, TensorStorageMetadata) else {"name": k, "bytes": True}
-            for k, md in items if not _is_extra_state(k)
+            for k, md in items if not is_extra_state(k)
         ]
-        return tensors, _extra_state([k for k, _ in items if _is_extra_state(k)])
+        return tensors, _extra_state([k for k, _ in items if is_extra_state(k)])
     out, extra = [], []
     for rank, sd in sorted(source.meta.items()):
         for mk, models in sd.items():
@@ -88,7 +85,7 @@ def _mcore_tensors(source: TorchDistSource | LegacySource) -> tuple[list[dict[st
                     if hasattr(v, "shape"):
                         out.append({"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
                                     "file": str(source.paths[rank].relative_to(source.iter_dir)), "chunk": mk})
-                    elif _is_extra_state(k):
+                    elif is_extra_state(k):
                         extra.append(k)
     return out, _extra_state(extra)
 

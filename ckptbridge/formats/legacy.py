@@ -154,7 +154,7 @@ def write_legacy(
     grouped = bool(margs.get("moe_grouped_gemm"))
     placement = slots(spec, layout, spec_name, grouped)
     ns = args_namespace(margs, iteration)
-    record = bridge_record(spec, spec_name)
+    record = bridge_record(spec)
     for pp in range(layout.pp):
         # every (TP, EP) file of the stage at once: each canonical tensor is read once, however many
         # EP ranks hold a replica of it

@@ -95,9 +95,10 @@ def _reason(exc: BaseException) -> str:
     return (named or lines or [type(exc).__name__])[0]
 
 
-def bridge_record(spec: ModelSpec, spec_name: str) -> dict[str, Any]:
-    """What ckptbridge stores inside every MCore checkpoint it writes."""
-    record = {"version": __version__, "hf_config": spec.hf_config, "mapping": spec.mapping_data, "spec": spec_name}
+def bridge_record(spec: ModelSpec) -> dict[str, Any]:
+    """What ckptbridge stores inside every MCore checkpoint it writes: the model (HF config, mapping) and the
+    version that wrote it (shown as the producer). The module names' spec is args' ``transformer_impl``."""
+    record = {"version": __version__, "hf_config": spec.hf_config, "mapping": spec.mapping_data}
     if spec.overrides:  # args the source's content decided (e.g. no MTP blocks), not config.json
         record["overrides"] = dict(spec.overrides)
     return record
@@ -123,7 +124,7 @@ class CommonState:
 
     spec: ModelSpec
     margs: dict[str, Any]  # the checkpoint's Megatron args, under ckptbridge's names
-    producer: str  # "ckptbridge", "Megatron-LM" (or a trainer on it) or "Megatron-Bridge"
+    producer: str  # "ckptbridge <version>", "Megatron-LM" (or a trainer on it) or "Megatron-Bridge"
     origin: str  # where the HF config came from
     iteration: int | None
     notes: tuple[str, ...] = ()
@@ -150,7 +151,7 @@ class CommonState:
         return cls(
             spec=resolved.spec,
             margs=checkpoint_args(args),
-            producer="ckptbridge" if isinstance(record, dict) else "Megatron-LM",
+            producer=f"ckptbridge {record.get('version', '(unknown version)')}" if isinstance(record, dict) else "Megatron-LM",
             origin=resolved.origin,
             iteration=state.get("iteration"),
             notes=resolved.notes,

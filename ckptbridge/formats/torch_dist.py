@@ -155,7 +155,7 @@ def write_torch_dist(
         dcp_metadata.dump(metadata, f)
     save_with_megatron_names(
         {"args": args_namespace(margs, iteration), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-         "ckptbridge": bridge_record(spec, spec_name)},
+         "ckptbridge": bridge_record(spec)},
         iter_dir / "common.pt",
     )
     (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
@@ -306,9 +306,6 @@ class TorchDistSource:
                   if isinstance(md, TensorStorageMetadata) and not is_training_state(k)}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else self.margs.get("params_dtype", torch.float32)
         self._files: dict[str, HeldFile] = {}  # data files, held open from verify() to close()
-
-    def skipped(self) -> list[str]:
-        return sorted(k for k in self.metadata.state_dict_metadata if is_training_state(k) or is_extra_state(k))
 
     def training_state(self) -> SkippedState:
         """The optimizer / RNG entries in the data files: never read, only counted."""

@@ -139,9 +139,9 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
 
     ctx = click.get_current_context()
     if dst_kind == "hf":
-        refuse_given(ctx, MCORE_OUTPUT_OPTIONS, "would have no effect with --dst hf (they shape an MCore output)")
+        refuse_given(ctx, MCORE_OUTPUT_OPTIONS, "would have no effect with --dst hf (MCore output options)")
     else:
-        refuse_given(ctx, HF_OUTPUT_OPTIONS, "would have no effect with --dst mcore (it sizes HF output shards)")
+        refuse_given(ctx, HF_OUTPUT_OPTIONS, "would have no effect with --dst mcore (an HF output option)")
     from .mapping.schema import MappingWarning
 
     shown: set[str] = set()

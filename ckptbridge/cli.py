@@ -11,10 +11,41 @@ import click
 import torch
 
 from .errors import CkptBridgeError
+from .extras import needs_extra
+from .option_checks import refuse_given
 from .source_options import source_read_options
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: an integer, or a number with a unit (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+
+    name = "size"
+    UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper()
+        number = text.rstrip("KMGTIB")
+        try:
+            size = int(float(number) * self.UNITS[text[len(number):].strip()])
+        except (KeyError, ValueError):
+            self.fail(f"{value!r}: expected bytes or a size such as 5GB, 500MB, 2GiB", param, ctx)
+        if size < 1:
+            self.fail(f"{value!r}: must be at least one byte", param, ctx)
+        return size
+
+
+BYTE_SIZE = ByteSize()
+
+#: convert's options that shape an MCore output, and those that shape an HF output (click parameter names)
+MCORE_OUTPUT_OPTIONS = ("tp", "pp", "vpp", "pp_first", "pp_last", "ep", "etp", "ckpt_format", "spec_name",
+                        "moe_grouped_gemm", "vocab_divisible_by", "dst_iteration")
+HF_OUTPUT_OPTIONS = ("max_shard_size", "hf_dtype")
 
 
 def _progress_factory(quiet: bool):
@@ -85,6 +116,9 @@ def main(mapping_dirs) -> None:
 @click.option("--vocab-divisible-by", type=click.IntRange(1), default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
 @click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
               help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
+@click.option("--max-shard-size", type=BYTE_SIZE, default=None,
+              help="HF output: largest safetensors shard, e.g. 5GB, 500MB, 2GiB or bytes (default: the HF source's "
+                   "largest shard when it has an index, else 5GB).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists (atomically; never a DST holding files the source reaches).")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert tensors holding NaN/Inf as they are (default: an error naming the tensor).")
 @click.option("--clean", is_flag=True, help="First remove what interrupted conversions to DST left beside it (.DST.ckptbridge-tmp-*/-old-*).")
@@ -93,8 +127,8 @@ def main(mapping_dirs) -> None:
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
-            hf_dtype, vocab_divisible_by, dst_iteration, force, allow_nonfinite, clean, quiet, src, dst, iteration,
-            config):
+            hf_dtype, vocab_divisible_by, dst_iteration, max_shard_size, force, allow_nonfinite, clean, quiet, src, dst,
+            iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -119,12 +153,11 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
     from .convert import Target, convert as run
     from .layout import ParallelLayout
 
-    if dst_kind == "hf" and (tp, pp, vpp, pp_first, pp_last, ep, etp) != (1, 1, None, None, None, 1, None):
-        raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
-    if dst_kind != "hf" and hf_dtype is not None:
-        raise click.UsageError("--hf-dtype describes an HF output; Megatron-Core checkpoints hold no FP8 weights")
-    if dst_kind == "hf" and dst_iteration is not None:
-        raise click.UsageError("--dst-iteration names an MCore output's iteration folder; it makes no sense with --dst hf")
+    ctx = click.get_current_context()
+    if dst_kind == "hf":
+        refuse_given(ctx, MCORE_OUTPUT_OPTIONS, "would have no effect with --dst hf (MCore output options)")
+    else:
+        refuse_given(ctx, HF_OUTPUT_OPTIONS, "would have no effect with --dst mcore (an HF output option)")
     from .interrupts import Interrupted, handled
     from .mapping.schema import MappingWarning
 
@@ -132,7 +165,7 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
                         DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
-                        hf_fp8=hf_dtype == "fp8-block")
+                        hf_fp8=hf_dtype == "fp8-block", max_shard_bytes=max_shard_size)
         with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
             result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean,
@@ -190,9 +223,9 @@ def inspect(as_json, tensors, path, iteration, config):
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)  # one line per fact, however narrow the terminal
     layout = info["layout"]
-    lay = "-" if not layout else f"tp{layout['tp']} pp{layout['pp']}" + (f" vpp{layout['vpp']}" if layout["vpp"] else "") + f" ({layout['spec']} spec)"
+    lay = "-" if not layout else f"{layout['summary']} ({layout['spec']} spec)"
     console.print(f"[bold]{info['path']}[/]: {info['format']}  {info['architecture']} ({info['family']})  "
                   f"{info['num_layers']} layers  {info['parameters'] / 1e6:.1f}M parameters  {info['dtype']}  layout {lay}")
     for key in ("producer", "iteration", "hf_config", "training_state"):
@@ -200,6 +233,10 @@ def inspect(as_json, tensors, path, iteration, config):
             console.print(f"  {key.replace('_', ' ')}: {info[key]}", highlight=False)
     for note in info.get("notes", []):
         console.print(f"  note: {note}", highlight=False)
+    extra = info.get("extra_state")
+    if extra:
+        console.print(f"  _extra_state: {extra['entries']} entries of {len(extra['modules'])} modules "
+                      f"(TransformerEngine state, not weights; --json lists the modules)", highlight=False)
     if tensors:
         table = Table("tensor", "shape", "dtype", "where")
         for t in info["tensors"]:
@@ -207,7 +244,7 @@ def inspect(as_json, tensors, path, iteration, config):
         console.print(table)
 
 
-@main.command()
+@click.command()
 @click.option("--layers", type=int, default=2, show_default=True, help="Number of transformer layers.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True)
@@ -299,13 +336,13 @@ def check_mapping(hf, file):
     click.echo(f"{file}: mapping {report.family} passes")
 
 
-from .align.cli import align  # noqa: E402  (light: the heavy imports happen when the command runs)
-
-main.add_command(align)
-from .gate.cli import gate  # noqa: E402
-main.add_command(gate)
+# light imports: each command imports what it runs when it runs; these need the [align] extra
+from .align.cli import align  # noqa: E402
 from .converge.cli import converge  # noqa: E402
-main.add_command(converge)
+from .gate.cli import gate  # noqa: E402
+
+for _command in (example, align, converge, gate):
+    main.add_command(needs_extra("align", _command))
 
 if __name__ == "__main__":
     main()

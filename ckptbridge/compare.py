@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import CkptBridgeError
-from .config_source import ConfigOptions
+from .config_source import ConfigOptions, refuse_unused
 from .formats.detect import open_source
 
 CHUNK = 2**22  # elements per float64 difference block (32 MiB per temporary)
@@ -50,6 +50,7 @@ def compare(a: Path, b: Path, config: ConfigOptions | None = None, iteration: in
     sa = open_source(a, config=config, iteration=iteration)
     sb = open_source(b, config=config, iteration=iteration)
     try:
+        refuse_unused(config, iteration, {a: sa, b: sb})
         sa.verify()
         sb.verify()
         pa, pb = sa.spec.planned(), sb.spec.planned()

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError, PlanError, UnsupportedArchitectureError
+from .errors import FormatError, OptionError, PlanError, UnsupportedArchitectureError
 from .hf_config import read_config, with_dtype
 from .mapping.features import MUST_BE_OFF, with_features
 from .mapping.registry import MappingRegistry, default_registry
@@ -49,6 +49,12 @@ class ConfigOptions:
     vocab_size: int | None = None  # the unpadded vocabulary, when the checkpoint stores only the padded one
     hf_set: tuple[tuple[str, Any], ...] = ()  # further HF config fields (token ids...)
 
+    def given(self) -> list[str]:
+        """The flags that were set, as the user spells them."""
+        return [flag for flag, value in (("--hf-config", self.hf_config), ("--arch", self.arch),
+                                          ("--vocab-size", self.vocab_size), ("--hf-set", self.hf_set or None))
+                if value is not None]
+
     def asset_folder(self) -> Path | None:
         """The HF folder whose tokenizer and generation config travel with the export."""
         return self.hf_config if self.hf_config is not None and self.hf_config.is_dir() else None
@@ -59,6 +65,27 @@ class ResolvedConfig:
     spec: ModelSpec
     origin: str  # "ckptbridge record", "--hf-config PATH" or "synthesized from Megatron args (family)"
     notes: tuple[str, ...] = ()  # what the user should know (fields left null...)
+    used_options: tuple[str, ...] = ()  # the ConfigOptions flags this config was made from
+
+
+#: the flags each way of finding the config reads (the others have no effect on it)
+FROM_HF_CONFIG = ("--hf-config", "--hf-set")
+SYNTHESIZED = ("--arch", "--vocab-size", "--hf-set")
+
+
+def refuse_unused(options: ConfigOptions | None, iteration: int | None, sources: Mapping[Path, Any]) -> None:
+    """Refuse ``--iteration`` and the HF-config flags when they did nothing to any of ``sources`` (path ->
+    opened source): an HF folder reads none of them, a checkpoint carrying ckptbridge's record reads only
+    ``--hf-config`` (which replaces the record) and ``--hf-set``, ``--hf-config`` makes ``--arch`` and
+    ``--vocab-size`` moot."""
+    given = (["--iteration"] if iteration is not None else []) + (options.given() if options else [])
+    commons = {path: getattr(source, "common", None) for path, source in sources.items()}
+    used = {flag for c in commons.values() if c is not None for flag in ("--iteration", *c.used_options)}
+    unused = [flag for flag in given if flag not in used]
+    if unused:
+        why = "; ".join(f"{path} is an HF folder" if c is None else f"{path} has its HF config from: {c.origin}"
+                        for path, c in commons.items())
+        raise OptionError(f"{'/'.join(unused)} would have no effect: {why}")
 
 
 def checkpoint_args(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,7 +119,7 @@ def resolve(raw_args: Mapping[str, Any], record: Any, where: Path, options: Conf
         raw.update(dict(options.hf_set))
         spec = ModelSpec.from_hf_config(raw, registry)
         check_agrees(spec, args, where, f"--hf-config {options.hf_config}")
-        return ResolvedConfig(spec, f"--hf-config {options.hf_config}")
+        return ResolvedConfig(spec, f"--hf-config {options.hf_config}", used_options=FROM_HF_CONFIG)
     return synthesize(args, where, options, registry)
 
 
@@ -115,7 +142,7 @@ def synthesize(args: dict[str, Any], where: Path, options: ConfigOptions, regist
             continue
         notes = (f"{', '.join(missing)} are not stored by Megatron; written as null (set them with --hf-set "
                  "FIELD=VALUE or pass --hf-config)",) if missing else ()
-        return ResolvedConfig(spec, f"synthesized from Megatron args ({mapping.family})", notes)
+        return ResolvedConfig(spec, f"synthesized from Megatron args ({mapping.family})", notes, SYNTHESIZED)
     raise UnsupportedArchitectureError(reasons[0] if len(reasons) == 1 else "; ".join(reasons))
 
 

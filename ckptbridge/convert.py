@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .config_source import ConfigOptions
+from .errors import OptionError
+from .config_source import ConfigOptions, refuse_unused
 from .fileio import copy_file
 from .formats.detect import Source, open_source, source_assets, source_notes
-from .formats.hf import fp8_export, write_hf
+from .formats.hf import DEFAULT_MAX_SHARD_BYTES, INDEX, HFSource, fp8_export, write_hf
 from .formats.legacy import write_legacy
 from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist import write_torch_dist
@@ -57,10 +58,21 @@ class Target:
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
     iteration: int | None = None  # MCore: iter_{N:07d}/ and tracker N (None: release/)
     hf_fp8: bool = False  # HF: linear weights as block-scaled FP8 (--hf-dtype fp8-block)
+    max_shard_bytes: int | None = None  # HF: shard size limit (None: the source's, else 5 GB; see shard_limit)
 
     @property
     def format_name(self) -> str:
         return "hf" if self.kind == "hf" else self.ckpt_format
+
+
+def shard_limit(source: Source, target: Target, dtype: torch.dtype) -> int:
+    """The HF output's shard size limit: the one asked for; else, for an HF source with an index, its
+    largest shard (counted in the output dtype, so a cast keeps the layout); else 5 GB (transformers')."""
+    if target.max_shard_bytes is not None:
+        return target.max_shard_bytes
+    if isinstance(source, HFSource) and (source.folder / INDEX).exists():
+        return max(sum(math.prod(e.shape) for e in f.entries.values()) * dtype.itemsize for f in source.files.values())
+    return DEFAULT_MAX_SHARD_BYTES
 
 
 def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: bool = False,
@@ -77,8 +89,13 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
     check_destination(src, dst, force)
     source = open_source(src, src_kind, config, iteration)
     try:
+        refuse_unused(config, iteration, {src: source})
         source.verify()
         spec = source.spec
+        if not spec.args.get("num_moe_experts"):  # expert options on a dense model would do nothing
+            for flag, given in (("--moe-grouped-gemm", target.grouped_gemm), ("--etp", target.layout.etp is not None)):
+                if given:
+                    raise OptionError(f"{flag} applies to mixture-of-experts models; {src} has no experts")
         dtype = target.dtype or source.dtype
         margs = None
         if target.kind == "mcore":
@@ -100,7 +117,7 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         with staged(src, dst, force, clean, total) as stage, closing(Prefetcher(planned, read_cast)) as read:
             tmp, progress = stage.folder, stage.progress(progress, total)
             if target.kind == "hf":
-                write_hf(spec, read, tmp, dtype, assets, progress, fp8=fp8)
+                write_hf(spec, read, tmp, dtype, assets, progress, shard_limit(source, target, dtype), fp8=fp8)
             else:
                 if assets:
                     (tmp / ASSETS_DIR).mkdir()

@@ -30,5 +30,9 @@ class FormatError(CkptBridgeError):
     """A file is truncated, corrupt, or not in the format it claims to be."""
 
 
+class OptionError(CkptBridgeError):
+    """An option was given that has no effect on this input (options that do nothing are refused)."""
+
+
 class DestinationError(CkptBridgeError):
     """The destination exists (without --force) or overlaps the source."""

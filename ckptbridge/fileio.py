@@ -138,12 +138,13 @@ class CheckedFile(io.RawIOBase):
             os.close(self.fd)
         super().close()
 
-    def saving(self, obj: Any) -> None:
-        """``torch.save(obj, self)``, raising our `WriteError` rather than torch's wrapper around it."""
+    def saving(self, obj: Any, save: Any = None) -> None:
+        """``torch.save(obj, self)`` (or ``save(obj, self)``), raising our `WriteError` rather than torch's
+        wrapper around it."""
         import torch
 
         try:
-            torch.save(obj, self)
+            (save or torch.save)(obj, self)
         except Exception:
             if self.error is not None:
                 raise self.error from None

@@ -1,16 +1,23 @@
-"""Describe a checkpoint without converting it: format, architecture, layout, dtype, tensors."""
+"""Describe a checkpoint without converting it: format, architecture, layout, dtype, tensors.
+
+TransformerEngine modules save an ``_extra_state`` entry each (FP8 metadata; empty bytes when not
+training in FP8): a 30-layer model has a hundred of them and they are not weights, so they are
+counted apart from the tensors (``extra_state``) instead of listed one per row.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config_source import ConfigOptions
+from .config_source import ConfigOptions, refuse_unused
 from .formats.dcp_metadata import TensorStorageMetadata
 from .formats.detect import detect_format, open_source
 from .formats.hf import HFSource
 from .formats.legacy import LegacySource
+from .formats.mcore_common import is_extra_state
 from .formats.torch_dist import TorchDistSource
 
 
@@ -18,6 +25,7 @@ def describe(path: Path, config: ConfigOptions | None = None, iteration: int | N
     fmt = detect_format(path, iteration)
     source = open_source(path, config=config, iteration=iteration)
     try:
+        refuse_unused(config, iteration, {path: source})
         spec = source.spec
         info: dict[str, Any] = {
             "path": str(path),
@@ -40,7 +48,9 @@ def describe(path: Path, config: ConfigOptions | None = None, iteration: int | N
                 "pp_first": source.layout.pp_first, "pp_last": source.layout.pp_last,
                 "ep": source.layout.ep, "etp": source.layout.expert_tp, "spec": source.spec_name,
             }
-            info["tensors"] = _mcore_tensors(source)
+            moe = bool(spec.args.get("num_moe_experts"))  # a dense model's args still say ep 1 / etp = tp: noise
+            info["layout"]["summary"] = (source.layout if moe else replace(source.layout, ep=1, etp=None)).describe()
+            info["tensors"], info["extra_state"] = _mcore_tensors(source)
             common = source.common
             info.update(producer=common.producer, iteration=common.iteration, hf_config=common.origin,
                         training_state=source.training_state().describe(), notes=list(common.notes))
@@ -49,14 +59,25 @@ def describe(path: Path, config: ConfigOptions | None = None, iteration: int | N
         source.close()
 
 
-def _mcore_tensors(source: TorchDistSource | LegacySource) -> list[dict[str, Any]]:
+def _extra_state(names: list[str]) -> dict[str, Any] | None:
+    """How many ``_extra_state`` entries, of how many distinct modules (names without layer and shard)."""
+    if not names:
+        return None
+    modules = {".".join(p for p in n.partition("/")[0].split(".") if not p.isdigit()) for n in names}
+    return {"entries": len(names), "modules": sorted(modules)}
+
+
+def _mcore_tensors(source: TorchDistSource | LegacySource) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The checkpoint's tensors, and a summary of its ``_extra_state`` entries (None if it has none)."""
     if isinstance(source, TorchDistSource):
-        return [
+        items = sorted(source.metadata.state_dict_metadata.items())
+        tensors = [
             {"name": k, "shape": list(md.size), "dtype": str(md.properties.dtype).replace("torch.", ""), "chunks": len(md.chunks)}
             if isinstance(md, TensorStorageMetadata) else {"name": k, "bytes": True}
-            for k, md in sorted(source.metadata.state_dict_metadata.items())
+            for k, md in items if not is_extra_state(k)
         ]
-    out = []
+        return tensors, _extra_state([k for k, _ in items if is_extra_state(k)])
+    out, extra = [], []
     for rank, sd in sorted(source.meta.items()):
         for mk, models in sd.items():
             if mk.startswith("model"):
@@ -64,5 +85,7 @@ def _mcore_tensors(source: TorchDistSource | LegacySource) -> list[dict[str, Any
                     if hasattr(v, "shape"):
                         out.append({"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
                                     "file": str(source.paths[rank].relative_to(source.iter_dir)), "chunk": mk})
-    return out
+                    elif is_extra_state(k):
+                        extra.append(k)
+    return out, _extra_state(extra)
 

@@ -17,12 +17,13 @@ import functools
 import importlib
 import json
 import math
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .formats.safe_globals import stand_in
 
 #: ckptbridge's name -> the name Megatron-LM's parser stores the same setting under, where they differ
 MEGATRON_LM_NAMES: dict[str, str] = {
@@ -56,10 +57,6 @@ def from_megatron_lm(args: Mapping[str, Any]) -> dict[str, Any]:
 #: its "_about" field says how
 DEFAULTS_FILE = Path(__file__).with_name("megatron_lm_defaults.json")
 
-#: the one warning megatron-core prints per module when TransformerEngine/Apex are absent
-_NO_TE_WARNING = r"Transformer Engine and Apex are not installed"
-
-
 @functools.lru_cache(maxsize=1)
 def megatron_lm_defaults() -> dict[str, Any]:
     """The stored data: ``args`` (encoded values), the parser defaults validate_args replaced, and
@@ -67,14 +64,15 @@ def megatron_lm_defaults() -> dict[str, Any]:
     return json.loads(DEFAULTS_FILE.read_text())
 
 
-def _enum_class(qualified: str) -> type:
-    """A Megatron-LM enum class (real, so Megatron-LM's own ``SAFE_GLOBALS`` load it). Importing a
-    ``megatron.core`` module runs megatron-core's package import (~1.5 s, once per process) and its
-    warning per module that TransformerEngine/Apex are missing: silenced, it says nothing here."""
+def _enum_member(encoded: Mapping[str, Any]) -> Any:
+    """An enum member of the stored args. A megatron enum is its stand-in (`safe_globals`), which is
+    pickled as the real class and value: megatron-core is neither needed nor imported to write args
+    that Megatron-LM's own ``SAFE_GLOBALS`` load as its real enums. Others (``signal.Signals``) are real."""
+    qualified = encoded["enum"]
+    if qualified.startswith("megatron."):
+        return stand_in(qualified)(encoded["value"], encoded["name"])
     module, _, name = qualified.rpartition(".")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NO_TE_WARNING)
-        return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(module), name)[encoded["name"]]
 
 
 def _decode(value: Any) -> Any:
@@ -85,7 +83,7 @@ def _decode(value: Any) -> Any:
     if "torch.dtype" in value:
         return getattr(torch, value["torch.dtype"])
     if "enum" in value:
-        return _enum_class(value["enum"])[value["name"]]
+        return _enum_member(value)
     if "tuple" in value:
         return tuple(_decode(v) for v in value["tuple"])
     if "float" in value:
@@ -148,17 +146,3 @@ def full_megatron_lm_args(margs: Mapping[str, Any], iteration: int = 0) -> argpa
     args.update({k: _decode(v) for k, v in data["added_at_save"].items()})
     args["iteration"] = iteration
     return argparse.Namespace(**args)
-
-
-
-def enum_type_names() -> list[str]:
-    """Qualified names of the enum classes the full args hold (``module.Class``): what a
-    ``weights_only`` reader must allow besides ``argparse.Namespace`` and torch dtypes."""
-    data = megatron_lm_defaults()
-    values = [*data["args"].values(), *data["added_at_save"].values()]
-    return sorted({v["enum"] for v in values if isinstance(v, dict) and "enum" in v})
-
-
-def enum_types() -> list[type]:
-    """The real classes of :func:`enum_type_names` (imports megatron-core)."""
-    return [_enum_class(name) for name in enum_type_names()]

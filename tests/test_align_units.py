@@ -76,7 +76,8 @@ def test_gate_file_flags_and_junit(tmp_path):
 
 
 def test_every_swap_restores_both_models(tmp_path):
-    """Apply each ablation to real HF and MCore models, leave, and find both untouched."""
+    """Apply each ablation to real HF and MCore models: inside, the swap is in place (an ablation that
+    swaps nothing would measure nothing); after, both models are untouched."""
     import megatron.core.transformer.attention as mattn
     from transformers.models.qwen3 import modeling_qwen3
 
@@ -97,13 +98,28 @@ def test_every_swap_restores_both_models(tmp_path):
     before_hf = run_hf(hf, tokens, ctx)["logits"]
     before_mc = runner.run([McorePass("x", tokens)], ctx)["x"]["logits"]
     originals = (mattn.apply_rotary_pos_emb, modeling_qwen3.apply_rotary_pos_emb, hf.config._attn_implementation)
+
+    def swaps() -> tuple:
+        """Everything an ablation may swap: patched forwards, rotary functions, HF attention, MCore softmax dtype."""
+        patched = {(i, n) for i, model in enumerate([hf, *runner._models])
+                   for n, m in model.named_modules() if "forward" in vars(m)}
+        softmax = tuple(c.scale_mask_softmax.softmax_in_fp32 for c in runner._models[0].modules()
+                        if hasattr(c, "scale_mask_softmax"))
+        return (patched, mattn.apply_rotary_pos_emb, modeling_qwen3.apply_rotary_pos_emb, hf.config._attn_implementation,
+                softmax)
+
+    untouched = swaps()
     reg = load_ablations()
+    unchanged: list[str] = []
     for ab in reg.values():
         if not ab.impl:
             continue
         target = runner._models if ab.side == "mcore" else hf
         with applied((ab.name,), ab.side, target, ctx, reg):
-            pass
+            if swaps() == untouched:
+                unchanged.append(ab.name)
+    assert not unchanged, f"ablations that swapped nothing in: {unchanged}"
+    assert swaps() == untouched
     for model in [hf, *runner._models]:
         patched = [n for n, m in model.named_modules() if "forward" in vars(m)]
         assert not patched, patched

@@ -49,4 +49,4 @@ def test_help_explains_every_command():
     for opt in ("--tp", "--pp", "--vpp", "--pp-first", "--pp-last", "--format", "--spec", "--dtype", "--force"):
         assert opt in conv
     r = runner.invoke(main, ["convert", "--src", "mcore", "--dst", "hf", "--tp", "2", "a", "b"])
-    assert r.exit_code != 0 and "make no sense with --dst hf" in r.output
+    assert r.exit_code != 0 and "--tp would have no effect with --dst hf" in r.output

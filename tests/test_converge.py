@@ -102,6 +102,14 @@ def test_resume_continues_the_curve_and_broken_resume_fails(run):
     assert _verdict(s, "broken-resume", "curve")["passed"]  # only the resume is broken
 
 
+def test_library_warnings_go_to_the_log(run):
+    """As align: megatron's TE/Apex-absent warnings are collected into stderr.log, one line says so."""
+    log = run["dir"] / "stderr.log"
+    assert log.exists() and f"in {log}" in run["output"]
+    assert "not installed" not in run["output"] and "Warning:" not in run["output"], run["output"]
+    assert "baseline:" in run["output"]  # the command's own progress lines still reach the terminal
+
+
 def test_report_files(run):
     folder: Path = run["dir"]
     assert {p.name for p in folder.iterdir()} == {"report.md", "summary.json", "losses.csv", "junit.xml",

@@ -47,8 +47,18 @@ def _junit(path: Path) -> dict[tuple[str, str], str]:
     return out
 
 
-def test_steps_run_in_order():
+def test_steps_run_in_pipeline_order_whatever_the_config_order(tiny_hf, tmp_path):
+    """A step uses what the steps before it made (roundtrip exports what convert wrote), so the run
+    follows the pipeline (STEPS), not the order the config file lists the steps in."""
     assert list(STEPS) == ["convert", "roundtrip", "align", "converge", "export"]
+    cfg = tmp_path / "gate.yaml"
+    cfg.write_text("roundtrip: {bit_exact: true}\nalign: false\nconvert: {tp: 2}\n"  # roundtrip listed first
+                   f"source: {{hf: {tiny_hf[PRESET]}, preset: {PRESET}}}\nreport: {{dir: out}}\n")
+    res = _gate(cfg)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [s["name"] for s in summary["steps"]] == ["convert", "roundtrip"]
+    assert [c["step"] for c in summary["checks"]] == ["convert", "roundtrip"]
 
 
 def test_correct_conversion_passes(tiny_hf, tmp_path):

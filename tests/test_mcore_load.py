@@ -17,7 +17,7 @@ from ckptbridge.formats.legacy import FILE, rank_dir_name
 from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.mcore import model as mm
-from helpers import DENSE_PRESETS, to_mcore
+from helpers import DENSE_PRESETS, resave_with_megatron, to_mcore, torch_dist_structure
 from mcore_runner import run_distributed
 
 ATOL = 1e-4
@@ -110,35 +110,11 @@ def test_legacy_loads_per_rank(tiny_hf, tmp_path, preset, layout, spec):
         assert (logits - expected).abs().max() <= ATOL
 
 
-def _resave_with_megatron(rank: int, world: int, iter_dir: str, out_dir: str, tp: int):
-    from megatron.core import dist_checkpointing
-
-    args = _relayout(safe_load(Path(iter_dir) / "common.pt")["args"], tp, 1)
-    mm.init_parallel(tp, 1, None, seed=7 + rank)
-    models = mm.build_gpt_model(args, dtype=torch.float32)
-    mm.load_torch_dist(models, iter_dir)
-    with mm.cuda_to_cpu():
-        dist_checkpointing.save(models[0].sharded_state_dict(), out_dir)
-    return True
-
-
 @pytest.mark.parametrize("preset, tp", [("qwen2.5-7b", 2), ("llama3.2-1b", 1)])
 def test_torch_dist_layout_equals_megatrons_own_save(tiny_hf, tmp_path, preset, tp):
     """Keys, global shapes, dtypes, chunking and byte entries are what megatron-core itself writes."""
-    from ckptbridge.formats.torch_dist import read_metadata
-
     ours = to_mcore(tiny_hf[preset], tmp_path / "ours", "torch_dist", tp=tp) / "release"
     theirs = tmp_path / "theirs"
     theirs.mkdir()
-    run_distributed(_resave_with_megatron, tp, str(ours), str(theirs), tp, timeout=180)
-
-    def structure(folder: Path) -> dict:
-        out = {}
-        for key, md in read_metadata(folder).state_dict_metadata.items():
-            if hasattr(md, "chunks"):
-                out[key] = (tuple(md.size), md.properties.dtype, sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
-            else:
-                out[key] = "bytes"
-        return out
-
-    assert structure(ours) == structure(theirs)
+    run_distributed(resave_with_megatron, tp, str(ours), str(theirs), tp, 1, 1, timeout=180)
+    assert torch_dist_structure(ours)[0] == torch_dist_structure(theirs)[0]

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..errors import CkptBridgeError
+from ..option_checks import refuse_given
 from ..weight_options import weight_source_options
 from .quiet import collected_stderr
 
@@ -77,6 +78,11 @@ def align(preset, hf_path, mcore_path, random_init, layers, shrink, seed, prompt
       ckptbridge align --model qwen3-8b --random-init --layers 2 --shrink --tp 2 --gate gate.yaml
       ckptbridge align --hf ./Llama-3.1-8B --mcore ./llama-mcore --dtype bf16 --layerwise
     """
+    ctx = click.get_current_context()
+    if not random_init:
+        refuse_given(ctx, ("seed",), "would have no effect without --random-init (it seeds random weights)")
+    if not probe:
+        refuse_given(ctx, ("probe_positions",), "would have no effect with --no-probe")
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")  # megatron's fp32-weight norm, every call
     from .gate import evaluate, load_thresholds
     from .report import write_report

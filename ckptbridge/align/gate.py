@@ -1,6 +1,6 @@
 """Pass/fail thresholds for CI: a gate file or flags, evaluated on the baseline and the probe.
 
-Defaults per dtype come from /work/shared/notes/numerics.md: fp32 logits max abs <= 1e-4 with
+Defaults per dtype, and where each comes from: fp32 logits max abs <= 1e-4 with
 100 % top-1 agreement and KL <= 1e-4 (MaxText's fp32 checker); reduced precision gates on
 scale-aware metrics only -- KL <= 0.015 (MaxText bf16) and cosine >= 0.99 (Megatron-Bridge) --
 because max-abs is dominated by outliers there and top-1 of random-init models is a coin toss
@@ -61,7 +61,7 @@ DEFAULTS["fp16"] = DEFAULTS["bf16"]
 
 
 @dataclass
-class Check:
+class ThresholdCheck:
     """One verdict; becomes one JUnit test case."""
 
     name: str
@@ -133,7 +133,7 @@ def thresholds_from_mapping(dtype: str, raw: Any, where: str, overrides: Thresho
     return merged
 
 
-def _judge(name: str, limits: dict[str, float], rows: list[dict[str, Any]], where_key: str = "point") -> list[Check]:
+def _judge(name: str, limits: dict[str, float], rows: list[dict[str, Any]], where_key: str = "point") -> list[ThresholdCheck]:
     checks = []
     for key, limit in limits.items():
         metric = _METRIC[key]
@@ -142,7 +142,7 @@ def _judge(name: str, limits: dict[str, float], rows: list[dict[str, Any]], wher
             continue
         worst_val, worst = (min if key.startswith("min_") else max)(vals, key=lambda t: t[0])
         ok = worst_val >= limit if key.startswith("min_") else worst_val <= limit
-        checks.append(Check(f"{name}.{metric}", key, float(worst_val), limit, bool(ok), str(worst.get(where_key, ""))))
+        checks.append(ThresholdCheck(f"{name}.{metric}", key, float(worst_val), limit, bool(ok), str(worst.get(where_key, ""))))
     return checks
 
 
@@ -151,11 +151,11 @@ def _isnan(v: Any) -> bool:
 
 
 def evaluate(rows: list[dict[str, Any]], thresholds: Thresholds, modes: list[str], num_layers: int,
-             routing: list[dict[str, Any]] | None = None) -> list[Check]:
+             routing: list[dict[str, Any]] | None = None) -> list[ThresholdCheck]:
     """Judge the *baseline* setting: logits and per-layer points in each mode, each probe position,
     and (MoE models) each MoE layer's routing agreement in every baseline pass."""
     base = [r for r in rows if r["setting"] == "baseline"]
-    checks: list[Check] = []
+    checks: list[ThresholdCheck] = []
     for mode in modes:
         mode_rows = [r for r in base if r["mode"] == mode]
         checks += _judge(f"{mode}.logits", thresholds.get("logits", {}), [r for r in mode_rows if r["point"] == "logits"])
@@ -187,7 +187,7 @@ class JUnitCase:
     seconds: float = 0.0
 
 
-def write_junit(checks: list[Check], path: Path, suite: str, seconds: float = 0.0) -> None:
+def write_junit(checks: list[ThresholdCheck], path: Path, suite: str, seconds: float = 0.0) -> None:
     """JUnit XML (one test case per check; failures carry the measured value and the limit)."""
     cases = [JUnitCase(f"{suite}.{c.name.split('.')[0]}", f"{c.name} {c.metric}", c.passed, c.message) for c in checks]
     write_junit_cases(cases, path, "ckptbridge-align", suite, "AlignmentGate", seconds)
@@ -214,5 +214,5 @@ def write_junit_cases(cases: list[JUnitCase], path: Path, root_name: str, suite:
     Path(path).write_text(ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n")
 
 
-def checks_json(checks: list[Check]) -> list[dict[str, Any]]:
+def checks_json(checks: list[ThresholdCheck]) -> list[dict[str, Any]]:
     return [{**asdict(c), "message": c.message} for c in checks]

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from . import plots
-from .gate import Check, checks_json, write_junit
+from .gate import ThresholdCheck, checks_json, write_junit
 from .routing_report import routing_plot, routing_section, skipped_section
 from .runner import BASELINE, AlignResult
 from .table import ablation_table, contribution_basis, display_table, markdown
@@ -57,7 +57,7 @@ def _environment(result: AlignResult) -> str:
     return "\n".join(f"- {k}: {v}" for k, v in result.meta["environment"].items())
 
 
-def _gate(checks: list[Check]) -> str:
+def _gate(checks: list[ThresholdCheck]) -> str:
     if not checks:
         return "No checks were evaluated."
     failed = [c for c in checks if not c.passed]
@@ -178,7 +178,7 @@ def _plots(files: dict[str, Path | None], root: Path) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: AlignResult, out_dir: Path, checks: list[Check], command: str | None = None) -> dict[str, Path]:
+def write_report(result: AlignResult, out_dir: Path, checks: list[ThresholdCheck], command: str | None = None) -> dict[str, Path]:
     """Write every artefact into ``out_dir`` (created); returns name -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_dir = out_dir / "plots"

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import click
 
+from ..align.quiet import collected_stderr
 from ..errors import CkptBridgeError
+from ..option_checks import refuse_given
 from ..weight_options import weight_source_options
 
 EXIT_FAILED = 1
@@ -69,6 +71,7 @@ def converge(preset, hf_path, mcore_path, random_init, layers, shrink, seed, var
     summary.json, losses.csv, junit.xml and loss_curves.png.
 
     Exit status: 0 when every verdict passes, 1 when one fails, 2 on a usage or input error.
+    Library warnings go to OUT/RUN/stderr.log; one line summarises them.
 
     \b
     Examples:
@@ -77,28 +80,37 @@ def converge(preset, hf_path, mcore_path, random_init, layers, shrink, seed, var
       ckptbridge converge --model qwen3-8b --random-init --layers 2 --shrink --variants broken-resume
       ckptbridge converge --hf ./Llama-3.2-1B --steps 20 --tp 2 --pp 2 --save ./trained --save-format torch_dist
     """
+    ctx = click.get_current_context()
+    if not random_init:
+        refuse_given(ctx, ("seed",), "would have no effect without --random-init (it seeds random weights)")
+    if save_dir is None:
+        refuse_given(ctx, ("save_format",), "would have no effect without --save")
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
-    from .report import write_report
-    from .runner import ConvergeOptions, run_converge
-
     if preset is None and hf_path is None and mcore_path is None:
         raise click.UsageError("give --model PRESET (with --random-init or a cached checkpoint), --hf PATH or --mcore PATH")
     names = tuple(v.strip() for v in variants.split(",") if v.strip() and v.strip() != "baseline")
-    opts = ConvergeOptions(preset=preset, hf=hf_path, mcore=mcore_path, random_init=random_init, layers=layers,
-                           shrink=shrink, seed=seed, variants=names, envelope=not no_envelope, steps=steps, lr=lr,
-                           warmup=warmup, micro_batch_size=micro_batch_size, num_microbatches=num_microbatches,
-                           seq_len=seq_len, dtype=dtype, tp=tp, pp=pp, data=data, data_seed=data_seed, rtol=rtol,
-                           resume_rtol=resume_rtol, resume_at=resume_at, step0=not no_step0, work_dir=work_dir,
-                           save=save_dir, save_format=save_format, verbose=not quiet)
     t0 = time.perf_counter()
+    name = run_name or f"converge-{preset or Path(hf_path or mcore_path).name}-{dtype}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(out_root) / name
     try:
-        result = run_converge(opts, progress=lambda msg: click.echo(msg, err=True))
+        # megatron-core's import-time TE/Apex-absent warnings and the workers' stderr go to the log
+        with collected_stderr(out_dir / "stderr.log") as log:
+            from .report import write_report
+            from .runner import ConvergeOptions, run_converge
+
+            opts = ConvergeOptions(
+                preset=preset, hf=hf_path, mcore=mcore_path, random_init=random_init, layers=layers, shrink=shrink,
+                seed=seed, variants=names, envelope=not no_envelope, steps=steps, lr=lr, warmup=warmup,
+                micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, seq_len=seq_len, dtype=dtype,
+                tp=tp, pp=pp, data=data, data_seed=data_seed, rtol=rtol, resume_rtol=resume_rtol, resume_at=resume_at,
+                step0=not no_step0, work_dir=work_dir, save=save_dir, save_format=save_format, verbose=not quiet)
+            result = run_converge(opts, progress=lambda msg: click.echo(msg, file=log.terminal))
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(EXIT_USAGE)
+    click.echo(log.summary())
     result.meta["seconds"] = time.perf_counter() - t0
-    name = run_name or f"converge-{preset or Path(hf_path or mcore_path).name}-{dtype}-{time.strftime('%Y%m%d-%H%M%S')}"
-    paths = write_report(result, Path(out_root) / name, shlex.join(["ckptbridge", "converge", *sys.argv[2:]]))
+    paths = write_report(result, out_dir, shlex.join(["ckptbridge", "converge", *sys.argv[2:]]))
     for v in result.verdicts:
         click.echo(v.line())
     click.echo(f"report: {paths['report']}")

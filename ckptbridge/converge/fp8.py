@@ -445,26 +445,6 @@ def te_fp8_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def te_fp8_context(recipe: Fp8Recipe, fp8_group: Any = None) -> Any:
-    """TE's ``fp8_autocast`` for ``recipe`` (delayed scaling), for code that runs TE modules itself.
-
-    Megatron's TE-spec blocks enter this context on their own when the ``TransformerConfig``
-    carries :func:`mcore_fp8_config`; ``fp8_group`` is the amax reduction group (Megatron uses
-    ``parallel_state.get_amax_reduction_group``).
-    """
-    from transformer_engine.common.recipe import DelayedScaling, Format
-    from transformer_engine.pytorch import fp8_autocast
-
-    fmt = Format.HYBRID if recipe.name == "hybrid" else Format.E4M3
-    te_recipe = DelayedScaling(
-        fp8_format=fmt,
-        amax_history_len=recipe.amax_history_len,
-        amax_compute_algo=recipe.amax_compute_algo,
-        margin=recipe.margin,
-    )
-    return fp8_autocast(enabled=True, fp8_recipe=te_recipe, fp8_group=fp8_group)
-
-
 def mcore_fp8_config(recipe: Fp8Recipe) -> dict[str, Any]:
     """``TransformerConfig`` fields that make megatron-core (TE spec) train with ``recipe``."""
     return {

@@ -28,6 +28,7 @@ from ..sharding import merge, split
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
 from .held_file import HeldFile
+from .safe_globals import save_with_megatron_names
 from .mcore_common import (
     CHECKPOINT_VERSION,
     args_namespace,
@@ -154,7 +155,7 @@ def write_legacy(
     grouped = bool(margs.get("moe_grouped_gemm"))
     placement = slots(spec, layout, spec_name, grouped)
     ns = args_namespace(margs, iteration)
-    record = bridge_record(spec, spec_name)
+    record = bridge_record(spec)
     for pp in range(layout.pp):
         # every (TP, EP) file of the stage at once: each canonical tensor is read once, however many
         # EP ranks hold a replica of it
@@ -220,7 +221,7 @@ def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[st
     f = CheckedFile(path)
     try:
         with torch.serialization.skip_data():
-            f.saving({**models, **extra})
+            f.saving({**models, **extra}, save_with_megatron_names)
         size = f.tell()
         meta = safe_load(path, map_location="meta")
     except BaseException:

@@ -96,9 +96,10 @@ def _reason(exc: BaseException) -> str:
     return (named or lines or [type(exc).__name__])[0]
 
 
-def bridge_record(spec: ModelSpec, spec_name: str) -> dict[str, Any]:
-    """What ckptbridge stores inside every MCore checkpoint it writes."""
-    record = {"version": __version__, "hf_config": spec.hf_config, "mapping": spec.mapping_data, "spec": spec_name}
+def bridge_record(spec: ModelSpec) -> dict[str, Any]:
+    """What ckptbridge stores inside every MCore checkpoint it writes: the model (HF config, mapping) and the
+    version that wrote it (shown as the producer). The module names' spec is args' ``transformer_impl``."""
+    record = {"version": __version__, "hf_config": spec.hf_config, "mapping": spec.mapping_data}
     if spec.overrides:  # args the source's content decided (e.g. no MTP blocks), not config.json
         record["overrides"] = dict(spec.overrides)
     return record
@@ -124,10 +125,11 @@ class CommonState:
 
     spec: ModelSpec
     margs: dict[str, Any]  # the checkpoint's Megatron args, under ckptbridge's names
-    producer: str  # "ckptbridge", "Megatron-LM" (or a trainer on it) or "Megatron-Bridge"
+    producer: str  # "ckptbridge <version>", "Megatron-LM" (or a trainer on it) or "Megatron-Bridge"
     origin: str  # where the HF config came from
     iteration: int | None
     notes: tuple[str, ...] = ()
+    used_options: tuple[str, ...] = ()  # the --flags that shaped the HF config (see config_source.refuse_unused)
 
     @classmethod
     def read(cls, path: Path, options: ConfigOptions | None = None) -> "CommonState":
@@ -143,7 +145,7 @@ class CommonState:
             args = vars(state["args"]) if hasattr(state["args"], "__dict__") else state["args"]
             if not isinstance(args, dict):
                 raise FormatError(f"{where}: 'args' is a {type(state['args']).__name__}, not a namespace")
-            producer = "ckptbridge" if isinstance(record, dict) else "Megatron-LM"
+            producer = f"ckptbridge {record.get('version', '(unknown version)')}" if isinstance(record, dict) else "Megatron-LM"
         elif bridge.exists():  # Megatron-Bridge keeps its model in run_config.yaml, no args
             args, producer = args_from_run_config(bridge), "Megatron-Bridge"
         else:
@@ -157,6 +159,7 @@ class CommonState:
             origin=resolved.origin,
             iteration=state.get("iteration"),
             notes=resolved.notes,
+            used_options=resolved.used_options,
         )
 
 

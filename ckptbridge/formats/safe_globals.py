@@ -7,6 +7,11 @@ but a conversion should not pay for importing megatron-core (seconds, and a floo
 so the megatron types are stood in for by small value classes registered under megatron's
 qualified names: unpickling never runs megatron code, and only these names are accepted.
 When megatron-core is already imported in this process, its real classes are used instead.
+
+Writing is the mirror image (:func:`save_with_megatron_names`): a stand-in enum member is pickled as
+megatron's own class and value (``GLOBAL megatron.core.enums ModelType`` + ``(1,)``), exactly the
+bytes pickling the real member gives, so ckptbridge writes Megatron-LM's ``args`` without megatron-core
+installed and megatron-core's own ``weights_only`` load (its ``SAFE_GLOBALS``) reads real enums back.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ from __future__ import annotations
 import argparse
 import io
 import pathlib
+import pickle
 import signal
 import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,11 +51,17 @@ class ForeignEnum:
 
     qualname: ClassVar[str] = ""
 
-    def __init__(self, value: Any):
+    def __init__(self, value: Any, name: str | None = None):
         self.value = value
+        self.name = name  # known when ckptbridge built the member (writing); a read member has its value only
 
     def __repr__(self) -> str:
-        return f"<{self.qualname}: {self.value!r}>"
+        if self.name is None:
+            return f"<{self.qualname}: {self.value!r}>"
+        return f"<{self.qualname.rpartition('.')[2]}.{self.name}: {self.value!r}>"  # as the real enum prints
+
+    def __reduce__(self) -> tuple[type, tuple[Any]]:
+        return type(self), (self.value,)  # what Enum.__reduce_ex__ gives: the class, called with the value
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ForeignEnum):
@@ -73,6 +85,38 @@ def _stand_in(base: type, module: str, name: str) -> type:
 
 _STAND_INS = {f"{m}.{n}": _stand_in(ForeignEnum, m, n) for m, n in MEGATRON_ENUMS}
 _STAND_INS.update({f"{m}.{n}": _stand_in(ForeignObject, m, n) for m, n in MEGATRON_OBJECTS})
+
+
+def stand_in(qualified: str) -> type[ForeignEnum]:
+    """The stand-in class of the megatron enum ``qualified`` (``module.Class``)."""
+    cls = _STAND_INS.get(qualified)
+    if cls is None or not issubclass(cls, ForeignEnum):
+        raise KeyError(f"{qualified} is not a megatron enum ckptbridge knows (safe_globals.MEGATRON_ENUMS)")
+    return cls
+
+
+class _MegatronNamesPickler(pickle._Pickler):  # the pure-Python pickler: its save_global can be overridden
+    """Pickles a stand-in class under the megatron name it stands for. The C pickler imports a class's
+    module to check the name, which would need megatron-core; the bytes written are the same."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        qualified = getattr(obj, "qualname", "") if isinstance(obj, type) and issubclass(obj, ForeignEnum) else ""
+        if not qualified:
+            super().save_global(obj, name)
+            return
+        module, _, cls = qualified.rpartition(".")
+        self.write(pickle.GLOBAL + f"{module}\n{cls}\n".encode("utf-8"))
+        self.memoize(obj)
+
+
+#: what ``torch.save(pickle_module=...)`` needs of a pickle module
+_MEGATRON_NAMES_PICKLE = types.SimpleNamespace(__name__="ckptbridge_megatron_names", Pickler=_MegatronNamesPickler)
+
+
+def save_with_megatron_names(obj: Any, f: str | pathlib.Path | IO[bytes]) -> None:
+    """``torch.save`` that writes stand-in enum members as megatron's enums (see the module doc).
+    Used for the small pickles that hold ``args`` (``common.pt``, legacy rank files' structure)."""
+    torch.save(obj, f, pickle_module=_MEGATRON_NAMES_PICKLE)
 
 
 def _numpy_types() -> list[Any]:

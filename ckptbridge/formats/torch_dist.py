@@ -44,6 +44,7 @@ from .dcp_metadata import (
 )
 from .bridge_config import RUN_CONFIG, run_config_text
 from .held_file import HeldFile
+from .safe_globals import save_with_megatron_names
 from .mcore_common import (
     CHECKPOINT_VERSION,
     args_namespace,
@@ -156,7 +157,7 @@ def write_torch_dist(
     # .metadata last: without it the folder is not a torch_dist checkpoint (for megatron-core either)
     write_bytes(iter_dir / "common.pt", _saved(
         {"args": args_namespace(margs, iteration), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-         "ckptbridge": bridge_record(spec, spec_name)}))
+         "ckptbridge": bridge_record(spec)}, megatron_names=True))
     write_text(iter_dir / RUN_CONFIG, run_config_text(margs))  # what Megatron-Bridge's export_ckpt builds the model from
     write_text(iter_dir / "metadata.json", json.dumps(METADATA_JSON))
     write_bytes(iter_dir / ".metadata", dcp_metadata.dumps(metadata))
@@ -171,10 +172,11 @@ def _check_items(iter_dir: Path, storage: dict[MetadataIndex, StorageInfo]) -> N
         check_size(iter_dir / name, size)
 
 
-def _saved(obj: Any) -> bytes:
-    """``torch.save`` bytes, as megatron-core stores a ShardedObject."""
+def _saved(obj: Any, megatron_names: bool = False) -> bytes:
+    """``torch.save`` bytes, as megatron-core stores a ShardedObject; ``megatron_names``: enum stand-ins
+    pickled as megatron's enums (``args``)."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    (save_with_megatron_names if megatron_names else torch.save)(obj, buf)
     return buf.getvalue()
 
 
@@ -316,9 +318,6 @@ class TorchDistSource:
                   if isinstance(md, TensorStorageMetadata) and not is_training_state(k)}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else self.margs.get("params_dtype", torch.float32)
         self._files: dict[str, HeldFile] = {}  # data files, held open from verify() to close()
-
-    def skipped(self) -> list[str]:
-        return sorted(k for k in self.metadata.state_dict_metadata if is_training_state(k) or is_extra_state(k))
 
     def training_state(self) -> SkippedState:
         """The optimizer / RNG entries in the data files: never read, only counted."""

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..align.gate import Check as AlignCheck
+from ..align.gate import ThresholdCheck
 from ..align.gate import JUnitCase, write_junit_cases
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -38,7 +38,7 @@ class Check:
         return self.status == FAIL
 
     @classmethod
-    def from_align(cls, c: AlignCheck) -> Check:
+    def from_align(cls, c: ThresholdCheck) -> Check:
         return cls("align", c.name, PASS if c.passed else FAIL, c.message, c.value, c.limit)
 
 

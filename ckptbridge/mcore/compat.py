@@ -7,7 +7,7 @@ only change behaviour on a code path that would otherwise be an error.  They are
 applied only when ``torch.cuda.is_available()`` is False, and
 :func:`apply_cpu_patches` is idempotent.
 
-Patch ids follow ``/work/shared/notes/mcore-on-cpu.md``; file references are
+Patch ids (P1, P2, ...) name the patches below and in the tests; file references are
 relative to ``megatron/core`` of megatron-core 0.16.1:
 
 * P1 ``torch.cuda.current_device()`` is used as a *device* (tensor_parallel/mappings.py,
@@ -86,14 +86,9 @@ from collections.abc import Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["apply_cpu_patches", "cuda_to_cpu", "cpu_patches_applied", "host_as_device"]
+__all__ = ["apply_cpu_patches", "cuda_to_cpu", "host_as_device"]
 
 _APPLIED = False
-
-
-def cpu_patches_applied() -> bool:
-    """Return True once :func:`apply_cpu_patches` has patched megatron-core."""
-    return _APPLIED
 
 
 def _is_cuda_device(dev: Any) -> bool:

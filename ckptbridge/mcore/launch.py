@@ -4,7 +4,7 @@ megatron-core needs ``torch.distributed`` even for TP=PP=1, so a single-rank glo
 created in the calling process on first use and kept.  Layouts with more than one rank run in
 worker processes started from a *forkserver* that imported torch and megatron-core once: forking
 that server costs well under a second per worker, whereas ``spawn`` re-imports megatron (~6 s per
-worker, see /work/shared/notes/mcore-on-cpu.md), and forking the caller itself is unsafe once it
+worker on CPU), and forking the caller itself is unsafe once it
 has used torch's OpenMP pool.  The alignment harness and the tests both launch workers here.
 """
 

@@ -153,13 +153,13 @@ def check_agrees(spec: ModelSpec, args: Mapping[str, Any], where: Path, source: 
     for key, want in spec.args.items():
         if key in TRAINING_CHOICES or key not in args:
             continue
-        if not _same(args[key], want, args):
+        if not _same(args[key], want, args, key):
             hf_field = mapping.config.get(key)
             raise PlanError(f"{where}: {key} is {args[key]!r} in the checkpoint's args, but {source} implies "
                             f"{want!r} (from HF {hf_field!r}); refusing to export with a config that does not "
                             "describe the checkpoint")
     for key, off in MUST_BE_OFF.items():
-        if key not in mapping.config and key in args and not _same(args[key], off, args):
+        if key not in mapping.config and key in args and not _same(args[key], off, args, key):
             raise UnsupportedArchitectureError(
                 f"{where}: the checkpoint's args set {key}={args[key]!r}, which the {mapping.family} mapping cannot "
                 "express (no mapping sets it); refusing to export a model that would compute something else")
@@ -168,23 +168,38 @@ def check_agrees(spec: ModelSpec, args: Mapping[str, Any], where: Path, source: 
         raise PlanError(f"{where}: vocab_size {vocab} from {source} exceeds the checkpoint's padded vocabulary {padded}")
 
 
-def _same(have: Any, want: Any, args: Mapping[str, Any]) -> bool:
-    if isinstance(have, (list, tuple)) or isinstance(want, (list, tuple)):
-        layers = int(args.get("num_layers") or 0)
-        have, want = _per_layer(have, layers), _per_layer(want, layers)
-        return len(have) == len(want) and all(_same(a, b, args) for a, b in zip(have, want))
+def _same(have: Any, want: Any, args: Mapping[str, Any], key: str = "") -> bool:
     if have is None or want is None:  # unset and off/zero are one thing in Megatron's args
         return (have or None) == (want or None)
+    if isinstance(have, (list, tuple)) or isinstance(want, (list, tuple)):
+        if key not in PER_LAYER_FREQUENCIES and not (isinstance(have, (list, tuple)) and isinstance(want, (list, tuple))):
+            return False
+        layers = int(args.get("num_layers") or 0)
+        have, want = _per_layer(have, layers, key), _per_layer(want, layers, key)
+        return len(have) == len(want) and all(_same(a, b, args) for a, b in zip(have, want))
     if isinstance(have, (int, float)) and isinstance(want, (int, float)):
         return math.isclose(have, want, rel_tol=1e-9, abs_tol=0.0)
     return have == want
 
 
-def _per_layer(freq: Any, layers: int) -> list[Any]:
-    """Megatron's ``moe_layer_freq``: an int k (every k-th layer is MoE) or the per-layer list."""
+#: Megatron arguments that are an int k or a per-layer 0/1 list, and what the int means
+PER_LAYER_FREQUENCIES = {
+    "moe_layer_freq": "every k-th layer (0, k, 2k...) is MoE",
+    "window_attn_skip_freq": "every k-th layer (k-1, 2k-1...) attends to the full context, the others slide",
+}
+
+
+def _per_layer(freq: Any, layers: int, key: str) -> list[Any]:
+    """An int-or-list per-layer argument as its list (megatron-core 0.16.1 ``transformer_layer``/``moe``
+    semantics, transformer/utils.py ``is_layer_window_attention``: ``moe_layer_freq`` k marks layers 0, k,
+    2k as MoE; ``window_attn_skip_freq`` k makes layers k-1, 2k-1 full attention and the others slide,
+    and in its list form 1 = sliding window)."""
     if isinstance(freq, (list, tuple)):
         return list(freq)
-    return [1 if i % int(freq) == 0 else 0 for i in range(layers)]
+    k = int(freq)
+    if key == "window_attn_skip_freq":
+        return [0 if (i + 1) % k == 0 else 1 for i in range(layers)]
+    return [1 if i % k == 0 else 0 for i in range(layers)]
 
 
 def _vocab_size(args: Mapping[str, Any], where: Path, options: ConfigOptions) -> int:

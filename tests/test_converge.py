@@ -113,7 +113,7 @@ def test_library_warnings_go_to_the_log(run):
 def test_report_files(run):
     folder: Path = run["dir"]
     assert {p.name for p in folder.iterdir()} == {"report.md", "summary.json", "losses.csv", "junit.xml",
-                                                  "loss_curves.png"}
+                                                  "loss_curves.png", "stderr.log"}  # megatron's warnings, collected
     md = folder.joinpath("report.md").read_text()
     assert md.startswith("# Convergence: FAILED")
     for needle in ("| **FAIL** | broken-resume | resume |", "fp32, torch", "megatron-core 0.16.1", "emulated",

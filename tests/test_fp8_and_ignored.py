@@ -304,7 +304,7 @@ def test_fp8_weights_without_quantization_config_are_refused(fp8_model, tmp_path
 
 def test_hf_dtype_needs_an_hf_output(tmp_path):
     r = _cli("--src", "hf", "--dst", "mcore", "--hf-dtype", "fp8-block", str(tmp_path / "a"), str(tmp_path / "b"))
-    assert r.exit_code == 2 and "--hf-dtype describes an HF output" in r.output, r.output
+    assert r.exit_code == 2 and "--hf-dtype would have no effect with --dst mcore" in r.output, r.output
 
 
 # ---------------------------------------------------------------------------------------------

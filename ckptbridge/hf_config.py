@@ -22,6 +22,7 @@ _DEFAULTS: dict[str, Any] = {
     "tie_word_embeddings": False,
     "sliding_window": None,
     "use_sliding_window": False,
+    "layer_types": None,
     "hidden_act": "silu",
     "rms_norm_eps": 1e-6,
     "num_nextn_predict_layers": 0,  # no multi-token-prediction blocks (DeepSeek-V3 configs name theirs)
@@ -65,6 +66,9 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
     cfg["rope_original_max_position_embeddings"] = rope.get("original_max_position_embeddings")
     for key, value in rope.items():  # every other rope field (yarn's beta_fast, mscale...) as rope_<field>
         cfg.setdefault(f"rope_{key}", value)
+    # per-layer attention kinds (Ministral, Gemma 2/3...) as megatron's per-layer window list: 1 = sliding
+    types = cfg.get("layer_types")
+    cfg["sliding_layers"] = [int(t == "sliding_attention") for t in types] if isinstance(types, list) else None
     cfg["architecture"] = (raw.get("architectures") or [None])[0]
     return cfg
 

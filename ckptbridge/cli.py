@@ -73,13 +73,16 @@ def main() -> None:
 @click.option("--vocab-divisible-by", type=int, default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
 @click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
               help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
+@click.option("--check-megatron", is_flag=True,
+              help="MCore output: before writing, build megatron-core's model of the layout on the meta device and check "
+              "every planned name and shape against it (imports megatron-core: a few seconds; see check-mapping).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
-            vocab_divisible_by, dst_iteration, force, quiet, src, dst, iteration, config):
+            vocab_divisible_by, dst_iteration, check_megatron, force, quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -105,6 +108,8 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
 
     if dst_kind == "hf" and (tp, pp, vpp, pp_first, pp_last, ep, etp) != (1, 1, None, None, None, 1, None):
         raise click.UsageError("--tp/--pp/--vpp/--pp-first/--pp-last/--ep/--etp describe an MCore output; they make no sense with --dst hf")
+    if dst_kind == "hf" and check_megatron:
+        raise click.UsageError("--check-megatron checks an MCore output's plan; it makes no sense with --dst hf")
     if dst_kind == "hf" and dst_iteration is not None:
         raise click.UsageError("--dst-iteration names an MCore output's iteration folder; it makes no sense with --dst hf")
     from .mapping.schema import MappingWarning
@@ -112,7 +117,8 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
     shown: set[str] = set()
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
-                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration)
+                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
+                        check_megatron)
         with warnings.catch_warnings(record=True) as caught:  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
             result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration)
@@ -242,6 +248,8 @@ from .gate.cli import gate  # noqa: E402
 main.add_command(gate)
 from .converge.cli import converge  # noqa: E402
 main.add_command(converge)
+from .check_cli import check_mapping  # noqa: E402
+main.add_command(check_mapping)
 
 if __name__ == "__main__":
     main()

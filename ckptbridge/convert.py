@@ -54,6 +54,7 @@ class Target:
     vocab_divisible_by: int = 128
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
     iteration: int | None = None  # MCore: iter_{N:07d}/ and tracker N (None: release/)
+    check_megatron: bool = False  # MCore: check the plan against megatron-core's meta model before writing
 
     @property
     def format_name(self) -> str:
@@ -111,6 +112,10 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         if target.kind == "mcore":
             margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format,
                                        target.vocab_divisible_by, target.grouped_gemm)
+        if margs is not None and target.check_megatron:
+            from .mcore.plan_check import check_plan_isolated  # imports megatron-core: only when asked
+
+            check_plan_isolated(spec, margs, target.ckpt_format, target.spec_name)
         planned = spec.planned()
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)

@@ -27,6 +27,7 @@ import torch
 from .. import expr
 from ..errors import MappingError, UnsupportedArchitectureError
 from ..sharding import ShardKind, get_kind
+from ..spec_names import te_to_local
 from ..transforms import Shape, Transform, check_round_trip, get_transform
 
 LAYER = "{L}"
@@ -333,7 +334,7 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     except KeyError:
         raise MappingError(f"{where}: unknown shard kind {raw.get('local_shard', raw['shard'])!r}") from None
     place = raw.get("place", "layer")
-    mcore, local = raw["mcore"], raw.get("local", raw["mcore"])
+    mcore, local = raw["mcore"], raw.get("local", te_to_local(raw["mcore"]))  # local: only where the table cannot say
     if place not in ("layer", "first", "last", "mtp"):
         raise MappingError(f"{where}: place must be layer, first, last or mtp, not {place!r}")
     names = (mcore, local, *hf)

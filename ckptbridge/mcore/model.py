@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptbridge.mcore.compat import apply_cpu_patches, cuda_to_cpu
 from ckptbridge.megatron_args import from_megatron_lm
+from ckptbridge.spec_names import LOCAL_TO_TE_LAYER_KEYS, LOCAL_TO_TE_MLA_KEYS, LOCAL_TO_TE_MOE_LAYER_KEYS
 
 apply_cpu_patches()
 
@@ -66,22 +67,6 @@ __all__ = [
 
 #: Top-level module prefixes of a ``GPTModel`` (sharded keys and state-dict keys).
 _MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
-
-#: The local spec stores the two pre-norms as separate modules while the TransformerEngine spec
-#: fuses them into the following linear.  ``sharded_state_dict`` already maps local -> TE names
-#: (``get_gpt_layer_local_spec``'s ``sharded_state_dict_keys_map``, gpt_layer_specs.py:417-420)
-#: so torch_dist checkpoints are interchangeable; plain ``state_dict()`` keys are *not*, which is
-#: why :func:`load_legacy_rank` accepts either spelling.
-LOCAL_TO_TE_LAYER_KEYS: dict[str, str] = {
-    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-}
-
-#: MoE layers: only the input norm is fused into a TE linear; ``pre_mlp_layernorm`` stays a module
-#: of its own in the TE MoE spec, so its key is unchanged.
-LOCAL_TO_TE_MOE_LAYER_KEYS: dict[str, str] = {
-    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-}
 
 _ARGS_ATTR = "_ckptbridge_args"
 
@@ -197,16 +182,9 @@ def layer_spec_from_args(args: argparse.Namespace, use_te: bool | None = None) -
 
 
 #: Local-spec MLA layers keep their norms as modules and, unlike the dense local spec, have no
-#: ``sharded_state_dict_keys_map`` (gpt_layer_specs.py:366-392), so megatron's own save of a
-#: local-spec MLA model names them ``self_attention.q_layernorm.weight`` etc.  The TE spec fuses
-#: them into the following linear (``TELayerNormColumnParallelLinear``, gpt_layer_specs.py:100-127,
-#: 235-266), which is what Megatron-LM trains with and what converters write; this map makes the
-#: local model request the TE names.  Dense (first-k) layers also fuse the pre-MLP norm into fc1
-#: (their TE ``pre_mlp_layernorm`` is ``IdentityOp``); MoE layers keep ``pre_mlp_layernorm``.
-LOCAL_TO_TE_MLA_KEYS: dict[str, str] = {
-    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
-    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
-}
+#: ``sharded_state_dict_keys_map`` (gpt_layer_specs.py:366-392); :data:`LOCAL_TO_TE_MLA_KEYS` (the TE spec's
+#: fused names, gpt_layer_specs.py:100-127) makes the local model request what Megatron-LM saves. Dense
+#: (first-k) layers also fuse the pre-MLP norm into fc1; MoE layers keep ``pre_mlp_layernorm``.
 
 
 class _LocalMLACoreAttention(DotProductAttention):
@@ -271,7 +249,7 @@ def decoder_spec_from_config(
             spec.submodules.self_attention.submodules.core_attention = _LocalMLACoreAttention
             keys = dict(LOCAL_TO_TE_MLA_KEYS) if config.qk_layernorm else {}
             if not moe:
-                keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+                keys["pre_mlp_layernorm."] = LOCAL_TO_TE_LAYER_KEYS["pre_mlp_layernorm."]
             spec.submodules.sharded_state_dict_keys_map = keys
         elif moe:
             spec.submodules.sharded_state_dict_keys_map = dict(LOCAL_TO_TE_MOE_LAYER_KEYS)
@@ -443,7 +421,7 @@ def load_torch_dist(
     except (CheckpointingException, CheckpointException) as e:
         # e.g. "Global shape mismatch ..." when the layer count / TP-invariant shapes differ
         # (the default layout stacks layers on a leading num_layers axis).
-        raise CheckpointMismatchError(f"megatron could not load {ckpt_dir}: {e}") from e
+        raise CheckpointMismatchError(f"megatron could not load {ckpt_dir}: {_cause(e)}") from e
     if strict:
         bad_unexpected = sorted(k for k in unexpected if not _is_extra_state(k))
         bad_missing = sorted(
@@ -457,6 +435,15 @@ def load_torch_dist(
     for i, m in enumerate(models):
         _load_chunk(m, loaded[_chunk_key(models, i)])
     return {"unexpected": set(unexpected), "missing": set(missing)}
+
+
+def _cause(exc: BaseException) -> str:
+    """The readable reason of a failed load: torch's ``CheckpointException`` prints only
+    ``CheckpointException ranks:dict_keys([0])`` first, its per-rank exceptions (e.g. megatron's
+    shape mismatch naming the tensor) after their tracebacks; this puts each rank's on one line."""
+    if isinstance(exc, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(err).__name__}: {err}".strip() for rank, (err, _) in sorted(exc.failures.items()))
+    return str(exc)
 
 
 def _load_chunk(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> None:

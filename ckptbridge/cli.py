@@ -10,11 +10,12 @@ from pathlib import Path
 import click
 import torch
 
+from .dtypes import ALL_NAMES
 from .errors import CkptBridgeError
+from .layout import DEFAULT_VOCAB_DIVISIBLE_BY
 from .source_options import source_read_options
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = ALL_NAMES
 
 
 def _progress_factory(quiet: bool):
@@ -70,7 +71,7 @@ def main() -> None:
 @click.option("--moe-grouped-gemm", is_flag=True, help="MoE, legacy format: grouped-expert names (experts.linear_fc1.weight<e>) "
               "as TEGroupedMLP saves them, instead of sequential experts (local_experts.<e>.linear_fc1.weight).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast weights (default: keep the source dtype).")
-@click.option("--vocab-divisible-by", type=int, default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
+@click.option("--vocab-divisible-by", type=int, default=DEFAULT_VOCAB_DIVISIBLE_BY, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
 @click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
               help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
 @click.option("--check-megatron", is_flag=True,

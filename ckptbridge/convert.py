@@ -22,7 +22,7 @@ from .formats.hf import write_hf
 from .formats.legacy import write_legacy
 from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist import write_torch_dist
-from .layout import ParallelLayout
+from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout
 from .prefetch import Prefetcher
 from .spec import PlannedTensor
 
@@ -51,7 +51,7 @@ class Target:
     ckpt_format: str = "torch_dist"  # or "torch"
     spec_name: str = "te"  # or "local"
     dtype: torch.dtype | None = None  # None: keep the source dtype
-    vocab_divisible_by: int = 128
+    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
     iteration: int | None = None  # MCore: iter_{N:07d}/ and tracker N (None: release/)
     check_megatron: bool = False  # MCore: check the plan against megatron-core's meta model before writing

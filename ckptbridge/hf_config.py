@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .dtypes import LONG_NAMES
 from .errors import FormatError
 
 #: fields that older or smaller configs omit, with the value transformers assumes
@@ -31,7 +32,7 @@ _DEFAULTS: dict[str, Any] = {
 #: names one transformers version writes where another writes the other (its ``attribute_map``)
 _ALIASES = [("num_experts", "num_local_experts")]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = LONG_NAMES
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import expr
+from ..dtypes import LONG_NAMES
 from ..errors import MappingError, UnsupportedArchitectureError
 from ..sharding import ShardKind, get_kind
 from ..spec_names import te_to_local
@@ -33,7 +34,7 @@ from ..transforms import Shape, Transform, check_round_trip, get_transform
 LAYER = "{L}"
 EXPERT = "{E}"
 MTP = "{M}"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = LONG_NAMES
 
 #: small config used to prove each rule's transform invertible when a file loads
 PROBE_ARGS: dict[str, Any] = {

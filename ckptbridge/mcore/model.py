@@ -68,6 +68,9 @@ __all__ = [
 #: Top-level module prefixes of a ``GPTModel`` (sharded keys and state-dict keys).
 _MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 
+#: the name align/runner.py imports (kept: te_usable lives in mcore/config.py now)
+_te_usable = te_usable
+
 _ARGS_ATTR = "_ckptbridge_args"
 
 

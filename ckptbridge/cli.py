@@ -10,13 +10,14 @@ from pathlib import Path
 import click
 import torch
 
+from .dtypes import ALL_NAMES
 from .errors import CkptBridgeError
 from .extras import needs_extra
 from .option_checks import refuse_given
+from .layout import DEFAULT_VOCAB_DIVISIBLE_BY
 from .source_options import source_read_options
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = ALL_NAMES
 
 
 class ByteSize(click.ParamType):
@@ -44,7 +45,7 @@ BYTE_SIZE = ByteSize()
 
 #: convert's options that shape an MCore output, and those that shape an HF output (click parameter names)
 MCORE_OUTPUT_OPTIONS = ("tp", "pp", "vpp", "pp_first", "pp_last", "ep", "etp", "ckpt_format", "spec_name",
-                        "moe_grouped_gemm", "vocab_divisible_by", "dst_iteration")
+                        "moe_grouped_gemm", "vocab_divisible_by", "dst_iteration", "check_megatron")
 HF_OUTPUT_OPTIONS = ("max_shard_size", "hf_dtype")
 
 
@@ -113,9 +114,12 @@ def main(mapping_dirs) -> None:
 @click.option("--hf-dtype", type=click.Choice(["fp8-block"]), default=None,
               help="HF output: store the linear weights of the layers as e4m3 with fp32 block scales (weight_scale_inv), "
                    "in the model's own FP8 layout or 128x128; the other tensors use --dtype.")
-@click.option("--vocab-divisible-by", type=click.IntRange(1), default=128, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
+@click.option("--vocab-divisible-by", type=click.IntRange(1), default=DEFAULT_VOCAB_DIVISIBLE_BY, show_default=True, help="Megatron's make_vocab_size_divisible_by (vocab padding).")
 @click.option("--dst-iteration", type=click.IntRange(min=0), default=None,
               help="MCore output: write iter_<N:07d>/ with tracker N, as a Megatron-LM run saved at step N (default: release/).")
+@click.option("--check-megatron", is_flag=True,
+              help="MCore output: before writing, build megatron-core's model of the layout on the meta device and check "
+              "every planned name and shape against it (imports megatron-core: a few seconds; see check-mapping).")
 @click.option("--max-shard-size", type=BYTE_SIZE, default=None,
               help="HF output: largest safetensors shard, e.g. 5GB, 500MB, 2GiB or bytes (default: the HF source's "
                    "largest shard when it has an index, else 5GB).")
@@ -127,8 +131,8 @@ def main(mapping_dirs) -> None:
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
-            hf_dtype, vocab_divisible_by, dst_iteration, max_shard_size, force, allow_nonfinite, clean, quiet, src, dst,
-            iteration, config):
+            hf_dtype, vocab_divisible_by, dst_iteration, check_megatron, max_shard_size, force, allow_nonfinite, clean,
+            quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -165,7 +169,7 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
                         DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
-                        hf_fp8=hf_dtype == "fp8-block", max_shard_bytes=max_shard_size)
+                        hf_fp8=hf_dtype == "fp8-block", max_shard_bytes=max_shard_size, check_megatron=check_megatron)
         with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
             result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean,
@@ -311,31 +315,6 @@ def list_architectures():
         click.secho(f"BROKEN     {b.path}: {b.error.removeprefix(str(b.path) + ': ')}", fg="red")
 
 
-@main.command("check-mapping")
-@click.option("--hf", "hf", type=click.Path(path_type=Path, exists=True), default=None,
-              help="An HF folder or config.json to run the config translation on (default: the shipped preset of the "
-                   "file's architecture, when there is one).")
-@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-def check_mapping(hf, file):
-    """Validate mapping FILE: schema, invertibility of every rule, and config translation both ways.
-
-    Exit status 0 when every check passes; otherwise the first problem is printed, naming the rule,
-    section or field, and the exit status is 2.
-    """
-    from .mapping import default_registry
-    from .mapping.check import check_mapping as run
-    from .presets import load_preset, preset_names
-
-    try:
-        report = run(file, default_registry(), hf, {n: load_preset(n) for n in preset_names()})
-    except CkptBridgeError as exc:
-        click.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(2)
-    for line in report.lines:
-        click.echo(line)
-    click.echo(f"{file}: mapping {report.family} passes")
-
-
 # light imports: each command imports what it runs when it runs; these need the [align] extra
 from .align.cli import align  # noqa: E402
 from .converge.cli import converge  # noqa: E402
@@ -343,6 +322,8 @@ from .gate.cli import gate  # noqa: E402
 
 for _command in (example, align, converge, gate):
     main.add_command(needs_extra("align", _command))
+from .check_cli import check_mapping  # noqa: E402
+main.add_command(check_mapping)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ from .formats.hf import DEFAULT_MAX_SHARD_BYTES, INDEX, HFSource, fp8_export, wr
 from .formats.legacy import write_legacy
 from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist import write_torch_dist
-from .layout import ParallelLayout
+from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout
 from .prefetch import Prefetcher
 from .spec import PlannedTensor
 from .values import ValueChecks
@@ -54,11 +54,12 @@ class Target:
     ckpt_format: str = "torch_dist"  # or "torch"
     spec_name: str = "te"  # or "local"
     dtype: torch.dtype | None = None  # None: keep the source dtype
-    vocab_divisible_by: int = 128
+    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
     iteration: int | None = None  # MCore: iter_{N:07d}/ and tracker N (None: release/)
     hf_fp8: bool = False  # HF: linear weights as block-scaled FP8 (--hf-dtype fp8-block)
     max_shard_bytes: int | None = None  # HF: shard size limit (None: the source's, else 5 GB; see shard_limit)
+    check_megatron: bool = False  # MCore: check the plan against megatron-core's meta model before writing
 
     @property
     def format_name(self) -> str:
@@ -101,6 +102,10 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         if target.kind == "mcore":
             margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format,
                                        target.vocab_divisible_by, target.grouped_gemm)
+        if margs is not None and target.check_megatron:
+            from .mcore.plan_check import check_plan_isolated  # imports megatron-core: only when asked
+
+            check_plan_isolated(spec, margs, target.ckpt_format, target.spec_name)
         planned = spec.planned()
         fp8, full_precision = fp8_export(spec) if target.kind == "hf" and target.hf_fp8 else (None, set())
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)

@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
+from .dtypes import LONG_NAMES
 from .errors import FormatError
 
 
 #: names one transformers version writes where another writes the other (its ``attribute_map``)
 _ALIASES = [("num_experts", "num_local_experts")]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = LONG_NAMES
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -76,6 +77,9 @@ def normalise(raw: dict[str, Any], defaults: dict[str, Any] | None = None) -> di
         cfg.setdefault(f"rope_{key}", value)
     for key, value in (defaults or {}).items():
         cfg.setdefault(key, value)
+    # per-layer attention kinds (Ministral, Gemma 2/3...) as megatron's per-layer window list: 1 = sliding
+    types = cfg.get("layer_types")
+    cfg["sliding_layers"] = [int(t == "sliding_attention") for t in types] if isinstance(types, list) else None
     cfg["architecture"] = architecture(raw)
     return cfg
 

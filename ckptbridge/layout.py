@@ -148,6 +148,10 @@ class ParallelLayout:
         )
 
 
+#: Megatron-LM's default ``--make-vocab-size-divisible-by``
+DEFAULT_VOCAB_DIVISIBLE_BY = 128
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Megatron pads the vocabulary to a multiple of ``divisible_by * tp``."""
     multiple = divisible_by * tp

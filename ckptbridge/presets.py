@@ -63,6 +63,10 @@ def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads:
         out["moe_intermediate_size"] = ffn // 4
     if "shared_expert_intermediate_size" in cfg:
         out["shared_expert_intermediate_size"] = ffn // 2
+    if isinstance(cfg.get("layer_types"), list):  # per-layer attention kinds: the first layers' pattern, a small
+        out["layer_types"] = cfg["layer_types"][:layers]  # window, so test sequences are longer than it
+        if cfg.get("sliding_window") is not None:
+            out["sliding_window"] = min(int(cfg["sliding_window"]), 5)
     if out.get("max_window_layers") is not None:
         out["max_window_layers"] = layers
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -16,14 +16,11 @@ import torch
 
 from .errors import MappingError
 from .hf_config import architecture, normalise
-from .layout import ParallelLayout, padded_vocab_size
+from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout, padded_vocab_size
 from .mapping.registry import MappingRegistry, build_mapping, default_registry
 from .mapping.schema import EXPERT, ArchMapping, ExtraState, TensorRule
 from .sharding import pad_rows
 from .transforms import Shape
-
-DEFAULT_VOCAB_DIVISIBLE_BY = 128
-
 
 @dataclass(frozen=True)
 class PlannedTensor:

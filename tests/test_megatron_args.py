@@ -27,6 +27,7 @@ from ckptbridge.mcore import model as mm  # imports megatron-core (and its CPU p
 from ckptbridge.convert import Target, convert
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.megatron_args import full_megatron_lm_args
+from ckptbridge.megatron_settings import RENAMED_FIELDS
 from ckptbridge.mcore.launch import ensure_single_rank_group
 from ckptbridge.presets import build_tiny_hf
 from ckptbridge.spec import ModelSpec
@@ -41,15 +42,10 @@ PRESETS = {"llama": "llama3.1-8b", "qwen3": "qwen3-8b", "qwen3_moe": "qwen3-30b-
 ITERATION = 100
 
 #: Megatron-LM's core_transformer_config_from_args: TransformerConfig field <- how it is read from args
-#: (every other field is read under its own name)
+#: (every other field is read under its own name); the renames are ckptbridge's own table
 MEGATRON_LM_RENAMES: dict[str, Any] = {
-    "num_moe_experts": lambda a: a.num_experts,
-    "num_layers_in_first_pipeline_stage": lambda a: a.decoder_first_pipeline_num_layers,
-    "num_layers_in_last_pipeline_stage": lambda a: a.decoder_last_pipeline_num_layers,
-    "persist_layer_norm": lambda a: not a.no_persist_layer_norm,
-    "pipeline_dtype": lambda a: a.params_dtype,
-    "batch_p2p_comm": lambda a: not a.overlap_p2p_comm,
-    "fp8_param": lambda a: a.fp8_param_gather,
+    **{field: (lambda a, arg=arg, neg=neg: (not getattr(a, arg)) if neg else getattr(a, arg))
+       for field, (arg, neg) in RENAMED_FIELDS.items()},
     "num_query_groups": lambda a: a.num_query_groups if a.group_query_attention else None,
     "gated_linear_unit": lambda a: bool(a.swiglu),
     "activation_func": lambda a: F.silu if a.swiglu else F.gelu,

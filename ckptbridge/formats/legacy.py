@@ -213,7 +213,7 @@ def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[st
     """Write one rank file's structure (no tensor bytes); return it open, with each tensor's byte region."""
     models: dict[str, dict[str, torch.Tensor | None]] = {model_key(c): {} for c in layout.stage_chunks(spec.num_layers, pp)}
     for pt, slot in entries:
-        shape = _local_shape(pt, margs, layout, spec_name)
+        shape = local_shape(pt, margs, layout, spec_name)
         models[slot.model_key][slot.key] = torch.empty(shape, dtype=pt.dtype(dtype))  # never touched: skip_data
     for mk, key in extra_state_keys(spec, layout, pp, ep, grouped):
         models[mk][key] = None
@@ -232,7 +232,7 @@ def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[st
     return _Laid(f, size, regions)
 
 
-def _local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout, spec_name: str) -> tuple[int, ...]:
+def local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout, spec_name: str) -> tuple[int, ...]:
     shape = list(pt.stored_shape(margs))
     kind = pt.rule.shard_kind(spec_name)
     if kind.axis is not None:
@@ -320,7 +320,7 @@ class LegacySource:
             for pt, slot in entries:
                 for t, p, e in all_ranks(self.layout):
                     if p == slot.pp and slot.ep in (None, e):
-                        expected[((t, p, e), slot.model_key, slot.key)] = _local_shape(pt, self.margs, self.layout, self.spec_name)
+                        expected[((t, p, e), slot.model_key, slot.key)] = local_shape(pt, self.margs, self.layout, self.spec_name)
         seen = set()
         for rank, sd in self.meta.items():
             for mk, models in sd.items():

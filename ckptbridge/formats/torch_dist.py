@@ -31,6 +31,7 @@ from ..layout import ParallelLayout
 from ..mapping.schema import layer_key
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
+from ..spec_names import LOCAL_TO_TE_LAYER_KEYS
 from . import dcp_metadata
 from .dcp_metadata import (
     BytesStorageMetadata,
@@ -240,9 +241,10 @@ def read_metadata(iter_dir: Path) -> Metadata:
 
 
 #: torch_dist keys the local spec saves under another name than the TE spec (megatron-core 0.16.1
-#: gpt_layer_specs.py:417-420: the local MoE layer maps ``pre_mlp_layernorm.`` onto
+#: gpt_layer_specs.py:417-420: the stock local MoE layer maps ``pre_mlp_layernorm.`` onto
 #: ``mlp.linear_fc1.layer_norm_``, the TE MoE layer keeps it). Mapping files use the TE names.
-LOCAL_DIST_NAMES = {".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight"}  # TE suffix -> local suffix
+LOCAL_DIST_NAMES = {"." + local + "weight": "." + LOCAL_TO_TE_LAYER_KEYS[local] + "weight"
+                    for local in ("pre_mlp_layernorm.",)}  # TE suffix -> local suffix
 
 
 def _with_spec_names(md: Metadata, spec: ModelSpec) -> Metadata:

@@ -33,6 +33,7 @@ _LAYOUT_ARGS = {"padded_vocab_size"}
 class CheckReport:
     family: str
     lines: list[str] = field(default_factory=list)
+    spec: Any = None  # the ModelSpec planned from the checked config (None: no config to check on)
 
     def ok(self, what: str) -> None:
         self.lines.append(f"ok: {what}")
@@ -72,6 +73,7 @@ def check_mapping(path: Path, registry: MappingRegistry, hf: Path | None = None,
     except (MappingError, KeyError, TypeError, ValueError) as exc:
         raise MappingError(f"{path}: tensor plan on {origin}: {exc}") from None
     report.ok(f"config (HF -> Megatron) on {origin}: {len(args)} arguments, {len(planned)} tensors planned")
+    report.spec = ModelSpec(mapping, config, args)
     if not mapping.hf_config:
         report.note("no hf_config section: a Megatron-LM checkpoint without an HF config cannot be exported")
         return report

@@ -21,6 +21,7 @@ import yaml
 
 from ..errors import MappingError, UnsupportedArchitectureError
 from .. import expr
+from ..megatron_settings import check_config_keys
 from .features import FEATURES_OFF
 from .ignore import check_against_rules, parse_fp8_keep, parse_ignores
 from .schema import ArchMapping, ConfigCheck, parse_extra_state, parse_mtp, parse_rule, validate_rules
@@ -67,6 +68,7 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         if key not in raw:
             raise MappingError(f"{where}: missing top-level {key!r}")
     config = dict(raw["config"])
+    check_config_keys(config, where)
     rules = tuple(parse_rule(r, f"{where}: tensors[{i}]") for i, r in enumerate(raw["tensors"]))
     validate_rules(rules, where, set(config))
     checks = tuple(ConfigCheck(c["when"], c["error"]) for c in raw.get("checks") or [])

@@ -25,16 +25,18 @@ from typing import Any
 import torch
 
 from .. import expr
+from ..dtypes import LONG_NAMES
 from ..errors import MappingError, UnsupportedArchitectureError
 from ..sharding import ShardKind, get_kind
 from .bounds import check_bounds
 from ..transforms import Pipeline, Shape, TakeExpert, check_expert_stack, check_round_trip, parse_transform
 from .ignore import IgnoreRule
+from ..spec_names import te_to_local
 
 LAYER = "{L}"
 EXPERT = "{E}"
 MTP = "{M}"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = LONG_NAMES
 
 #: small config used to prove each rule's transform invertible when a file loads
 PROBE_ARGS: dict[str, Any] = {
@@ -410,7 +412,7 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     except KeyError:
         raise MappingError(f"{where}: unknown shard kind {raw.get('local_shard', raw['shard'])!r}") from None
     place = raw.get("place", "layer")
-    mcore, local = raw["mcore"], raw.get("local", raw["mcore"])
+    mcore, local = raw["mcore"], raw.get("local", te_to_local(raw["mcore"]))  # local: only where the table cannot say
     if place not in ("layer", "first", "last", "mtp"):
         raise MappingError(f"{where}: place must be layer, first, last or mtp, not {place!r}")
     if place == "mtp":

@@ -25,11 +25,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptbridge.mcore.compat import apply_cpu_patches, cuda_to_cpu
 from ckptbridge.megatron_args import from_megatron_lm
+from ckptbridge.spec_names import LOCAL_TO_TE_LAYER_KEYS, LOCAL_TO_TE_MLA_KEYS, LOCAL_TO_TE_MOE_LAYER_KEYS
 
 apply_cpu_patches()
 
@@ -44,10 +44,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
+from ckptbridge.mcore.config import gpt_model_kwargs, te_usable, transformer_config_from_args  # noqa: E402,F401
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
-from megatron.core.transformer.transformer_config import MLATransformerConfig  # noqa: E402
 
 __all__ = [
     "init_parallel",
@@ -59,10 +59,8 @@ __all__ = [
     "forward_logits",
     "LOCAL_TO_TE_LAYER_KEYS",
     "LOCAL_TO_TE_MOE_LAYER_KEYS",
-    "MOE_CONFIG_FIELDS",
     "CheckpointMismatchError",
     "LOCAL_TO_TE_MLA_KEYS",
-    "MLA_CONFIG_FIELDS",
     "decoder_spec_from_config",
     "main_logits_only",
 ]
@@ -70,45 +68,8 @@ __all__ = [
 #: Top-level module prefixes of a ``GPTModel`` (sharded keys and state-dict keys).
 _MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 
-#: The local spec stores the two pre-norms as separate modules while the TransformerEngine spec
-#: fuses them into the following linear.  ``sharded_state_dict`` already maps local -> TE names
-#: (``get_gpt_layer_local_spec``'s ``sharded_state_dict_keys_map``, gpt_layer_specs.py:417-420)
-#: so torch_dist checkpoints are interchangeable; plain ``state_dict()`` keys are *not*, which is
-#: why :func:`load_legacy_rank` accepts either spelling.
-LOCAL_TO_TE_LAYER_KEYS: dict[str, str] = {
-    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-}
-
-#: MoE layers: only the input norm is fused into a TE linear; ``pre_mlp_layernorm`` stays a module
-#: of its own in the TE MoE spec, so its key is unchanged.
-LOCAL_TO_TE_MOE_LAYER_KEYS: dict[str, str] = {
-    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-}
-
-#: ``TransformerConfig`` MoE fields copied from Megatron-LM ``args`` under the same name when set.
-MOE_CONFIG_FIELDS: tuple[str, ...] = (
-    "moe_ffn_hidden_size",
-    "moe_router_topk",
-    "moe_router_pre_softmax",
-    "moe_router_score_function",
-    "moe_router_dtype",
-    "moe_router_topk_scaling_factor",
-    "moe_router_num_groups",
-    "moe_router_group_topk",
-    "moe_router_enable_expert_bias",
-    "moe_router_load_balancing_type",
-    "moe_aux_loss_coeff",
-    "moe_z_loss_coeff",
-    "moe_input_jitter_eps",
-    "moe_grouped_gemm",
-    "moe_token_dispatcher_type",
-    "moe_expert_capacity_factor",
-    "moe_pad_expert_input_to_capacity",
-    "moe_token_drop_policy",
-    "moe_shared_expert_intermediate_size",
-    "moe_shared_expert_gate",
-)
+#: the name align/runner.py imports (kept: te_usable lives in mcore/config.py now)
+_te_usable = te_usable
 
 _ARGS_ATTR = "_ckptbridge_args"
 
@@ -121,21 +82,6 @@ def _our_names(args: argparse.Namespace) -> argparse.Namespace:
 
 class CheckpointMismatchError(RuntimeError):
     """Raised when checkpoint and model disagree on (non ``_extra_state``) keys."""
-
-
-def _on_cpu() -> bool:
-    return not torch.cuda.is_available()
-
-
-def _te_usable() -> bool:
-    """TransformerEngine modules need both the package and a CUDA device."""
-    if _on_cpu():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,157 +136,9 @@ def init_parallel(
 # --------------------------------------------------------------------------------------------
 
 
-def transformer_config_from_args(
-    args: argparse.Namespace, dtype: torch.dtype = torch.float32, **overrides: Any
-) -> TransformerConfig:
-    """Map Megatron-LM argument names to a ``TransformerConfig`` for a dense Llama-style model.
-
-    Mirrors ``core_transformer_config_from_args`` of Megatron-LM for the fields a dense
-    Llama / Mistral / Qwen2 / Qwen3 model uses (RMSNorm, SwiGLU, GQA, RoPE, optional QKV bias
-    and QK-norm).  Deliberate differences, because this model is used for *checking* weights:
-
-    * the compute dtype is ``dtype`` (fp32 by default) and *not* ``args.bf16/fp16``;
-    * all dropout is 0;
-    * weights are initialised on CPU when CUDA is absent (``use_cpu_initialization``), which
-      also makes a fresh init independent of the TP layout.
-
-    RoPE base / percent / scaling are *not* config fields in megatron-core 0.16.1; they are
-    ``GPTModel`` constructor arguments (see :func:`build_gpt_model`).  ``overrides`` are
-    applied last and may name any ``TransformerConfig`` field.
-
-    Mixture-of-experts models (``args.num_moe_experts`` set): every ``moe_*`` field in
-    :data:`MOE_CONFIG_FIELDS` that ``args`` carries (not ``None``) is copied under its own name,
-    as Megatron-LM does, plus ``expert_model_parallel_size`` / ``expert_tensor_parallel_size``.
-    Fixed for checking: ``moe_grouped_gemm=False`` without TransformerEngine (the local spec
-    runs ``SequentialMLP``, whose sharded state dict is interchangeable with ``TEGroupedMLP``'s,
-    moe/experts.py:773), no token dropping / capacity padding unless ``args`` asks for it
-    (``moe_expert_capacity_factor=None`` is megatron's default) and no
-    ``moe_shared_expert_overlap`` (it needs CUDA streams).  Router defaults are megatron's:
-    softmax score function, ``moe_router_pre_softmax`` False (top-k on logits, then softmax
-    over the k = HF's renormalised top-k) and ``moe_router_dtype`` None (router math in the
-    model dtype, exact in fp32; pass ``moe_router_dtype="fp32"`` as override for bf16 models to
-    match HF's fp32 routing softmax).  ``moe_aux_loss_coeff`` is taken from ``args``; it only
-    acts in training (moe/router.py:598).  The dispatcher is ``args.moe_token_dispatcher_type``
-    (Megatron-LM's default ``allgather`` when absent); both ``alltoall`` (with compat patch P6)
-    and ``allgather`` run on gloo.  Mixed dense/MoE stacks (``moe_layer_freq`` a list such as
-    DeepSeek's first-k-dense ``[0, 1, 1, 1]``, or an int > 1) are passed on as megatron's
-    ``moe_layer_freq``; :func:`build_gpt_model` then builds the per-layer block spec.
-
-    Multi-latent attention (``args.multi_latent_attention``, DeepSeek-V3) builds an
-    ``MLATransformerConfig`` with the fields in :data:`MLA_CONFIG_FIELDS` (Megatron-LM names);
-    ``args.mtp_num_layers`` (multi-token prediction) is copied when set.
-    """
-    args = _our_names(args)
-    pp = int(args.pipeline_model_parallel_size)
-    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
-    gqa = bool(getattr(args, "group_query_attention", False))
-    kw: dict[str, Any] = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups if gqa else None,
-        kv_channels=args.kv_channels,
-        normalization=args.normalization,
-        layernorm_epsilon=args.norm_epsilon,
-        gated_linear_unit=bool(args.swiglu),
-        activation_func=F.silu if args.swiglu else F.gelu,
-        add_bias_linear=bool(args.add_bias_linear),
-        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
-        qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu_initialization=_on_cpu(),
-        sequence_parallel=False,
-    )
-    if pp > 1:
-        # Uneven first/last stages (Megatron-LM --decoder-first/last-pipeline-num-layers).
-        kw["num_layers_in_first_pipeline_stage"] = getattr(
-            args, "decoder_first_pipeline_num_layers", None
-        )
-        kw["num_layers_in_last_pipeline_stage"] = getattr(
-            args, "decoder_last_pipeline_num_layers", None
-        )
-    window = getattr(args, "window_size", None)
-    if window is not None:
-        kw["window_size"] = tuple(window)
-    kw.update(_moe_config_kwargs(args))
-    if getattr(args, "mtp_num_layers", None):
-        kw["mtp_num_layers"] = int(args.mtp_num_layers)
-    if getattr(args, "multi_latent_attention", False):
-        kw.update(_mla_config_kwargs(args))
-        kw.update(overrides)
-        return MLATransformerConfig(**kw)
-    kw.update(overrides)
-    return TransformerConfig(**kw)
-
-
-#: ``MLATransformerConfig`` fields copied from Megatron-LM ``args`` under the same name when set.
-MLA_CONFIG_FIELDS: tuple[str, ...] = (
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_head_dim",
-    "qk_pos_emb_head_dim",
-    "v_head_dim",
-    "rotary_base",
-    "rotary_percent",
-    "rotary_scaling_factor",
-    "original_max_position_embeddings",
-    "beta_fast",
-    "beta_slow",
-    "mscale",
-    "mscale_all_dim",
-)
-
-
-def _mla_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """MLA fields; ``rope_type`` is Megatron-LM's ``--rope-type`` (yarn unless it says rope).
-
-    ``q_lora_rank=None`` (no q-LoRA: one ``linear_q_proj``) is meaningful, so it is copied even
-    when ``None``.  ``apply_rope_fusion`` is off: the fused MLA yarn kernels need CUDA/triton.
-    """
-    kw: dict[str, Any] = {
-        name: getattr(args, name) for name in MLA_CONFIG_FIELDS if getattr(args, name, None) is not None
-    }
-    kw["q_lora_rank"] = getattr(args, "q_lora_rank", None)
-    kw["rope_type"] = getattr(args, "rope_type", None) or "yarn"
-    kw["multi_latent_attention"] = True
-    kw["apply_rope_fusion"] = False
-    return kw
-
-
 def _num_experts(args: argparse.Namespace) -> int | None:
     n = getattr(args, "num_moe_experts", None)
     return int(n) if n else None
-
-
-def _moe_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """MoE ``TransformerConfig`` fields from Megatron-LM args (empty for dense models)."""
-    if _num_experts(args) is None:
-        return {}
-    freq = getattr(args, "moe_layer_freq", 1)
-    kw: dict[str, Any] = {
-        name: getattr(args, name)
-        for name in MOE_CONFIG_FIELDS
-        if getattr(args, name, None) is not None
-    }
-    kw["num_moe_experts"] = _num_experts(args)
-    kw["expert_model_parallel_size"] = int(getattr(args, "expert_model_parallel_size", 1) or 1)
-    kw["expert_tensor_parallel_size"] = getattr(args, "expert_tensor_parallel_size", None)
-    if not _te_usable():
-        kw["moe_grouped_gemm"] = False
-    kw.setdefault("moe_token_dispatcher_type", "allgather")
-    kw["moe_shared_expert_overlap"] = False
-    if freq not in (1, None) and not (isinstance(freq, list) and all(f == 1 for f in freq)):
-        kw["moe_layer_freq"] = list(freq) if isinstance(freq, (list, tuple)) else int(freq)
-    return kw
 
 
 def layer_spec_from_args(args: argparse.Namespace, use_te: bool | None = None) -> ModuleSpec:
@@ -365,7 +163,7 @@ def layer_spec_from_args(args: argparse.Namespace, use_te: bool | None = None) -
         use_te = getattr(args, "transformer_impl", "local") == "transformer_engine"
     qk_layernorm = bool(getattr(args, "qk_layernorm", False))
     num_experts = _num_experts(args)
-    if use_te and _te_usable():
+    if use_te and te_usable():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -387,16 +185,9 @@ def layer_spec_from_args(args: argparse.Namespace, use_te: bool | None = None) -
 
 
 #: Local-spec MLA layers keep their norms as modules and, unlike the dense local spec, have no
-#: ``sharded_state_dict_keys_map`` (gpt_layer_specs.py:366-392), so megatron's own save of a
-#: local-spec MLA model names them ``self_attention.q_layernorm.weight`` etc.  The TE spec fuses
-#: them into the following linear (``TELayerNormColumnParallelLinear``, gpt_layer_specs.py:100-127,
-#: 235-266), which is what Megatron-LM trains with and what converters write; this map makes the
-#: local model request the TE names.  Dense (first-k) layers also fuse the pre-MLP norm into fc1
-#: (their TE ``pre_mlp_layernorm`` is ``IdentityOp``); MoE layers keep ``pre_mlp_layernorm``.
-LOCAL_TO_TE_MLA_KEYS: dict[str, str] = {
-    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
-    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
-}
+#: ``sharded_state_dict_keys_map`` (gpt_layer_specs.py:366-392); :data:`LOCAL_TO_TE_MLA_KEYS` (the TE spec's
+#: fused names, gpt_layer_specs.py:100-127) makes the local model request what Megatron-LM saves. Dense
+#: (first-k) layers also fuse the pre-MLP norm into fc1; MoE layers keep ``pre_mlp_layernorm``.
 
 
 class _LocalMLACoreAttention(DotProductAttention):
@@ -461,7 +252,7 @@ def decoder_spec_from_config(
             spec.submodules.self_attention.submodules.core_attention = _LocalMLACoreAttention
             keys = dict(LOCAL_TO_TE_MLA_KEYS) if config.qk_layernorm else {}
             if not moe:
-                keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+                keys["pre_mlp_layernorm."] = LOCAL_TO_TE_LAYER_KEYS["pre_mlp_layernorm."]
             spec.submodules.sharded_state_dict_keys_map = keys
         elif moe:
             spec.submodules.sharded_state_dict_keys_map = dict(LOCAL_TO_TE_MOE_LAYER_KEYS)
@@ -516,7 +307,7 @@ def build_gpt_model(
     with cuda_to_cpu():
         for vp_stage in range(vpp or 1):
             stage = vp_stage if vpp is not None else None
-            if per_layer and (use_te is None or not use_te or not _te_usable()):
+            if per_layer and (use_te is None or not use_te or not te_usable()):
                 spec: Any = decoder_spec_from_config(config, args, stage)
             else:
                 spec = layer_spec_from_args(args, use_te=use_te)
@@ -527,8 +318,6 @@ def build_gpt_model(
             model = GPTModel(
                 config=config,
                 transformer_layer_spec=spec,
-                vocab_size=args.padded_vocab_size,
-                max_sequence_length=args.max_position_embeddings,
                 pre_process=parallel_state.is_pipeline_first_stage(
                     ignore_virtual=False, vp_stage=stage
                 ),
@@ -536,17 +325,9 @@ def build_gpt_model(
                     ignore_virtual=False, vp_stage=stage
                 ),
                 parallel_output=True,
-                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-                position_embedding_type=args.position_embedding_type,
-                rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
-                rotary_base=int(getattr(args, "rotary_base", 10000)),
-                rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
-                rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)),
-                seq_len_interpolation_factor=getattr(
-                    args, "rotary_seq_len_interpolation_factor", None
-                ),
                 vp_stage=stage,
                 mtp_block_spec=mtp_spec,
+                **gpt_model_kwargs(args),
             )
             model.eval()
             setattr(model, _ARGS_ATTR, args)
@@ -643,7 +424,7 @@ def load_torch_dist(
     except (CheckpointingException, CheckpointException) as e:
         # e.g. "Global shape mismatch ..." when the layer count / TP-invariant shapes differ
         # (the default layout stacks layers on a leading num_layers axis).
-        raise CheckpointMismatchError(f"megatron could not load {ckpt_dir}: {e}") from e
+        raise CheckpointMismatchError(f"megatron could not load {ckpt_dir}: {_cause(e)}") from e
     if strict:
         bad_unexpected = sorted(k for k in unexpected if not _is_extra_state(k))
         bad_missing = sorted(
@@ -657,6 +438,15 @@ def load_torch_dist(
     for i, m in enumerate(models):
         _load_chunk(m, loaded[_chunk_key(models, i)])
     return {"unexpected": set(unexpected), "missing": set(missing)}
+
+
+def _cause(exc: BaseException) -> str:
+    """The readable reason of a failed load: torch's ``CheckpointException`` prints only
+    ``CheckpointException ranks:dict_keys([0])`` first, its per-rank exceptions (e.g. megatron's
+    shape mismatch naming the tensor) after their tracebacks; this puts each rank's on one line."""
+    if isinstance(exc, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(err).__name__}: {err}".strip() for rank, (err, _) in sorted(exc.failures.items()))
+    return str(exc)
 
 
 def _load_chunk(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> None:

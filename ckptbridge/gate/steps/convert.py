@@ -14,13 +14,14 @@ import torch
 
 from ...convert import Target, convert
 from ...errors import CkptBridgeError
-from ...layout import ParallelLayout
+from ...dtypes import SHORT_NAMES
+from ...layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout
 from ..config import MISSING, ConfigError, Section, SourceConfig
 from ..context import Candidate, GateContext
 from ..results import FAIL, PASS, Check
 from . import step
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = SHORT_NAMES
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Layout:
     format: str = "torch_dist"
     spec: str = "te"
     dtype: str | None = None  # None: keep the source dtype
-    vocab_divisible_by: int = 128
+    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY
     moe_grouped_gemm: bool = False
 
     @property
@@ -67,7 +68,7 @@ def _layout(raw: Any, where: str) -> Layout:
         format=s.take("format", str, "torch_dist", choices=("torch_dist", "torch")),
         spec=s.take("spec", str, "te", choices=("te", "local")),
         dtype=s.take("dtype", str, choices=tuple(DTYPES), nullable=True),
-        vocab_divisible_by=s.take("vocab_divisible_by", int, 128, minimum=1),
+        vocab_divisible_by=s.take("vocab_divisible_by", int, DEFAULT_VOCAB_DIVISIBLE_BY, minimum=1),
         moe_grouped_gemm=s.take("moe_grouped_gemm", bool, False),
     )
     s.finish()

@@ -87,10 +87,10 @@ def main(mapping_dirs) -> None:
       ckptbridge inspect ./llama-mcore --json
       ckptbridge --mappings ./my-mappings check-mapping ./my-mappings/phi3.yaml --hf ./Phi-3-mini
     """
-    if mapping_dirs:
-        from .mapping.registry import set_user_folders
+    from .mapping.registry import set_user_folders
 
-        set_user_folders(mapping_dirs)
+    set_user_folders(mapping_dirs)  # this invocation's folders only (none: only CKPTBRIDGE_MAPPINGS)
+    click.get_current_context().call_on_close(lambda: set_user_folders([]))
 
 
 @main.command()

@@ -29,18 +29,18 @@ from ckptbridge.megatron_args import full_megatron_lm_args, to_megatron_lm
 from ckptbridge.megatron_settings import CHECKING_FIELDS, MODEL_ARGS, RENAMED_FIELDS, core_fields
 from ckptbridge.mcore import config as mconfig
 from ckptbridge.mcore.plan_check import check_plans
-from ckptbridge.presets import build_tiny_hf, load_preset, shrink_config
+from ckptbridge.presets import build_tiny_hf, convertible_config, load_preset, shrink_config
 from ckptbridge.spec import ModelSpec
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 #: a preset per shipped mapping family
 FAMILY_PRESETS = {"llama": "llama3.1-8b", "mistral": "mistral-7b", "ministral": "ministral-8b", "qwen2": "qwen2.5-0.5b",
                   "qwen3": "qwen3-8b", "mixtral": "mixtral-8x7b", "qwen3_moe": "qwen3-30b-a3b",
-                  "qwen2_moe": "qwen1.5-moe-a2.7b", "deepseek_v3": "deepseek-v3"}
+                  "qwen2_moe": "qwen1.5-moe-a2.7b", "deepseek_v3": "deepseek-v3", "phi3": "phi3-mini"}
 
 
 def tiny_spec(preset: str, registry: MappingRegistry | None = None) -> ModelSpec:
-    return ModelSpec.from_hf_config(shrink_config(load_preset(preset)["hf_config"], layers=4), registry)
+    return ModelSpec.from_hf_config(shrink_config(convertible_config(load_preset(preset)), layers=4), registry)
 
 
 def test_every_family_has_a_preset() -> None:
@@ -85,10 +85,13 @@ def test_wrong_name_or_shape_refused_naming_it(tmp_path: Path, old: str, new: st
 
 
 def test_unknown_megatron_key_refused_at_load(tmp_path: Path) -> None:
+    # a broken file is kept aside when the registry loads; using its family raises its error
+    registry = broken_registry(tmp_path, "  vocab_size: vocab_size\n", "  vocab_size: vocab_size\n  window_attn_skip_frequency: '2'\n")
     with pytest.raises(MappingError, match=r"llama\.yaml: config key 'window_attn_skip_frequency'"):
-        broken_registry(tmp_path, "  vocab_size: vocab_size\n", "  vocab_size: vocab_size\n  window_attn_skip_frequency: '2'\n")
+        registry.family("llama")
+    registry = broken_registry(tmp_path, "  swiglu: \"True\"\n", "  gated_linear_unit: \"True\"\n")
     with pytest.raises(MappingError, match=r"'gated_linear_unit'.*swiglu"):
-        broken_registry(tmp_path, "  swiglu: \"True\"\n", "  gated_linear_unit: \"True\"\n")
+        registry.family("llama")
 
 
 def test_convert_check_megatron_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,7 +139,7 @@ def _same(a: object, b: object) -> bool:
 
 @pytest.mark.parametrize("family", list(FAMILY_PRESETS))
 def test_every_config_key_reaches_megatron(family: str) -> None:
-    spec = ModelSpec.from_hf_config(load_preset(FAMILY_PRESETS[family])["hf_config"])
+    spec = ModelSpec.from_hf_config(convertible_config(load_preset(FAMILY_PRESETS[family])))
     margs = spec.megatron_args(ParallelLayout(), torch.bfloat16, "te", "torch_dist")
     args = full_megatron_lm_args(margs)
     config = mconfig.transformer_config_from_args(args, dtype=torch.bfloat16)

@@ -103,3 +103,18 @@ def test_weights_come_from_the_local_hf_cache(tmp_path, monkeypatch):
     r = run_alignment(AlignOptions(preset="llama3.2-1b", seq_len=16, probe=False))
     assert r.meta["hf_weights"].startswith("HF cache: meta-llama/Llama-3.2-1B")
     assert max(row["max_abs"] for row in r.rows if row["point"] == "logits") <= 1e-4
+
+
+def test_align_prints_no_raw_warning_lines(tmp_path):
+    """In a fresh process (megatron's import-time warnings fire there), stderr carries one summary line:
+    the warnings themselves go to the run's stderr.log."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ckptbridge.cli", "align", "--model", "llama3.2-1b", "--random-init",
+                           "--layers", "2", "--shrink", "--no-probe", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) <= 1 and all("warnings collected" in line for line in lines), done.stderr
+    assert not any(w in done.stdout for w in ("Warning:", "warnings.warn")), done.stdout

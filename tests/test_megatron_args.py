@@ -5,8 +5,8 @@ MTP) are converted HF -> torch_dist at ``--dst-iteration 100``. Their stored arg
 megatron-core's ``TransformerConfig`` the way Megatron-LM's ``core_transformer_config_from_args``
 does (every dataclass field by name, plus its few renames), and the model built from that config
 must be the model ckptbridge's own builder builds. The key set and values are checked against
-the args of a real Megatron-LM (core_v0.16.1) checkpoint (``data/megatron_lm_llama_tp2pp2_common.pt``,
-written by ``save_checkpoint`` for the model of ``data/megatron_lm_llama_config.json``).
+the args of a real Megatron-LM (core_v0.16.1) checkpoint (``fixtures/megatron-lm/llama-td-tp2pp2``'s common.pt,
+written by ``save_checkpoint`` for the model of ``fixtures/megatron-lm/llama-hf``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from megatron.core.safe_globals import SAFE_GLOBALS
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-DATA = Path(__file__).parent / "data"
+FIXTURE = Path(__file__).parent / "fixtures" / "megatron-lm"
+REAL_COMMON = FIXTURE / "llama-td-tp2pp2" / "iter_0000100" / "common.pt"
+REAL_CONFIG = FIXTURE / "llama-hf" / "config.json"
 PRESETS = {"llama": "llama3.1-8b", "qwen3": "qwen3-8b", "qwen3_moe": "qwen3-30b-a3b", "deepseek_v3": "deepseek-v3"}
 ITERATION = 100
 
@@ -134,7 +136,7 @@ def test_iteration_folder_tracker_and_args(written: dict[str, Path]) -> None:
 
 def test_megatron_lm_key_set_and_types(written: dict[str, Path]) -> None:
     """Megatron-LM's 658 keys, its enum instances and dtypes, readable with only its SAFE_GLOBALS."""
-    real = vars(megatron_load(DATA / "megatron_lm_llama_tp2pp2_common.pt")["args"])
+    real = vars(megatron_load(REAL_COMMON)["args"])
     for name, root in written.items():
         args = vars(megatron_load(root / f"iter_{ITERATION:07d}" / "common.pt")["args"])
         assert set(real) <= set(args), (name, sorted(set(real) - set(args)))
@@ -147,8 +149,8 @@ def test_megatron_lm_key_set_and_types(written: dict[str, Path]) -> None:
 def test_llama_args_equal_a_real_megatron_lm_run() -> None:
     """Same model, same layout (TP2 x PP2, bf16, torch_dist): every value equals what Megatron-LM's own
     save_checkpoint stored, except that run's training/CPU flags."""
-    real = vars(megatron_load(DATA / "megatron_lm_llama_tp2pp2_common.pt")["args"])
-    spec = ModelSpec.from_hf_config(json.loads((DATA / "megatron_lm_llama_config.json").read_text()))
+    real = vars(megatron_load(REAL_COMMON)["args"])
+    spec = ModelSpec.from_hf_config(json.loads(REAL_CONFIG.read_text()))
     ours = vars(full_megatron_lm_args(spec.megatron_args(ParallelLayout(2, 2), torch.bfloat16, "te", "torch_dist")))
     assert set(ours) == set(real)
     differ = {k for k in real if repr(ours[k]) != repr(real[k])}

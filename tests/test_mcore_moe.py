@@ -90,7 +90,9 @@ def _load_legacy(rank: int, world: int, iter_dir: str):
     own = set(models[0].state_dict())
     mm.load_legacy_rank(models, state)
     logits = mm.forward_logits(models, TOKENS, vocab_size=args.vocab_size)
-    renamed = set(mm._te_to_local(models[0], state["model"]))
+    from ckptbridge.mcore.load import _te_to_local
+
+    renamed = set(_te_to_local(models[0], state["model"]))
     return logits, sorted(own - renamed), sorted(renamed - own)
 
 

@@ -182,7 +182,7 @@ def test_checkpoint_exception_gets_its_cause() -> None:
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from ckptbridge.mcore.model import _cause
+    from ckptbridge.mcore.load import _cause
 
     exc = CheckpointException("load", {0: (ValueError("Size mismatch for decoder.layers.mlp.linear_fc2.weight: "
                                                       "(2, 64, 128) vs (2, 64, 256)"), traceback.StackSummary())})

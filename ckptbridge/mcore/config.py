@@ -131,3 +131,7 @@ def gpt_model_kwargs(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, 
     kw["vocab_size"] = int(lm["padded_vocab_size"])
     kw["max_sequence_length"] = int(lm["max_position_embeddings"])
     return kw
+
+
+#: attribute of a built GPTModel holding the args it was built from (the forward reads the vocab from it)
+ARGS_ATTR = "_ckptbridge_args"

@@ -163,3 +163,17 @@ def write_spans(spans: Spans, dst_fd: int, dst_offset: int, path, fast: bool = T
             copy_range_all(r.fd, r.offset, dst_fd, pos, r.length, path, fast)
         pos += r.length
     return pos - dst_offset
+
+
+def hf_spans(pt, spans: Spans, cfg) -> list[Spans] | None:
+    """The HF tensors of ``pt`` (a `spec.PlannedTensor`) as runs of its canonical tensor's ``spans``, when
+    the rule's steps only move rows; None otherwise."""
+    transform = pt.rule.transform
+    if not row_moving(transform.steps) or any(isinstance(s, TakeExpert) for s in transform.steps):
+        return None
+    small = [small_shape(s) for s in pt.hf_shapes]
+    found = unit_runs(lambda xs: transform.to_hf(xs[0], cfg, small), [tuple(spans.shape)])
+    if found is None:
+        return None
+    runs, units = found
+    return [compose([spans], r, units[0], spans.dtype, tuple(shape)) for r, shape in zip(runs, pt.hf_shapes)]

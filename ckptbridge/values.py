@@ -101,6 +101,7 @@ def _nonfinite_in_file(fd: int, offset: int, length: int, dtype: torch.dtype) ->
     """NaN/Inf values among ``length`` bytes at ``offset`` of ``fd``, read through a read-only mapping in windows
     (mapped pages count towards resident memory only while a window is mapped)."""
     import mmap
+    import warnings
 
     bad = 0
     window = 256 * 2**20
@@ -108,7 +109,9 @@ def _nonfinite_in_file(fd: int, offset: int, length: int, dtype: torch.dtype) ->
         n = min(window, offset + length - at)
         base = at - at % mmap.ALLOCATIONGRANULARITY
         with mmap.mmap(fd, n + at - base, prot=mmap.PROT_READ, offset=base) as m:
-            data = torch.frombuffer(m, dtype=torch.uint8, offset=at - base, count=n)
+            with warnings.catch_warnings():  # read-only on purpose: the values are only looked at
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.frombuffer(m, dtype=torch.uint8, offset=at - base, count=n)
             bad += _count_nonfinite(data.view(dtype))
             del data
     return bad

@@ -228,7 +228,7 @@ class _Laid:
 
 def shard_spans(spans: Spans, kind: ShardKind, tp: int, what: str) -> list[Spans]:
     """`sharding.split` for a tensor given as byte runs: each rank's regions (row ranges) back to back."""
-    if kind.axis is None:
+    if kind.axis is None or tp == 1:
         return [spans] * tp
     if kind.axis != 0:
         raise PlanError(f"{what}: a shard along dimension {kind.axis} is not a run of rows")

@@ -143,7 +143,8 @@ def write_torch_dist(
                         offsets[kind.axis], shape[kind.axis] = start, length
                     f = data_file(stage * layout.tp + rank)
                     if spans is not None:
-                        part = spans if kind.axis is None else spans.rows(start, length)
+                        whole = kind.axis is None or length == stored_shape[kind.axis]
+                        part = spans if whole else spans.rows(start, length)  # only dim-0 splits reach here
                         fill = (lambda fd, at, part=part, f=f: write_spans(part, fd, at, f.path, kernel_copy))
                     else:
                         piece = canonical if kind.axis is None else canonical.narrow(kind.axis, start, length)

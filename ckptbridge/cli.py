@@ -126,13 +126,16 @@ def main(mapping_dirs) -> None:
 @click.option("--force", is_flag=True, help="Replace DST if it exists (atomically; never a DST holding files the source reaches).")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert tensors holding NaN/Inf as they are (default: an error naming the tensor).")
 @click.option("--clean", is_flag=True, help="First remove what interrupted conversions to DST left beside it (.DST.ckptbridge-tmp-*/-old-*).")
+@click.option("--fast-copy/--no-fast-copy", default=True, show_default=True,
+              help="Copy tensors whose bytes move unchanged inside the kernel (copy_file_range; pread/pwrite where "
+                   "refused); --no-fast-copy moves every tensor through memory (the same files, for comparison).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
             hf_dtype, vocab_divisible_by, dst_iteration, check_megatron, max_shard_size, force, allow_nonfinite, clean,
-            quiet, src, dst, iteration, config):
+            fast_copy, quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -169,7 +172,8 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
     try:
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
                         DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
-                        hf_fp8=hf_dtype == "fp8-block", max_shard_bytes=max_shard_size, check_megatron=check_megatron)
+                        hf_fp8=hf_dtype == "fp8-block", max_shard_bytes=max_shard_size, check_megatron=check_megatron,
+                        fast_copy=fast_copy)
         with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
             result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean,

@@ -21,6 +21,7 @@ from .formats.legacy import write_legacy
 from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist import write_torch_dist
 from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout
+from .fastcopy import Spans, hf_spans
 from .prefetch import Prefetcher
 from .spec import PlannedTensor
 from .values import ValueChecks
@@ -60,6 +61,7 @@ class Target:
     hf_fp8: bool = False  # HF: linear weights as block-scaled FP8 (--hf-dtype fp8-block)
     max_shard_bytes: int | None = None  # HF: shard size limit (None: the source's, else 5 GB; see shard_limit)
     check_megatron: bool = False  # MCore: check the plan against megatron-core's meta model before writing
+    fast_copy: bool = True  # tensors whose bytes move unchanged copied inside the kernel (--no-fast-copy: off)
 
     @property
     def format_name(self) -> str:
@@ -74,6 +76,28 @@ def shard_limit(source: Source, target: Target, dtype: torch.dtype) -> int:
     if isinstance(source, HFSource) and (source.folder / INDEX).exists():
         return max(sum(math.prod(e.shape) for e in f.entries.values()) * dtype.itemsize for f in source.files.values())
     return DEFAULT_MAX_SHARD_BYTES
+
+
+def fast_plan(source: Source, target: Target, planned: list[PlannedTensor], dtype: torch.dtype,
+              margs: dict | None) -> dict[str, Spans]:
+    """Per planned tensor that the target's writer can take as bytes, its stored bytes as source runs.
+
+    Such a tensor is in the output dtype already and only moves rows (see `fastcopy`); the writer needs it
+    whole or as row ranges: a row-parallel tensor split over TP ranks, an FP8 export and a source without
+    byte runs (legacy) go through memory."""
+    spans_of = getattr(source, "spans", None)
+    if spans_of is None or (target.kind == "hf" and target.hf_fp8):
+        return {}
+    out: dict[str, Spans] = {}
+    for pt in planned:
+        if target.kind == "mcore" and pt.rule.shard_kind(target.spec_name).axis not in (None, 0) \
+                and target.layout.tp_for(pt.rule.parallel) > 1:
+            continue
+        spans = spans_of(pt, pt.dtype(dtype))
+        if spans is None or (target.kind == "hf" and hf_spans(pt, spans, source.spec.args) is None):
+            continue
+        out[pt.mcore] = spans.padded(pt.stored_shape(margs)[0]) if target.kind == "mcore" and pt.rule.shard.padded else spans
+    return out
 
 
 def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: bool = False,
@@ -117,12 +141,23 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
             # a tensor to quantize is read in fp32: rounding it to --dtype first would lose the exact values
             return values.cast(pt, source.read(pt), torch.float32 if pt.mcore in full_precision else None)
 
+        # tensors whose bytes move unchanged: copied from the held source files, never read into memory
+        plan = fast_plan(source, target, planned, dtype, margs) if target.fast_copy and not full_precision else {}
+
+        def fast(pt: PlannedTensor) -> Spans | None:
+            spans = plan.get(pt.mcore)
+            if spans is not None:
+                values.check_spans(pt, spans)  # the checks a cast would make, on the mapped source bytes
+            return spans
+
         assets = source_assets(src, source, config)
         notes = source_notes(source)
-        with staged(src, dst, force, clean, total) as stage, closing(Prefetcher(planned, read_cast)) as read:
+        slow = [pt for pt in planned if pt.mcore not in plan]  # the prefetcher follows the writers' own reads
+        with staged(src, dst, force, clean, total) as stage, closing(Prefetcher(slow, read_cast)) as read:
             tmp, progress = stage.folder, stage.progress(progress, total)
             if target.kind == "hf":
-                write_hf(spec, read, tmp, dtype, assets, progress, shard_limit(source, target, dtype), fp8=fp8)
+                write_hf(spec, read, tmp, dtype, assets, progress, shard_limit(source, target, dtype), fp8=fp8,
+                         fast=fast, kernel_copy=target.fast_copy)
             else:
                 if assets:
                     (tmp / ASSETS_DIR).mkdir()
@@ -132,7 +167,7 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
                 iter_dir.mkdir()
                 writer = write_torch_dist if target.ckpt_format == "torch_dist" else write_legacy
                 writer(spec, read, iter_dir, target.layout, margs, dtype, target.spec_name, progress,
-                       iteration=target.iteration or 0)
+                       iteration=target.iteration or 0, fast=fast, kernel_copy=target.fast_copy)
                 write_tracker(tmp, target.iteration)  # last: the tracker makes the folder a checkpoint for Megatron-LM
             source.check_unchanged()  # a source modified or replaced while it was read: nothing is installed
     finally:

@@ -149,3 +149,46 @@ class CheckedFile(io.RawIOBase):
             if self.error is not None:
                 raise self.error from None
             raise
+
+
+#: errors after which a kernel-side copy is retried through user space (another file system on an
+#: older kernel, a file system or file type that refuses copy_file_range, a kernel without it)
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY, errno.EPERM}
+
+
+def copy_range_all(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int, path: Path | str,
+                   fast: bool = True, cap: int = MAX_WRITE) -> bool:
+    """Copy ``length`` bytes at ``src_offset`` of ``src_fd`` to ``dst_offset`` of ``dst_fd`` (the file at ``path``),
+    inside the kernel (``copy_file_range``) when ``fast`` and the system allows it, else through a buffer with
+    `pwrite_all`; returns whether the kernel copied. Short copies loop, as writes do; a full disk is a `WriteError`.
+    A source that ends early (truncated behind our back) is a `WriteError` too: nothing partial is installed."""
+    done = 0
+    if fast and hasattr(os, "copy_file_range"):
+        while done < length:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(cap, length - done), src_offset + done, dst_offset + done)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _NO_KERNEL_COPY:
+                    break  # refused: the rest through user space
+                raise _error(path, exc) from None
+            if n <= 0:
+                raise WriteError(path, f"the source ended after {done} of {length} bytes to copy", False)
+            done += n
+        if done == length:
+            return True
+    chunk = 64 * 2**20
+    buf = bytearray(min(chunk, max(length - done, 0)))
+    view = memoryview(buf)
+    while done < length:
+        want = min(chunk, length - done)
+        try:
+            n = os.preadv(src_fd, [view[:want]], src_offset + done)
+        except InterruptedError:
+            continue
+        if n <= 0:
+            raise WriteError(path, f"the source ended after {done} of {length} bytes to copy", False)
+        pwrite_all(dst_fd, view[:n], dst_offset + done, path, cap)
+        done += n
+    return False

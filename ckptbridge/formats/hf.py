@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError, PlanError
+from ..fastcopy import Run, Spans, compose, hf_spans, row_moving, unit_runs
 from ..fileio import copy_file, write_text
 from ..hf_config import config_dtype, read_config, with_dtype
 from ..spec import ModelSpec, PlannedTensor
@@ -190,6 +191,31 @@ class HFSource:
                                 f"MCore shares one {pt.mcore} between the model and its MTP blocks")
         return layout.transform.to_mcore(tensors, self.spec.args)
 
+    def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
+        """The canonical tensor as runs of the held files' bytes, when it is only rows moved and already
+        ``dtype``; None when it must go through memory (a cast, FP8, a value-changing step, checked copies)."""
+        layout = self.layouts.get(pt.mcore) or self._layout(pt)
+        if pt.hf_copies or any(n in self.scaled for n in layout.names):
+            return None
+        entries = [self.files[self.where[n]].entries[n] for n in layout.names]
+        if any(e.dtype != dtype for e in entries):
+            return None
+        steps = layout.transform.steps
+        inputs = [Spans((Run(self.files[self.where[n]].file.fd, e.start, e.nbytes),), e.dtype, e.shape)
+                  for n, e in zip(layout.names, entries)]
+        if layout.shared:  # slot E of the one tensor, then the steps after take_expert
+            e, whole = entries[0], inputs[0]
+            inputs = [Spans(whole.cut(pt.expert * whole.row_bytes, whole.row_bytes), e.dtype, e.shape[1:])]
+            steps = steps[1:]
+        if not row_moving(steps):
+            return None
+        args = self.spec.args
+        found = unit_runs(lambda xs: [Pipeline(steps).to_mcore(xs, args)] if steps else xs, [s.shape for s in inputs])
+        if found is None:
+            return None
+        (runs,), units = found
+        return compose(inputs, runs, units[0], dtype, tuple(pt.shape))
+
     def _weight(self, name: str) -> torch.Tensor:
         """A stored tensor; an FP8 one dequantized to fp32 (e4m3 x its block's scale, one rounding)."""
         tensor = self.files[self.where[name]].read(name)
@@ -232,6 +258,8 @@ def write_hf(
     progress: Callable[[int], None],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     fp8: BlockFP8 | None = None,
+    fast: Callable[[PlannedTensor], Spans | None] | None = None,
+    kernel_copy: bool = True,
 ) -> None:
     """Write safetensors shards (+ index), config.json and the assets. With ``fp8`` (``--hf-dtype
     fp8-block``) the weights `fp8_block.quantized_names` picks are stored as e4m3 + fp32 block scales
@@ -265,6 +293,15 @@ def write_hf(
     for fname, group in zip(names, groups):
         with SafetensorsWriter(out / fname, [e for pt in group for e in layout(pt)], {"format": "pt"}) as writer:
             for pt in group:
+                spans = fast(pt) if fast is not None else None
+                parts_of = hf_spans(pt, spans, spec.args) if spans is not None else None
+                if parts_of is not None:  # bytes that move unchanged: copied from the source files
+                    for name, part in [*zip(pt.hf_names, parts_of), *((c, parts_of[0]) for c in pt.hf_copies)]:
+                        writer.write_spans(name, part, kernel_copy)
+                        weight_map[name] = fname
+                        total += part.nbytes
+                    progress(spans.nbytes)
+                    continue
                 canonical = read(pt)
                 hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
                 for name, tensor in [*zip(pt.hf_names, hf), *((c, hf[0]) for c in pt.hf_copies)]:

@@ -24,7 +24,8 @@ import torch
 from ..errors import FormatError, LayoutError, PlanError
 from ..fileio import CheckedFile, check_size, pwrite_all
 from ..layout import ParallelLayout, StageChunk
-from ..sharding import merge, split
+from ..fastcopy import Spans, write_spans
+from ..sharding import ShardKind, merge, split
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
 from .held_file import HeldFile
@@ -148,8 +149,11 @@ def write_legacy(
     spec_name: str,
     progress: Callable[[int], None],
     iteration: int = 0,
+    fast: Callable[[PlannedTensor], Spans | None] | None = None,
+    kernel_copy: bool = True,
 ) -> None:
-    """Write every rank file of ``layout``; ``read`` yields canonical tensors already in ``dtype``."""
+    """Write every rank file of ``layout``; ``read`` yields canonical tensors already in ``dtype``, ``fast``
+    a tensor's stored bytes as source runs (or None: read it), copied inside the kernel when ``kernel_copy``."""
     if layout.expert_tp not in (1, layout.tp):
         raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
     grouped = bool(margs.get("moe_grouped_gemm"))
@@ -169,6 +173,14 @@ def write_legacy(
                                        {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
                                         "ckptbridge": record}, spec_name)
             for pt, slot in todo:
+                spans = fast(pt) if fast is not None else None
+                if spans is not None:  # bytes that move unchanged: each rank's rows copied from the source
+                    parts = shard_spans(spans, pt.rule.shard_kind(spec_name), layout.tp_for(pt.rule.parallel), pt.mcore)
+                    for (t, e), laid in files.items():
+                        if slot.ep in (None, e):
+                            laid.write_spans(slot, parts[shard_index(t, pt, layout)], kernel_copy)
+                    progress(spans.nbytes)
+                    continue
                 canonical = pt.to_stored(read(pt), margs)
                 shards = split(canonical, pt.rule.shard_kind(spec_name), layout.tp_for(pt.rule.parallel), pt.mcore)
                 for (t, e), laid in files.items():
@@ -199,12 +211,33 @@ class _Laid:
         pwrite_all(self.file.fd, data, offset, self.file.path)
         self.written.add((slot.model_key, slot.key))
 
+    def write_spans(self, slot: Slot, spans: Spans, kernel_copy: bool) -> None:
+        offset, nbytes = self.regions[(slot.model_key, slot.key)]
+        if spans.nbytes != nbytes:
+            raise PlanError(f"{self.file.path}: {slot.key!r} has {spans.nbytes} bytes, the layout reserved {nbytes}")
+        write_spans(spans, self.file.fd, offset, self.file.path, kernel_copy)
+        self.written.add((slot.model_key, slot.key))
+
     def check(self) -> None:
         """Every reserved region written, and the file still the size its layout gave it."""
         missing = sorted(set(self.regions) - self.written)
         if missing:
             raise PlanError(f"{self.file.path}: {len(missing)} tensors never written (first {missing[0][1]!r})")
         check_size(self.file.path, self.size)
+
+
+def shard_spans(spans: Spans, kind: ShardKind, tp: int, what: str) -> list[Spans]:
+    """`sharding.split` for a tensor given as byte runs: each rank's regions (row ranges) back to back."""
+    if kind.axis is None or tp == 1:
+        return [spans] * tp
+    if kind.axis != 0:
+        raise PlanError(f"{what}: a shard along dimension {kind.axis} is not a run of rows")
+    out = []
+    for regions in kind.regions(spans.shape, tp, what):
+        rows = sum(length for _, length in regions)
+        runs = tuple(r for start, length in regions for r in spans.rows(start, length).runs)
+        out.append(Spans(runs, spans.dtype, (rows, *spans.shape[1:])))
+    return out
 
 
 def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], dtype: torch.dtype,

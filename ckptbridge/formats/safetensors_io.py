@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError
+from ..fastcopy import Spans, write_spans
 from ..fileio import CheckedFile, check_size
 from .held_file import HeldFile
 
@@ -177,6 +178,15 @@ class SafetensorsWriter:
         if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise AssertionError(f"writer expected {expected_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         self._file.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
+        self._next += 1
+
+    def write_spans(self, name: str, spans: Spans, kernel_copy: bool = True) -> None:
+        """`write` for a tensor given as runs of source bytes (copied inside the kernel when ``kernel_copy``)."""
+        expected_name, dtype, shape = self._order[self._next]
+        if name != expected_name or spans.dtype != dtype or tuple(spans.shape) != shape:
+            raise AssertionError(f"writer expected {expected_name} {dtype} {shape}, got {name} {spans.dtype} {tuple(spans.shape)}")
+        at = self._file.tell()
+        self._file.seek(at + write_spans(spans, self._file.fd, at, self.path, kernel_copy))
         self._next += 1
 
     def close(self) -> None:

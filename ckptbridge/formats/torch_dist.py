@@ -26,7 +26,8 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from ..errors import FormatError, PlanError
-from ..fileio import CheckedFile, check_size, write_bytes, write_text
+from ..fastcopy import Spans, write_spans
+from ..fileio import CheckedFile, check_size, pwrite_all, write_bytes, write_text
 from ..layout import ParallelLayout
 from ..mapping.schema import layer_key
 from ..config_source import ConfigOptions
@@ -86,7 +87,11 @@ def write_torch_dist(
     spec_name: str,
     progress: Callable[[int], None],
     iteration: int = 0,
+    fast: Callable[[PlannedTensor], Spans | None] | None = None,
+    kernel_copy: bool = True,
 ) -> None:
+    """Write the data files, common.pt and .metadata; ``fast(pt)`` gives a tensor's stored bytes as source runs
+    (copied inside the kernel when ``kernel_copy``) or None (then ``read(pt)`` gives the tensor)."""
     iter_dir.mkdir(parents=True, exist_ok=True)
     chunks = layout.chunks(spec.num_layers)
     stacked = spec.stacked
@@ -101,9 +106,26 @@ def write_torch_dist(
             files[rank] = CheckedFile(iter_dir / f"__{rank}_0.distcp")
         return files[rank]
 
+    data_at: dict[tuple[tuple[int, ...], torch.dtype], int] = {}  # item framing -> where its tensor bytes start
+
+    def put(f: CheckedFile, shape: tuple[int, ...], dt: torch.dtype, fill: Callable[[int, int], None]) -> int:
+        """Lay out one item (torch.save framing, data skipped) at the end of ``f``, fill its tensor bytes
+        with ``fill(fd, offset)``; returns the item's start. The bytes equal a plain torch.save's."""
+        begin = f.tell()
+        with _no_crc(), torch.serialization.skip_data():
+            f.saving(torch.empty(shape, dtype=dt))  # never touched: only the framing is written
+        end = f.tell()
+        if (shape, dt) not in data_at:
+            data_at[(shape, dt)] = _data_offset(f.path, begin, end - begin)
+        fill(f.fd, begin + data_at[(shape, dt)])
+        return begin
+
     try:
         for pt in spec.planned():
-            canonical = pt.to_stored(read(pt), margs)
+            spans = fast(pt) if fast is not None else None
+            canonical = None if spans is not None else pt.to_stored(read(pt), margs)
+            stored_shape = tuple(spans.shape) if spans is not None else tuple(canonical.shape)
+            out_dtype = spans.dtype if spans is not None else canonical.dtype
             key = storage_key(pt, stacked)
             meta = state.setdefault(
                 key, TensorStorageMetadata(TensorProperties(dtype=pt.dtype(dtype)), torch.Size(global_shape(pt, margs, stacked)), [])
@@ -111,23 +133,28 @@ def write_torch_dist(
             stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
             kind = pt.rule.shard_kind(spec_name)  # chunked as that spec's model saves it
             lead = lead_index(pt, stacked)
-            for rank, regions in enumerate(kind.regions(canonical.shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
+            for rank, regions in enumerate(kind.regions(stored_shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
                 if kind.axis is None and rank:
                     break  # replicated: stored once
                 for start, length in regions:
-                    piece = canonical if kind.axis is None else canonical.narrow(kind.axis, start, length)
-                    offsets = [0] * canonical.dim()
+                    offsets = [0] * len(stored_shape)
+                    shape = list(stored_shape)
                     if kind.axis is not None:
-                        offsets[kind.axis] = start
-                    piece = piece.reshape([1] * len(lead) + list(piece.shape))
-                    offsets = lead + offsets
+                        offsets[kind.axis], shape[kind.axis] = start, length
                     f = data_file(stage * layout.tp + rank)
-                    begin = f.tell()
-                    with _no_crc():
-                        f.saving(_compact(piece))
-                    storage[MetadataIndex(key, torch.Size(offsets))] = StorageInfo(f.path.name, begin, f.tell() - begin)
-                    meta.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(piece.shape)))
-            progress(canonical.numel() * canonical.element_size())
+                    if spans is not None:
+                        whole = kind.axis is None or length == stored_shape[kind.axis]
+                        part = spans if whole else spans.rows(start, length)  # only dim-0 splits reach here
+                        fill = (lambda fd, at, part=part, f=f: write_spans(part, fd, at, f.path, kernel_copy))
+                    else:
+                        piece = canonical if kind.axis is None else canonical.narrow(kind.axis, start, length)
+                        data = memoryview(piece.contiguous().view(torch.uint8).numpy()).cast("B") if piece.numel() else b""
+                        fill = (lambda fd, at, data=data, f=f: pwrite_all(fd, data, at, f.path))
+                    item_shape = tuple([1] * len(lead) + shape)
+                    begin = put(f, item_shape, out_dtype, fill)
+                    storage[MetadataIndex(key, torch.Size(lead + offsets))] = StorageInfo(f.path.name, begin, f.tell() - begin)
+                    meta.chunks.append(ChunkStorageMetadata(torch.Size(lead + offsets), torch.Size(item_shape)))
+            progress(math.prod(stored_shape) * out_dtype.itemsize)
         none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
         experts = int(spec.args.get("num_moe_experts") or 0)
         for extra, layer, expert, mtp in spec.extra_states():
@@ -171,6 +198,17 @@ def _check_items(iter_dir: Path, storage: dict[MetadataIndex, StorageInfo]) -> N
         sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sizes.items():
         check_size(iter_dir / name, size)
+
+
+def _data_offset(path: Path, begin: int, length: int) -> int:
+    """Where, in the item of ``length`` bytes at ``begin`` of ``path`` (laid out, data skipped), the tensor's
+    bytes start (relative to ``begin``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        meta = torch.load(io.BufferedReader(_Window(fd, begin, length)), weights_only=True, map_location="meta")
+    finally:
+        os.close(fd)
+    return meta.untyped_storage()._checkpoint_offset
 
 
 def _saved(obj: Any, megatron_names: bool = False) -> bytes:
@@ -218,12 +256,6 @@ class _Window(io.RawIOBase):
         got = os.preadv(self._fd, [memoryview(buf)[:n]], self._offset + self._pos) if n else 0
         self._pos += got
         return got
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """A tensor that owns exactly its bytes (torch.save would otherwise write the whole storage)."""
-    t = t.contiguous()
-    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def read_metadata(iter_dir: Path) -> Metadata:

@@ -119,7 +119,8 @@ class BrokenMapping:
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        # libyaml's loader when PyYAML has it: the same safe subset, parsed ~10x faster (start-up)
+        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise MappingError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     except (OSError, UnicodeDecodeError) as exc:

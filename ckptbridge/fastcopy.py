@@ -1,0 +1,179 @@
+"""Tensors that move unchanged: their bytes as runs of held source files, copied inside the kernel.
+
+Most bytes of a conversion are not transformed: at TP 1 every tensor is a sequence of contiguous byte
+ranges of the source (the QKV interleave moves row blocks per query group, ``[gate; up]`` is two row
+blocks), and a column-parallel shard is a contiguous row range at any TP. Such a tensor is described
+as `Spans` (runs of ``(held fd, offset, length)``, or zeros for vocabulary padding) and copied with
+``copy_file_range`` from the held descriptor into the destination's data region
+(`fileio.copy_range_all`, which falls back to pread/pwrite where the kernel refuses).
+
+Which rows come from where is computed, not declared per operation: the rule's steps run on small
+int64 tensors of row numbers (the last dimension shrunk to 1), which any step that only moves rows
+(concat/split on dim 0, interleave, take_expert) permutes exactly as it would the real rows. A step
+that touches values (scale), the last dimension or the layout of a row (transpose, reshape) is not
+on the allow-list, and its tensor goes through user space as before.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MappingError
+from .fileio import copy_range_all, pwrite_all
+from .transforms import Concat, Identity, Interleave, Op, Split, TakeExpert
+
+Shape = tuple[int, ...]
+UnitRun = tuple[int, int, int]  # (input index, first unit, units)
+
+
+@dataclass(frozen=True)
+class Run:
+    """``length`` bytes at ``offset`` of the held source ``fd``; ``fd`` None: that many zero bytes."""
+
+    fd: int | None
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Spans:
+    """One tensor's bytes, in C order, as runs of source bytes."""
+
+    runs: tuple[Run, ...]
+    dtype: torch.dtype
+    shape: Shape
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else self.dtype.itemsize
+
+    def cut(self, start: int, length: int) -> tuple[Run, ...]:
+        """The runs of bytes ``[start, start + length)``."""
+        out, pos, end = [], 0, start + length
+        for r in self.runs:
+            lo, hi = max(start, pos), min(end, pos + r.length)
+            if lo < hi:
+                out.append(Run(r.fd, r.offset + lo - pos, hi - lo) if r.fd is not None else Run(None, 0, hi - lo))
+            pos += r.length
+            if pos >= end:
+                break
+        return tuple(out)
+
+    def rows(self, start: int, count: int) -> "Spans":
+        rb = self.row_bytes
+        return Spans(self.cut(start * rb, count * rb), self.dtype, (count, *self.shape[1:]))
+
+    def padded(self, rows: int) -> "Spans":
+        """Zero rows appended up to ``rows`` (MCore's vocabulary padding)."""
+        if rows == self.shape[0]:
+            return self
+        return Spans((*self.runs, Run(None, 0, (rows - self.shape[0]) * self.row_bytes)), self.dtype,
+                     (rows, *self.shape[1:]))
+
+
+def _row_moving(step: Op) -> bool:
+    if isinstance(step, (Concat, Split)):
+        return step.dim == 0
+    return isinstance(step, (Identity, Interleave, TakeExpert))
+
+
+def row_moving(steps: Sequence[Op]) -> bool:
+    """Whether every step only moves whole rows (its output bytes are runs of its input bytes)."""
+    return all(_row_moving(s) for s in steps)
+
+
+def unit_runs(fn: Callable[[list[torch.Tensor]], list[torch.Tensor]], in_shapes: Sequence[Shape]
+              ) -> tuple[list[list[UnitRun]], list[int]] | None:
+    """Per output of ``fn`` (a row-moving function), its runs of input units, and each input's unit size
+    in elements (a last-dimension row, or one element of a 1-D tensor); None when ``fn`` does more than
+    move rows (its outputs lose the shrunk last dimension) or refuses the shapes."""
+    if not in_shapes or len({len(s) for s in in_shapes}) != 1 or not in_shapes[0]:
+        return None
+    nd = len(in_shapes[0])
+    small = [tuple(s[:-1]) + (1,) if nd > 1 else tuple(s) for s in in_shapes]
+    units = [s[-1] if nd > 1 else 1 for s in in_shapes]
+    if len(set(units)) != 1:
+        return None
+    starts, xs, base = [], [], 0
+    for s in small:
+        n = math.prod(s)
+        starts.append(base)
+        xs.append(torch.arange(base, base + n, dtype=torch.int64).reshape(s))
+        base += n
+    try:
+        ys = fn(xs)
+    except (MappingError, RuntimeError, IndexError, ValueError):
+        return None
+    bounds = torch.tensor(starts[1:] + [base], dtype=torch.int64)
+    out = []
+    for y in ys:
+        if y.dim() < 1 or (nd > 1 and y.shape[-1] != 1):
+            return None
+        ids = y.reshape(-1)
+        if ids.numel() == 0:
+            out.append([])
+            continue
+        owner = torch.bucketize(ids, bounds, right=True)
+        brk = ((ids[1:] - ids[:-1]) != 1) | (owner[1:] != owner[:-1])
+        edges = [0, *(torch.nonzero(brk).reshape(-1) + 1).tolist(), ids.numel()]
+        first, own = ids.tolist(), owner.tolist()
+        out.append([(own[a], first[a] - starts[own[a]], b - a) for a, b in zip(edges[:-1], edges[1:])])
+    return out, units
+
+
+def compose(inputs: Sequence[Spans], runs: list[UnitRun], unit: int, dtype: torch.dtype, shape: Shape) -> Spans:
+    """The output whose bytes are ``runs`` of ``inputs`` (units of ``unit`` elements)."""
+    ub = unit * dtype.itemsize
+    out: list[Run] = []
+    for i, first, count in runs:
+        for r in inputs[i].cut(first * ub, count * ub):
+            if out and r.fd is not None and out[-1].fd == r.fd and out[-1].offset + out[-1].length == r.offset:
+                out[-1] = Run(r.fd, out[-1].offset, out[-1].length + r.length)  # adjacent in the file: one copy
+            else:
+                out.append(r)
+    return Spans(tuple(out), dtype, tuple(shape))
+
+
+def small_shape(shape: Shape) -> Shape:
+    """``shape`` with its last dimension shrunk to 1 (1-D shapes unchanged): what `unit_runs` feeds ``fn``."""
+    return tuple(shape[:-1]) + (1,) if len(shape) > 1 else tuple(shape)
+
+
+_ZEROS = 16 * 2**20
+
+
+def write_spans(spans: Spans, dst_fd: int, dst_offset: int, path, fast: bool = True) -> int:
+    """Write the bytes of ``spans`` at ``dst_offset`` of ``dst_fd`` (the file at ``path``): source runs copied
+    inside the kernel when ``fast`` (else through a buffer), zero runs written; returns the bytes written."""
+    pos = dst_offset
+    for r in spans.runs:
+        if r.fd is None:
+            zeros = bytes(min(_ZEROS, r.length))
+            for at in range(0, r.length, _ZEROS):
+                pwrite_all(dst_fd, memoryview(zeros)[:min(_ZEROS, r.length - at)], pos + at, path)
+        else:
+            copy_range_all(r.fd, r.offset, dst_fd, pos, r.length, path, fast)
+        pos += r.length
+    return pos - dst_offset
+
+
+def hf_spans(pt, spans: Spans, cfg) -> list[Spans] | None:
+    """The HF tensors of ``pt`` (a `spec.PlannedTensor`) as runs of its canonical tensor's ``spans``, when
+    the rule's steps only move rows; None otherwise."""
+    transform = pt.rule.transform
+    if not row_moving(transform.steps) or any(isinstance(s, TakeExpert) for s in transform.steps):
+        return None
+    small = [small_shape(s) for s in pt.hf_shapes]
+    found = unit_runs(lambda xs: transform.to_hf(xs[0], cfg, small), [tuple(spans.shape)])
+    if found is None:
+        return None
+    runs, units = found
+    return [compose([spans], r, units[0], spans.dtype, tuple(shape)) for r, shape in zip(runs, pt.hf_shapes)]

@@ -1,0 +1,110 @@
+"""Kernel-side copies (copy_file_range) write exactly the files the through-memory path writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckptbridge.convert import Target, convert
+from ckptbridge.errors import PlanError
+from ckptbridge.fileio import copy_range_all
+from ckptbridge.formats.torch_dist import read_metadata
+from ckptbridge.layout import ParallelLayout
+from ckptbridge.values import _count_nonfinite, all_finite
+
+from test_roundtrip import LAYOUTS
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        if name.endswith(".metadata"):  # names a random save_id: the index itself must match
+            ma, mb = read_metadata(a / Path(name).parent), read_metadata(b / Path(name).parent)
+            assert ma.state_dict_metadata == mb.state_dict_metadata and ma.storage_data == mb.storage_data
+        else:
+            assert fa[name] == fb[name], name
+
+
+def both(src: Path, tmp: Path, **target) -> tuple[Path, Path]:
+    out = []
+    for fast in (True, False):
+        dst = tmp / f"{'fast' if fast else 'slow'}"
+        convert(src, dst, None, Target(fast_copy=fast, **target))
+        out.append(dst)
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fast_path_writes_the_slow_paths_bytes(tiny_hf, tmp_path, layout, fmt):
+    src = tiny_hf["qwen2.5-0.5b"]  # biases (1-D qkv interleave), tied embeddings, vocab padding
+    fast, slow = both(src, tmp_path, kind="mcore", layout=ParallelLayout(**LAYOUTS[layout]), ckpt_format=fmt)
+    assert_same_files(fast, slow)
+    back_fast, back_slow = both(fast, tmp_path / "back", kind="hf")
+    assert_same_files(back_fast, back_slow)
+    assert load_file(back_fast / "model.safetensors").keys() == load_file(src / "model.safetensors").keys()
+
+
+@pytest.mark.parametrize("fmt,layout", [("torch_dist", dict(tp=2, ep=2)), ("torch", dict(tp=2, pp=2, ep=2, etp=1))])
+def test_fast_path_moe(tiny_moe, tmp_path, fmt, layout):
+    fast, slow = both(tiny_moe["qwen3-30b-a3b"], tmp_path, kind="mcore", layout=ParallelLayout(**layout), ckpt_format=fmt)
+    assert_same_files(fast, slow)
+
+
+def test_fast_path_to_hf_equals_source(tiny_hf, tmp_path):
+    src = tiny_hf["llama3.2-1b"]
+    mcore = tmp_path / "mcore"
+    convert(src, mcore, None, Target("mcore"))
+    fast, slow = both(mcore, tmp_path / "hf", kind="hf")
+    assert_same_files(fast, slow)
+
+
+def test_nonfinite_found_without_reading(tiny_hf, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in tiny_hf["llama3.2-1b"].iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    name = next(n for n in tensors if "mlp.up_proj" in n)
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PlanError, match="NaN"):
+        convert(src, tmp_path / "out", None, Target("mcore"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_copy_range_loops_on_short_copies_and_falls_back(tmp_path):
+    data = os.urandom(100_003)
+    (tmp_path / "src").write_bytes(data)
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    try:
+        for fast in (True, False):
+            out = tmp_path / f"out-{fast}"
+            dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                kernel = copy_range_all(src, 17, dst, 5, 100_000 - 17, out, fast=fast, cap=4096)
+            finally:
+                os.close(dst)
+            assert kernel == (fast and hasattr(os, "copy_file_range")) or not kernel
+            assert out.read_bytes() == b"\0" * 5 + data[17:100_000]
+    finally:
+        os.close(src)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_all_finite(dtype):
+    t = torch.randn(10_001).to(dtype)
+    assert all_finite(t) and _count_nonfinite(t) == 0
+    for value in (float("nan"), float("inf"), float("-inf")):
+        t[7777] = value
+        assert not all_finite(t) and _count_nonfinite(t) == 1
+        t[7777] = 0

@@ -1,5 +1,5 @@
 """The click options that say where a command's weights come from, shared by ``align`` and ``converge``
-(both resolve them with :func:`ckptbridge.align.weights.resolve_weights`)."""
+(both resolve them with :func:`ckptbridge.harness.weights.resolve_weights`)."""
 
 from __future__ import annotations
 

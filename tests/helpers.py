@@ -122,7 +122,7 @@ def resave_with_megatron(rank: int, world: int, iter_dir: str, out_dir: str, tp:
     with megatron's own ``dist_checkpointing`` (the reference our writer must equal)."""
     from megatron.core import dist_checkpointing
 
-    from ckptbridge.align.mcore_side import checkpoint_args
+    from ckptbridge.harness.checkpoint_args import checkpoint_args
     from ckptbridge.mcore import model as mm
 
     args = checkpoint_args(iter_dir, tp, 1, ep, etp)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ckptbridge.align.cli import align
-from ckptbridge.align.weights import cached_snapshot
+from ckptbridge.harness.weights import cached_snapshot
 from ckptbridge.presets import load_preset
 
 

@@ -134,7 +134,7 @@ def _step0_worker_free(preset: str, tiny: Path, work: Path) -> tuple[float, floa
     dst = to_mcore(tiny, work / preset)
     it = iteration_dir(dst)
     opts = ConvergeOptions(seq_len=16, micro_batch_size=2)
-    from ckptbridge.align.mcore_side import checkpoint_args
+    from ckptbridge.harness.checkpoint_args import checkpoint_args
 
     stream = load_stream(None, tiny, int(checkpoint_args(it).vocab_size))
     out = run_job(TrainJob(iter_dir=str(it), stream=stream, steps=0, lr=1e-3, warmup=0, micro_batch_size=2,

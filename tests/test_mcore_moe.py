@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ckptbridge.align.mcore_side import checkpoint_args
+from ckptbridge.harness.checkpoint_args import checkpoint_args
 from ckptbridge.formats.legacy import FILE, rank_dir_name
 from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.layout import ParallelLayout

@@ -54,7 +54,7 @@ def _bridge_value(value):
 def _as_bridge(mcore: Path, hf: Path) -> Path:
     """Turn a ckptbridge torch_dist output into what Megatron-Bridge writes: tracker 0, iter_0000000/, a
     common.pt without args, run_config.yaml with the full provider, the HF tokenizer under tokenizer/."""
-    from ckptbridge.align.mcore_side import checkpoint_args
+    from ckptbridge.harness.checkpoint_args import checkpoint_args
     from ckptbridge.mcore.model import transformer_config_from_args
 
     it = mcore / "iter_0000000"

@@ -84,7 +84,7 @@ def test_export_matches_the_trained_model(trained, tmp_path, with_hf_config):
 
 
 def _mcore_logits(rank: int, world: int, iter_dir: str, tp: int, pp: int, tokens: torch.Tensor, vocab: int):
-    from ckptbridge.align.mcore_side import checkpoint_args
+    from ckptbridge.harness.checkpoint_args import checkpoint_args
     from ckptbridge.mcore import model as mm
 
     args = checkpoint_args(iter_dir, tp, pp)

@@ -15,7 +15,7 @@ import click
 from ..errors import CkptBridgeError
 from ..option_checks import refuse_given
 from ..weight_options import weight_source_options
-from .quiet import collected_stderr
+from ..harness.quiet import collected_stderr
 
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2

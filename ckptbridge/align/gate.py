@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import yaml
 
 from ..errors import CkptBridgeError
+from ..harness.junit import JUnitCase, write_junit_cases
 
 GROUPS = ("logits", "points", "probe", "routing")
 KEYS = ("max_abs", "min_top1", "max_kl", "min_cosine", "max_rel_err", "max_growth", "min_routing_agreement")
@@ -175,43 +175,10 @@ def evaluate(rows: list[dict[str, Any]], thresholds: Thresholds, modes: list[str
     return checks
 
 
-@dataclass(frozen=True)
-class JUnitCase:
-    """One JUnit test case, whatever produced it (align's gate, ``ckptbridge gate``'s steps)."""
-
-    classname: str
-    name: str
-    passed: bool
-    message: str
-    skipped: bool = False
-    seconds: float = 0.0
-
-
 def write_junit(checks: list[ThresholdCheck], path: Path, suite: str, seconds: float = 0.0) -> None:
     """JUnit XML (one test case per check; failures carry the measured value and the limit)."""
     cases = [JUnitCase(f"{suite}.{c.name.split('.')[0]}", f"{c.name} {c.metric}", c.passed, c.message) for c in checks]
     write_junit_cases(cases, path, "ckptbridge-align", suite, "AlignmentGate", seconds)
-
-
-def write_junit_cases(cases: list[JUnitCase], path: Path, root_name: str, suite: str, failure_type: str,
-                      seconds: float = 0.0) -> None:
-    """One ``testsuite`` of ``cases``: a failure element carries the message, a passing case keeps
-    it in ``system-out`` (so CI shows the measured value either way), a skipped case says why."""
-    failures = sum(not c.passed and not c.skipped for c in cases)
-    skipped = sum(c.skipped for c in cases)
-    root = ET.Element("testsuites", name=root_name, tests=str(len(cases)), failures=str(failures))
-    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(cases)), failures=str(failures), errors="0",
-                       skipped=str(skipped), time=f"{seconds:.1f}")
-    for c in cases:
-        tc = ET.SubElement(ts, "testcase", classname=c.classname, name=c.name, time=f"{c.seconds:.3f}" if c.seconds else "0")
-        if c.skipped:
-            ET.SubElement(tc, "skipped", message=c.message)
-        elif not c.passed:
-            ET.SubElement(tc, "failure", message=c.message, type=failure_type).text = c.message
-        else:
-            ET.SubElement(tc, "system-out").text = c.message
-    ET.indent(root)
-    Path(path).write_text(ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n")
 
 
 def checks_json(checks: list[ThresholdCheck]) -> list[dict[str, Any]]:

@@ -29,9 +29,9 @@ from safetensors import safe_open
 from .ablations import Ablation
 from .capture import hf_decoder
 from .runner import Setting, compare_captures
-from .tokens import TokenSample
+from ..harness.tokens import TokenSample
 from .variants import VariantContext
-from .weights import Weights
+from ..harness.weights import Weights
 
 Loader = Callable[[str], torch.Tensor]
 
@@ -141,7 +141,7 @@ def mcore_skeleton(weights: Weights, dtype: torch.dtype) -> tuple[list[torch.nn.
     from ckptbridge.mcore import model as mm
 
     from ..mcore.launch import ensure_single_rank_group
-    from .mcore_side import checkpoint_args
+    from ..harness.checkpoint_args import checkpoint_args
 
     ensure_single_rank_group()
     args = checkpoint_args(weights.mcore_iter)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ckptbridge.formats.mcore_common import safe_load
+from ckptbridge.harness.checkpoint_args import checkpoint_args
 from ckptbridge.mcore import model as mm
 
 from . import points as P
@@ -51,19 +51,6 @@ class McorePass:
     variants: tuple[str, ...] = ()
     inject: dict[str, torch.Tensor] | None = None
     positions: tuple[int, ...] | None = None
-
-
-def checkpoint_args(iter_dir: str | Path, tp: int = 1, pp: int = 1, ep: int = 1,
-                    etp: int | None = None) -> argparse.Namespace:
-    """The checkpoint's Megatron-LM args, re-laid out for ``tp`` x ``pp`` and, for MoE models, ``ep`` x ``etp``
-    (``None`` = ``tp``, megatron's default): torch_dist loads at any layout, so the layout the checkpoint was
-    written with must not leak into the model that reads it."""
-    args = argparse.Namespace(**vars(safe_load(Path(iter_dir) / "common.pt")["args"]))
-    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
-    args.virtual_pipeline_model_parallel_size = None
-    args.decoder_first_pipeline_num_layers = args.decoder_last_pipeline_num_layers = None
-    args.expert_model_parallel_size, args.expert_tensor_parallel_size = ep, etp
-    return args
 
 
 def build_and_load(spec: McoreSpec) -> list[torch.nn.Module]:

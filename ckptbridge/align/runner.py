@@ -26,9 +26,9 @@ from . import points as P
 from .ablations import Ablation, hf_side_names, layout_of, load_ablations, mcore_side_names, not_applicable, parts, select
 from .applicability import layout_problem
 from .metrics import logit_metrics, tensor_metrics
-from .tokens import TokenSample, make_tokens
+from ..harness.tokens import TokenSample, make_tokens
 from .variants import VariantContext
-from .weights import Weights, resolve_weights
+from ..harness.weights import Weights, resolve_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("propagated", "isolated")
@@ -273,7 +273,7 @@ def run_alignment(opts: AlignOptions, registry: dict[str, Ablation] | None = Non
 
 def _run(opts: AlignOptions, weights: Weights, dtype: torch.dtype, settings: list[Setting],
          registry: dict[str, Ablation], ctx: VariantContext, preset: dict[str, Any] | None) -> AlignResult:
-    from .mcore_side import checkpoint_args
+    from ..harness.checkpoint_args import checkpoint_args
 
     from .hf_side import attention_implementation
 

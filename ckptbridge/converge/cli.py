@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..align.quiet import collected_stderr
+from ..harness.quiet import collected_stderr
 from ..errors import CkptBridgeError
 from ..option_checks import refuse_given
 from ..weight_options import weight_source_options

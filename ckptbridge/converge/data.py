@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..align.tokens import SAMPLE_TEXT, byte_ids
+from ..harness.tokens import SAMPLE_TEXT, byte_ids
 from ..errors import CkptBridgeError
 
 #: The built-in corpus: the alignment sample plus a few paragraphs of plain prose, repeated.  Small

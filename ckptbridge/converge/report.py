@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..align.gate import JUnitCase, write_junit_cases  # noqa: E402
+from ..harness.junit import JUnitCase, write_junit_cases  # noqa: E402
 from .runner import ConvergeResult, Curve  # noqa: E402
 from .verdict import envelope  # noqa: E402
 

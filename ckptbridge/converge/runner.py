@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..align.mcore_side import checkpoint_args
+from ..harness.checkpoint_args import checkpoint_args
 from ..errors import CkptBridgeError
 from ..formats.mcore_common import iteration_dir
 from ..presets import load_preset
@@ -95,7 +95,7 @@ def _weights(opts: ConvergeOptions, work: Path) -> tuple[Path | None, Path, str]
     """(HF folder or None, torch_dist iteration folder, how they were obtained)."""
     if opts.mcore is not None and opts.hf is None and opts.preset is None:
         return None, iteration_dir(Path(opts.mcore)), f"--mcore {opts.mcore}"
-    from ..align.weights import resolve_weights
+    from ..harness.weights import resolve_weights
 
     std = float(load_preset(opts.preset)["hf_config"].get("initializer_range", 0.02)) if opts.preset else 0.02
     w = resolve_weights(opts.preset, opts.hf, opts.mcore, opts.random_init, opts.layers, opts.shrink, opts.seed,

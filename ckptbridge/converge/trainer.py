@@ -118,7 +118,7 @@ class _Run:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import get_megatron_optimizer
 
-        from ..align.mcore_side import checkpoint_args
+        from ..harness.checkpoint_args import checkpoint_args
         from ..mcore import model as mm
         from ..mcore.compat import host_as_device
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..align.gate import ThresholdCheck
-from ..align.gate import JUnitCase, write_junit_cases
+from ..harness.junit import JUnitCase, write_junit_cases
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 

@@ -48,7 +48,7 @@ def _existing_dir(path: Path, key: str) -> Path:
 def resolve_hf(source: SourceConfig, work: Path) -> Path:
     """The HF folder under test: given, random-init weights of the preset (made in ``work``), or the
     preset's hub id from the local HF cache (never downloaded)."""
-    from ..align.weights import build_random_hf, cached_snapshot
+    from ..harness.weights import build_random_hf, cached_snapshot
     from ..presets import load_preset
 
     if source.hf is not None:

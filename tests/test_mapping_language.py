@@ -182,3 +182,15 @@ def test_expression_bounds(source):
 def test_expression_refuses_code(source):
     with pytest.raises(MappingError):
         expr.evaluate(source, {"n": 1, "layer_types": [1]})
+
+
+def test_a_broken_user_file_shadows_the_shipped_family_it_replaces(tmp_path):
+    """A user's llama.yaml with a YAML typo must not let conversions fall back to the shipped llama silently."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "llama.yaml").write_text("family: llama\narchitectures: [LlamaForCausalLM]\nconfig: {oops: [\n")
+    reg = MappingRegistry([mappings_dir(), user])
+    assert any(b.path == user / "llama.yaml" for b in reg.broken)
+    with pytest.raises(MappingError, match="broken"):
+        reg.for_architecture("LlamaForCausalLM")
+    assert reg.family("deepseek_v3").family == "deepseek_v3"  # families that do not include llama keep working

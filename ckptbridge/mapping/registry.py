@@ -178,6 +178,10 @@ class MappingRegistry:
             if bad:
                 error = f"{self._files[family]}: includes {bad[0]!r}, which is broken ({self._files[bad[0]]})"
             self.broken.append(BrokenMapping(self._files[family], error, family, _archs(raws[family])))
+        for b in list(self.broken):  # a broken file in a later folder shadows the family it would replace
+            if b.family in self._by_family and self._files[b.family] != b.path and \
+                    _folder_index(b.path, folders) > self._order(b.family, folders):
+                del self._by_family[b.family]
         for b in list(self.broken):  # a family that includes a broken one is broken too
             self._drop_includers(b.family, raws)
         self._by_arch: dict[str, ArchMapping] = {}
@@ -191,8 +195,7 @@ class MappingRegistry:
                 self._by_arch[arch] = m
 
     def _order(self, family: str, folders: Sequence[Path]) -> int:
-        parent = self._files[family].parent
-        return next((i for i, f in enumerate(folders) if f.resolve() == parent.resolve()), len(folders))
+        return _folder_index(self._files[family], folders)
 
     def _drop_includers(self, family: str | None, raws: Mapping[str, dict[str, Any]]) -> None:
         if family is None:
@@ -244,6 +247,11 @@ class MappingRegistry:
     def raw_families(self) -> dict[str, dict[str, Any]]:
         """Every readable file's data by family (what ``include`` resolves against)."""
         return copy.deepcopy(self._raws)
+
+
+def _folder_index(path: Path, folders: Sequence[Path]) -> int:
+    """Which of ``folders`` holds ``path`` (later folders override earlier ones)."""
+    return next((i for i, f in enumerate(folders) if f.resolve() == path.parent.resolve()), len(folders))
 
 
 def _archs(raw: Mapping[str, Any]) -> tuple[str, ...]:

@@ -44,7 +44,8 @@ def tiny_spec(preset: str, registry: MappingRegistry | None = None) -> ModelSpec
 
 
 def test_every_family_has_a_preset() -> None:
-    assert set(FAMILY_PRESETS) == set(default_registry().families)
+    reg = default_registry()  # a family that refuses every config (description "REFUSED: ...") has nothing to plan
+    assert set(FAMILY_PRESETS) == {f for f in reg.families if not reg.family(f).description.startswith("REFUSED")}
 
 
 def test_every_shipped_mapping_equals_megatrons_model() -> None:

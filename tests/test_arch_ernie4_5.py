@@ -76,3 +76,13 @@ def test_signature_bug_half_split_rope_fails_the_gate(tmp_path: Path, ernie: Pat
     folder = broken_copy("ernie4_5", tmp_path / "maps", 'rotary_interleaved: "True"', 'rotary_interleaved: "False"')
     code, output, _ = align_preset(PRESET, tmp_path / "out", folder)
     assert code != 0 and "FAIL propagated.logits.max_abs" in output, output
+
+
+def test_moe_is_refused_naming_the_router() -> None:
+    """ERNIE 4.5 MoE (mappings/ernie4_5_moe.yaml): experts are chosen by softmax + e_score_correction_bias, which
+    megatron-core's softmax router cannot do."""
+    from refusals import refused_config
+
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"ernie4_5_moe: ERNIE 4\.5 MoE cannot be expressed .*e_score_correction_bias.*softmax router"):
+        ModelSpec.from_hf_config(refused_config("ernie4.5-21b-a3b"))

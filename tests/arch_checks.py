@@ -16,6 +16,7 @@ from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.mapping.registry import MappingRegistry, mappings_dir
 from ckptbridge.mcore import model as mm
 from helpers import assert_bit_exact, hf_config, hf_tensors, to_hf, to_mcore
+from mcore_runner import run_distributed
 
 ATOL = 1e-4
 #: the layouts every architecture round-trips at (tp, pp)
@@ -48,6 +49,31 @@ def megatron_logits(rank: int, world: int, iter_dir: str, tp: int, tokens: torch
     models = mm.build_gpt_model(args, dtype=torch.float32)
     mm.load_torch_dist(models, iter_dir)
     return mm.forward_logits(models, tokens, vocab_size=args.vocab_size)
+
+
+def assert_megatron_matches_hf(src: Path, work: Path, tokens: torch.Tensor) -> Path:
+    """Write torch_dist at TP2xPP2, load it into megatron-core's GPTModel at TP2 and at TP1 (other layouts than
+    written): fp32 logits within `ATOL` of HF's. Returns the checkpoint's iteration folder."""
+    iter_dir = to_mcore(src, work / "mcore", "torch_dist", tp=2, pp=2) / "release"
+    expected = hf_logits(src, tokens)
+    for tp in (2, 1):
+        for logits in run_distributed(megatron_logits, tp, str(iter_dir), tp, tokens, {}, timeout=180):
+            assert (logits - expected).abs().max() <= ATOL, tp
+    return iter_dir
+
+
+def assert_align_gate_passes(preset: str, out: Path) -> None:
+    """``align`` on the preset passes its default gate, including every long-position probe."""
+    code, output, summary = align_preset(preset, out)
+    assert code == 0 and "gate: passed" in output, output
+    probes = probe_max_abs(summary)
+    assert len(probes) == 3 and all(v <= ATOL for v in probes.values()), probes
+
+
+def assert_broken_mapping_fails_gate(preset: str, family: str, work: Path, old: str, new: str) -> None:
+    """The family's file with ``old`` replaced by ``new`` (a signature bug) fails ``align``'s logits gate."""
+    code, output, _ = align_preset(preset, work / "out", broken_copy(family, work / "maps", old, new))
+    assert code != 0 and "FAIL propagated.logits.max_abs" in output, output
 
 
 def align_preset(preset: str, out: Path, mappings: Path | None = None) -> tuple[int, str, dict]:

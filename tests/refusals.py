@@ -8,11 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 from ckptbridge.cli import main
+from ckptbridge.errors import UnsupportedArchitectureError
 from ckptbridge.presets import shrink_config
+from ckptbridge.spec import ModelSpec
 
 REFUSED = Path(__file__).parent / "data" / "refused"
 
@@ -40,3 +43,16 @@ def convert_output(src: Path, dst: Path) -> tuple[int, str]:
 
 def list_architectures() -> str:
     return CliRunner().invoke(main, ["list-architectures"]).output
+
+
+def assert_refused(raw: dict[str, Any], reason: str) -> None:
+    """Translating the config is refused with a message matching the ``reason`` pattern."""
+    with pytest.raises(UnsupportedArchitectureError, match=reason):
+        ModelSpec.from_hf_config(raw)
+
+
+def assert_convert_refuses(name: str, work: Path, says: str) -> None:
+    """``convert`` of a tiny real model of the config exits 2 saying ``says`` and writes nothing."""
+    code, output = convert_output(tiny_model(name, work / "hf"), work / "mcore")
+    assert code == 2 and says in output, output
+    assert not (work / "mcore").exists()

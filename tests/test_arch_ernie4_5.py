@@ -18,10 +18,10 @@ import torch
 from ckptbridge.errors import UnsupportedArchitectureError
 from ckptbridge.presets import build_tiny_hf, load_preset
 from ckptbridge.spec import ModelSpec
-from arch_checks import (ATOL, LAYOUTS, align_preset, broken_copy, hf_logits, megatron_logits, probe_max_abs,
-                         round_trip)
-from helpers import to_mcore
+from arch_checks import (ATOL, hf_logits, megatron_logits, LAYOUTS, assert_align_gate_passes, assert_broken_mapping_fails_gate,
+                         assert_megatron_matches_hf, round_trip)
 from mcore_runner import run_distributed
+from refusals import refused_config
 
 PRESET = "ernie4.5-0.3b"
 TOKENS = torch.randint(0, 1001, (2, 12), generator=torch.Generator().manual_seed(4))
@@ -54,35 +54,24 @@ def test_vpp_round_trip_bit_exact(ernie: Path, tmp_path: Path) -> None:
 
 
 def test_loads_in_megatron_with_hf_logits(ernie: Path, tmp_path: Path) -> None:
-    mcore = to_mcore(ernie, tmp_path / "mcore", "torch_dist", tp=2, pp=2)
-    expected = hf_logits(ernie, TOKENS)
-    for tp in (2, 1):
-        for logits in run_distributed(megatron_logits, tp, str(mcore / "release"), tp, TOKENS, {}, timeout=180):
-            assert (logits - expected).abs().max() <= ATOL, tp
+    iter_dir = assert_megatron_matches_hf(ernie, tmp_path, TOKENS)
     # the interleaving matters: the same weights with megatron's default half-split rope compute something else
-    (half,) = run_distributed(megatron_logits, 1, str(mcore / "release"), 1, TOKENS, {"rotary_interleaved": False},
-                              timeout=180)
-    assert (half - expected).abs().max() > 100 * ATOL
+    (half,) = run_distributed(megatron_logits, 1, str(iter_dir), 1, TOKENS, {"rotary_interleaved": False}, timeout=180)
+    assert (half - hf_logits(ernie, TOKENS)).abs().max() > 100 * ATOL
 
 
 def test_preset_passes_align_gate_with_long_positions(tmp_path: Path) -> None:
-    code, output, summary = align_preset(PRESET, tmp_path)
-    assert code == 0 and "gate: passed" in output, output
-    probes = probe_max_abs(summary)
-    assert len(probes) == 3 and all(v <= ATOL for v in probes.values()), probes
+    assert_align_gate_passes(PRESET, tmp_path)
 
 
-def test_signature_bug_half_split_rope_fails_the_gate(tmp_path: Path, ernie: Path) -> None:
-    folder = broken_copy("ernie4_5", tmp_path / "maps", 'rotary_interleaved: "True"', 'rotary_interleaved: "False"')
-    code, output, _ = align_preset(PRESET, tmp_path / "out", folder)
-    assert code != 0 and "FAIL propagated.logits.max_abs" in output, output
+def test_signature_bug_half_split_rope_fails_the_gate(tmp_path: Path) -> None:
+    assert_broken_mapping_fails_gate(PRESET, "ernie4_5", tmp_path, 'rotary_interleaved: "True"',
+                                     'rotary_interleaved: "False"')
 
 
 def test_moe_is_refused_naming_the_router() -> None:
     """ERNIE 4.5 MoE (mappings/ernie4_5_moe.yaml): experts are chosen by softmax + e_score_correction_bias, which
     megatron-core's softmax router cannot do."""
-    from refusals import refused_config
-
     with pytest.raises(UnsupportedArchitectureError,
                        match=r"ernie4_5_moe: ERNIE 4\.5 MoE cannot be expressed .*e_score_correction_bias.*softmax router"):
         ModelSpec.from_hf_config(refused_config("ernie4.5-21b-a3b"))

@@ -17,10 +17,8 @@ import torch
 from ckptbridge.errors import UnsupportedArchitectureError
 from ckptbridge.presets import build_tiny_hf, load_preset
 from ckptbridge.spec import ModelSpec
-from arch_checks import (ATOL, LAYOUTS, align_preset, broken_copy, hf_logits, megatron_logits, probe_max_abs,
-                         round_trip)
-from helpers import to_mcore
-from mcore_runner import run_distributed
+from arch_checks import (LAYOUTS, assert_align_gate_passes, assert_broken_mapping_fails_gate,
+                         assert_megatron_matches_hf, round_trip)
 
 PRESET = "seed-oss-36b"
 TOKENS = torch.randint(0, 1001, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -53,18 +51,11 @@ def test_vpp_round_trip_bit_exact(seed_oss: Path, tmp_path: Path) -> None:
 
 
 def test_loads_in_megatron_with_hf_logits(seed_oss: Path, tmp_path: Path) -> None:
-    mcore = to_mcore(seed_oss, tmp_path / "mcore", "torch_dist", tp=2, pp=2)
-    expected = hf_logits(seed_oss, TOKENS)
-    for tp in (2, 1):
-        for logits in run_distributed(megatron_logits, tp, str(mcore / "release"), tp, TOKENS, {}, timeout=180):
-            assert (logits - expected).abs().max() <= ATOL, tp
+    assert_megatron_matches_hf(seed_oss, tmp_path, TOKENS)
 
 
 def test_preset_passes_align_gate_with_long_positions(tmp_path: Path) -> None:
-    code, output, summary = align_preset(PRESET, tmp_path)
-    assert code == 0 and "gate: passed" in output, output
-    probes = probe_max_abs(summary)
-    assert len(probes) == 3 and all(v <= ATOL for v in probes.values()), probes
+    assert_align_gate_passes(PRESET, tmp_path)
 
 
 BIAS_CONCATENATED = """tensors:
@@ -87,6 +78,4 @@ BIAS_CONCATENATED = """tensors:
 def test_signature_bug_qkv_bias_not_interleaved_fails_the_gate(tmp_path: Path) -> None:
     """[q; k; v] biases written as one block instead of per query group: every tensor round-trips, megatron adds
     k's bias to q's heads."""
-    folder = broken_copy("seed_oss", tmp_path / "maps", "tensors:\n  include: llama\n", BIAS_CONCATENATED)
-    code, output, _ = align_preset(PRESET, tmp_path / "out", folder)
-    assert code != 0 and "FAIL propagated.logits.max_abs" in output, output
+    assert_broken_mapping_fails_gate(PRESET, "seed_oss", tmp_path, "tensors:\n  include: llama\n", BIAS_CONCATENATED)

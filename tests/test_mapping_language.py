@@ -125,6 +125,9 @@ def test_family_including_a_broken_one_is_reported(tmp_path):
 def test_check_mapping_passes_on_shipped(name):
     r = CliRunner().invoke(main, ["check-mapping", "--no-megatron", str(mappings_dir() / name)])  # megatron: test_plan_check
     assert r.exit_code == 0, r.output
+    if MappingRegistry(mappings_dir()).family(Path(name).stem).refuses_every_config:  # tests/test_arch_<family>.py
+        assert "passes" in r.output
+        return
     assert "passes" in r.output and "hf_config (Megatron -> HF) reproduces" in r.output
 
 

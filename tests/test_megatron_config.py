@@ -58,8 +58,9 @@ def test_hf_megatron_hf_reproduces_architectural_fields(name, raw):
 def test_family_is_detected_from_args(name, raw):
     spec = ModelSpec.from_hf_config(raw)
     resolved = resolve(_megatron_lm_args(spec), None, "args", ConfigOptions(vocab_size=raw["vocab_size"]))
-    # Mistral and Phi-3 models are Llama models in Megatron's args (no detect of their own): Llama is picked
-    expected = "llama" if spec.mapping.family in ("mistral", "phi3") else spec.mapping.family
+    # Mistral and Phi-3 models are Llama models in Megatron's args (no detect of their own): Llama is picked;
+    # Seed-OSS's are Qwen2's (q/k/v biases, explicit head_dim): Qwen2 is picked
+    expected = {"mistral": "llama", "phi3": "llama", "seed_oss": "qwen2"}.get(spec.mapping.family, spec.mapping.family)
     assert resolved.spec.mapping.family == expected
     assert resolved.origin == f"synthesized from Megatron args ({expected})"
 
@@ -116,4 +117,4 @@ def test_training_choices_are_not_compared():
 def test_every_mapping_with_detect_has_an_hf_config_section():
     reg = default_registry()
     for family in reg.families:
-        assert reg.family(family).hf_config, family
+        assert reg.family(family).hf_config or reg.family(family).refuses_every_config, family

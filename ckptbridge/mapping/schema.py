@@ -262,6 +262,12 @@ class ArchMapping:
     fp8_keep: tuple[str, ...] = ()  # 2-D per-layer HF weights that block-scaled FP8 checkpoints keep unquantized
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # values an HF config of this class may omit
 
+    @property
+    def refuses_every_config(self) -> bool:
+        """A family kept only to refuse its architectures with the reason (a check whose condition is ``True``),
+        so that using one names what megatron-core lacks instead of 'unsupported architecture'."""
+        return any(str(c.when).strip() == "True" for c in self.checks)
+
     def mtp_depth(self, args: Mapping[str, Any]) -> int:
         return self.mtp.count(args) if self.mtp else 0
 

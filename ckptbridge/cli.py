@@ -311,12 +311,13 @@ def list_architectures():
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)
+    width = max((len(f) for f in reg.families), default=10)
     for family in reg.families:
         m = reg.family(family)
         where = "" if reg.file(family).parent.resolve() == mappings_dir().resolve() else f"  [{reg.file(family)}]"
-        click.echo(f"{family:10s} {', '.join(m.architectures):30s} {m.description}{where}")
+        click.echo(f"{family:{width}s}  {', '.join(m.architectures):34s} {m.description}{where}")
     for b in reg.broken:
-        click.secho(f"BROKEN     {b.path}: {b.error.removeprefix(str(b.path) + ': ')}", fg="red")
+        click.secho(f"{'BROKEN':{width}s}  {b.path}: {b.error.removeprefix(str(b.path) + ': ')}", fg="red")
 
 
 # light imports: each command imports what it runs when it runs; these need the [align] extra

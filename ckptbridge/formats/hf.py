@@ -296,7 +296,7 @@ def write_hf(
     config = spec.hf_config if config_dtype(spec.hf_config) in (None, dtype) else with_dtype(spec.hf_config, dtype)
     if config_dtype(config) is None:
         config = with_dtype(config, dtype)
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config = {k: v for k, v in config.items() if k != "quantization_config" or v is None}  # null: as the source
     if fp8 is not None:
         config["quantization_config"] = fp8.config
     # config.json last: without it the folder is not an HF checkpoint, for transformers either

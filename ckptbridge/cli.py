@@ -311,6 +311,8 @@ def list_architectures():
         m = reg.family(family)
         where = "" if reg.file(family).parent.resolve() == mappings_dir().resolve() else f"  [{reg.file(family)}]"
         click.echo(f"{family:10s} {', '.join(m.architectures):30s} {m.description}{where}")
+    for r in reg.refused.values():
+        click.echo(f"{r.family:10s} {', '.join(r.architectures):30s} REFUSED: {r.reason}")
     for b in reg.broken:
         click.secho(f"BROKEN     {b.path}: {b.error.removeprefix(str(b.path) + ': ')}", fg="red")
 

@@ -37,7 +37,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 FAMILY_PRESETS = {"llama": "llama3.1-8b", "mistral": "mistral-7b", "ministral": "ministral-8b", "qwen2": "qwen2.5-0.5b",
                   "qwen3": "qwen3-8b", "mixtral": "mixtral-8x7b", "qwen3_moe": "qwen3-30b-a3b",
                   "qwen2_moe": "qwen1.5-moe-a2.7b", "deepseek_v3": "deepseek-v3", "phi3": "phi3-mini",
-                  "gpt_oss": "gpt-oss-20b"}
+                  "gpt_oss": "gpt-oss-20b", "llama4": "llama4-maverick"}
 
 
 def tiny_spec(preset: str, registry: MappingRegistry | None = None) -> ModelSpec:

@@ -61,11 +61,22 @@ class _Hooks:
             h.remove()
         self.handles.clear()
 
-    def _record(self, module: torch.nn.Module, name: str, seq_first: bool = False, bias: bool = False) -> None:
-        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
-            self.tensors[name] = _keep(_with_bias(out) if bias else _first(out), seq_first)
+    def _record(self, module: torch.nn.Module, name: str, seq_first: bool = False, bias: bool = False,
+                like_input: bool = False) -> None:
+        def hook(_m: torch.nn.Module, args: Any, out: Any) -> None:
+            t = _with_bias(out) if bias else _first(out)
+            x = args[0] if like_input and args and isinstance(args[0], torch.Tensor) else None
+            if x is not None and t.shape != x.shape and t.numel() == x.numel():
+                t = t.reshape(x.shape)  # a block that flattens tokens (Llama 4's MoE returns [b*s, h])
+            self.tensors[name] = _keep(t, seq_first)
 
         self.handles.append(module.register_forward_hook(hook))
+
+
+def hf_mlp(layer: torch.nn.Module) -> torch.nn.Module:
+    """An HF decoder layer's feed-forward block: ``mlp``, or Llama 4's ``feed_forward``."""
+    block = getattr(layer, "mlp", None)
+    return block if block is not None else layer.feed_forward
 
 
 def hf_decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,7 +101,7 @@ class HFRecorder(_Hooks):
             self._record(layer.input_layernorm, P.layer_point(i, "attn_norm"))
             self._record(layer.self_attn, P.layer_point(i, "attn_out"))
             self._record(layer.post_attention_layernorm, P.layer_point(i, "mlp_norm"))
-            self._record(layer.mlp, P.layer_point(i, "mlp_out"))
+            self._record(hf_mlp(layer), P.layer_point(i, "mlp_out"), like_input=True)
             self._record(layer, P.layer_point(i, "output"))
         self._record_input(dec.norm, P.FINAL_NORM_INPUT)
         self._record(dec.norm, P.FINAL_NORM)

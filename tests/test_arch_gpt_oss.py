@@ -80,9 +80,10 @@ def test_expert_tensor_parallel_refused(gpt_oss: Path, tmp_path: Path) -> None:
         to_mcore(gpt_oss, tmp_path / "m", "torch_dist", tp=2)
 
 
+@pytest.mark.parametrize("layout", [dict(tp=2, pp=2, ep=2, etp=1), dict(pp=2, vpp=2, ep=4, etp=1)])
 @pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
-def test_tp2pp2ep2_round_trip_bit_exact(gpt_oss: Path, tmp_path: Path, fmt: str) -> None:
-    mcore = to_mcore(gpt_oss, tmp_path / "mcore", fmt, tp=2, pp=2, ep=2, etp=1)
+def test_tp2pp2ep2_round_trip_bit_exact(gpt_oss: Path, tmp_path: Path, fmt: str, layout: dict) -> None:
+    mcore = to_mcore(gpt_oss, tmp_path / "mcore", fmt, **layout)
     back = to_hf(mcore, tmp_path / "hf")
     assert_bit_exact(hf_tensors(gpt_oss), hf_tensors(back))
     assert hf_config(back) == hf_config(gpt_oss)

@@ -76,9 +76,10 @@ def test_what_megatron_cannot_express_is_refused(change: dict, message: str) -> 
         ModelSpec.from_hf_config({**load_preset("llama4-maverick")["hf_config"], **change})
 
 
+@pytest.mark.parametrize("layout", [dict(tp=2, pp=2, ep=2), dict(tp=2, ep=2, etp=1), dict(pp=2, vpp=2, ep=4)])
 @pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
-def test_tp2pp2ep2_round_trip_bit_exact(llama4: Path, tmp_path: Path, fmt: str) -> None:
-    mcore = to_mcore(llama4, tmp_path / "mcore", fmt, tp=2, pp=2, ep=2)
+def test_tp2pp2ep2_round_trip_bit_exact(llama4: Path, tmp_path: Path, fmt: str, layout: dict) -> None:
+    mcore = to_mcore(llama4, tmp_path / "mcore", fmt, **layout)
     back = to_hf(mcore, tmp_path / "hf")
     assert_bit_exact(hf_tensors(llama4), hf_tensors(back))
     assert hf_config(back) == hf_config(llama4)

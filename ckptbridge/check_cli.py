@@ -79,7 +79,8 @@ def _cases(spec, tp, pp, ep, formats):  # noqa: ANN001, ANN202 - click's values
     for t in tp or (1, 2):
         for p in [pp] if pp else ([1, 2] if spec.num_layers % 2 == 0 else [1]):
             for e in [ep] if ep else ([1, 2] if moe else [1]):
-                layout = ParallelLayout(t, p, ep=e)
+                biased = moe and spec.args.get("add_bias_linear")  # megatron-core: biased experts only at ETP 1
+                layout = ParallelLayout(t, p, ep=e, etp=1 if biased else None)
                 for fmt in formats or ("torch_dist", "torch"):
                     for spec_name in ("te", "local"):
                         cases.append((spec, spec.megatron_args(layout, torch.bfloat16, spec_name, fmt), fmt, spec_name))

@@ -316,6 +316,8 @@ def list_architectures():
         m = reg.family(family)
         where = "" if reg.file(family).parent.resolve() == mappings_dir().resolve() else f"  [{reg.file(family)}]"
         click.echo(f"{family:{width}s}  {', '.join(m.architectures):34s} {m.description}{where}")
+    for r in reg.refused.values():
+        click.echo(f"{r.family:{width}s}  {', '.join(r.architectures):34s} REFUSED: {r.reason}")
     for b in reg.broken:
         click.secho(f"{'BROKEN':{width}s}  {b.path}: {b.error.removeprefix(str(b.path) + ': ')}", fg="red")
 

@@ -6,7 +6,7 @@ let a data file run code; this evaluator accepts only names, literals (also list
 arithmetic (``**`` included), comparisons, boolean logic, conditional expressions, indexing and
 slicing, ``d.get(key[, default])`` on a dict, list/generator comprehensions over values the
 expression already has (``all(t == 'full_attention' for t in layer_types)``), and a few pure
-functions (``len sum min max all any int float abs``). No attribute access, no other calls.
+functions (``len sum min max all any int float abs range``). No attribute access, no other calls.
 
 Evaluation is bounded: a mapping file (perhaps a user's, perhaps hostile) cannot make it run long
 or allocate much. Every evaluation has a step budget; ``**`` refuses exponents and results past
@@ -47,8 +47,16 @@ _COMPARE = {
 }
 
 #: the only calls an expression may make (pure, on values the expression already has)
+def _range(*bounds: int) -> list[int]:
+    """``range`` as a list (per-layer patterns over layer indices), bounded like every built value."""
+    r = range(*bounds)
+    if len(r) > MAX_ITEMS:
+        raise LimitExceeded(f"range{bounds} has more than {MAX_ITEMS} elements")
+    return list(r)
+
+
 _FUNCTIONS = {"len": len, "sum": sum, "min": min, "max": max, "all": all, "any": any, "int": int, "float": float,
-              "abs": abs}
+              "abs": abs, "range": _range}
 _CONSTANTS = {"None": None, "True": True, "False": False}
 
 

@@ -122,6 +122,9 @@ class ParallelLayout:
                 raise LayoutError(f"--{flag} {size} does not divide {field}={value}")
         if self.ep > 1 and not cfg.get("num_moe_experts"):
             raise LayoutError(f"--ep {self.ep} needs a mixture-of-experts model")
+        if cfg.get("num_moe_experts") and cfg.get("add_bias_linear") and self.expert_tp > 1:
+            raise LayoutError(f"expert tensor parallel {self.expert_tp}: megatron-core supports experts with biases "
+                              "only at ETP 1 (transformer_config.py __post_init__); pass --etp 1")
 
     def to_args(self) -> dict[str, Any]:
         """The layout as Megatron-LM argument names."""

@@ -36,9 +36,18 @@ RENAMED_FIELDS: dict[str, tuple[str, bool]] = {
 #: TransformerConfig fields Megatron-LM computes from other arguments (a mapping sets those arguments)
 DERIVED_FIELDS: dict[str, tuple[str, ...]] = {
     "gated_linear_unit": ("swiglu",),
-    "activation_func": ("swiglu", "squared_relu"),
+    "activation_func": ("swiglu", "squared_relu", "quick_geglu"),
     "num_query_groups": ("num_query_groups", "group_query_attention"),
 }
+
+#: Settings megatron-core reads from the config object with ``getattr`` though ``TransformerConfig`` does not
+#: declare them: the YaRN rotary embedding of a non-MLA GPTModel (gpt_model.py:172-189 builds it from them,
+#: attention.py applies its mscale when ``yarn_rotary_scaling_factor`` is present). They are set on the
+#: config after it is built, as Megatron-Bridge's providers declare them.
+CONFIG_ATTRIBUTES: tuple[str, ...] = (
+    "yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+    "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int",
+)
 
 #: Megatron-LM argument -> the GPTModel constructor argument it becomes (Megatron-LM's model provider)
 MODEL_ARGS: dict[str, str] = {
@@ -95,6 +104,7 @@ def check_config_keys(keys: Iterable[str], where: str) -> None:
         if name in DERIVED_FIELDS and name not in derived:
             raise MappingError(f"{where}: config key {key!r}: Megatron-LM derives it from {list(DERIVED_FIELDS[name])}; "
                                "write those instead")
-        if name not in fields and name not in from_args and name not in derived and name not in MODEL_ARGS:
+        if (name not in fields and name not in from_args and name not in derived and name not in MODEL_ARGS
+                and name not in CONFIG_ATTRIBUTES):
             raise MappingError(f"{where}: config key {key!r} is not a megatron-core TransformerConfig field nor a "
                                "Megatron-LM model argument; megatron would never see it")

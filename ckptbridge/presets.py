@@ -58,7 +58,7 @@ def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads:
     for key in ("num_local_experts", "num_experts", "n_routed_experts"):  # mixture of experts: fewer, narrower experts
         if key in cfg:
             out[key] = experts
-            out["num_experts_per_tok"] = topk
+            out["num_experts_per_tok"] = min(topk, cfg.get("num_experts_per_tok") or topk)  # top-1 stays top-1
     if "moe_intermediate_size" in cfg:
         out["moe_intermediate_size"] = ffn // 4
     if "shared_expert_intermediate_size" in cfg:
@@ -67,6 +67,13 @@ def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads:
         out["layer_types"] = cfg["layer_types"][:layers]  # window, so test sequences are longer than it
         if cfg.get("sliding_window") is not None:
             out["sliding_window"] = min(int(cfg["sliding_window"]), 5)
+    if "intermediate_size_mlp" in cfg:  # Llama 4's dense layers, beside its experts' intermediate_size
+        out["intermediate_size_mlp"] = 2 * ffn
+    for key in ("no_rope_layers",):  # other per-layer lists: the first layers' entries
+        if isinstance(cfg.get(key), list) and cfg[key]:
+            out[key] = cfg[key][:layers]
+    if isinstance(cfg.get("moe_layers"), list):  # layer indices: those that remain
+        out["moe_layers"] = [i for i in cfg["moe_layers"] if i < layers]
     if out.get("max_window_layers") is not None:
         out["max_window_layers"] = layers
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -157,7 +157,8 @@ class ModelSpec:
                             else [self._plan(r, None, None, depth)])
         out += [self._plan(r, None) for r in rules if r.place == "last"]
         if not self.stacked or self.mtp_depth:
-            hf_all = [n for pt in out for n in (*pt.hf_names, *pt.hf_copies)]
+            hf_all = [n for pt in out if not pt.rule.shared or not pt.expert  # a fused-experts tensor: once
+                      for n in (*pt.hf_names, *pt.hf_copies)]
             for side, names in (("HF", hf_all), ("MCore", [pt.mcore for pt in out])):
                 if len(set(names)) != len(names):
                     dup = next(n for n in names if names.count(n) > 1)

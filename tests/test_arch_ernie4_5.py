@@ -73,5 +73,5 @@ def test_moe_is_refused_naming_the_router() -> None:
     """ERNIE 4.5 MoE (mappings/ernie4_5_moe.yaml): experts are chosen by softmax + e_score_correction_bias, which
     megatron-core's softmax router cannot do."""
     with pytest.raises(UnsupportedArchitectureError,
-                       match=r"ernie4_5_moe: ERNIE 4\.5 MoE cannot be expressed .*e_score_correction_bias.*softmax router"):
+                       match=r"refused \(ernie4_5_moe\.yaml\): ERNIE 4\.5 MoE cannot be expressed .*e_score_correction_bias.*softmax router"):
         ModelSpec.from_hf_config(refused_config("ernie4.5-21b-a3b"))

@@ -12,10 +12,10 @@ import pytest
 from refusals import assert_convert_refuses, assert_refused, list_architectures, refused_config
 
 REASONS = {
-    "olmo2-7b": r"olmo2: OLMo 2/3 cannot be expressed in megatron-core 0\.16\.1: .*post-norm.*"
-                r"whole projection \(32 x 128 for q\).*normalises each head",
-    "olmoe-1b-7b": r"olmoe: OLMoE cannot be expressed in megatron-core 0\.16\.1: .*whole q and k projections "
-                   r"\(16 x 128 for q\).*normalises each head separately",
+    "olmo2-7b": r"refused \(olmo2\.yaml\): OLMo 2/3 cannot be expressed in megatron-core 0\.16\.1: .*post-norm.*"
+                r"whole projection \(num_heads x head_dim for q\).*normalises each head",
+    "olmoe-1b-7b": r"refused \(olmoe\.yaml\): OLMoE cannot be expressed in megatron-core 0\.16\.1: .*whole q and k "
+                   r"projections \(num_heads x head_dim for q\).*normalises each head separately",
 }
 
 
@@ -36,5 +36,5 @@ def test_olmo3_is_refused_too() -> None:
 
 def test_list_architectures_says_refused() -> None:
     lines = {line.split()[0]: line for line in list_architectures().splitlines()}
-    assert "REFUSED" in lines["olmo2"] and "q/k norm over the whole projection" in lines["olmo2"]
-    assert "REFUSED" in lines["olmoe"] and "not per head" in lines["olmoe"]
+    assert "REFUSED" in lines["olmo2"] and "span the whole projection" in lines["olmo2"]
+    assert "REFUSED" in lines["olmoe"] and "normalises each head separately" in lines["olmoe"]

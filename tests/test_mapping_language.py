@@ -125,10 +125,8 @@ def test_family_including_a_broken_one_is_reported(tmp_path):
 def test_check_mapping_passes_on_shipped(name):
     r = CliRunner().invoke(main, ["check-mapping", "--no-megatron", str(mappings_dir() / name)])  # megatron: test_plan_check
     assert r.exit_code == 0, r.output
-    if MappingRegistry(mappings_dir()).family(Path(name).stem).refuses_every_config:  # tests/test_arch_<family>.py
-        assert "passes" in r.output
-        return
-    assert "passes" in r.output and "hf_config (Megatron -> HF) reproduces" in r.output
+    assert "passes" in r.output
+    assert "hf_config (Megatron -> HF) reproduces" in r.output or "ok: refusal of" in r.output
 
 
 @pytest.mark.parametrize("old, new, message", [
@@ -173,7 +171,7 @@ def test_per_layer_type_settings_are_readable():
 
 @pytest.mark.parametrize("source", [
     "'a' * 10 ** 8", "[0] * 10 ** 7", "2 ** 10 ** 10", "9 ** 99999", "[[0] * 1000 for a in [0] * 2000]",
-    "[0] * 200000 + [0] * 200000", "sum(1 for a in [0] * 100000 for b in [0] * 100000)", "1" + " + 1" * 5000,
+    "[0] * 200000 + [0] * 200000", "sum(1 for a in [0] * 100000 for b in [0] * 100000)", "1" + " + 1" * 5000, "range(10 ** 9)",
 ])
 def test_expression_bounds(source):
     with pytest.raises(expr.LimitExceeded):
@@ -181,7 +179,7 @@ def test_expression_bounds(source):
 
 
 @pytest.mark.parametrize("source", ["n.__class__", "(lambda: 1)()", "open('x')", "layer_types.count(1)", "f'{n}'",
-                                    "[n for n in range(3)]"])
+                                    "[n for n in sorted([3])]"])
 def test_expression_refuses_code(source):
     with pytest.raises(MappingError):
         expr.evaluate(source, {"n": 1, "layer_types": [1]})

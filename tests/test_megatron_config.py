@@ -117,4 +117,4 @@ def test_training_choices_are_not_compared():
 def test_every_mapping_with_detect_has_an_hf_config_section():
     reg = default_registry()
     for family in reg.families:
-        assert reg.family(family).hf_config or reg.family(family).refuses_every_config, family
+        assert reg.family(family).hf_config, family

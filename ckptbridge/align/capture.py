@@ -31,6 +31,14 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _with_bias(out: Any) -> torch.Tensor:
+    """An MCore block's ``(out, bias)`` as HF's output: the bias megatron adds later (in bias-dropout-add)
+    added here (gpt-oss's o_proj bias), so the block outputs compare like for like."""
+    if isinstance(out, (tuple, list)) and len(out) > 1 and isinstance(out[1], torch.Tensor):
+        return out[0] + out[1]
+    return _first(out)
+
+
 def _keep(t: torch.Tensor, seq_first: bool = False) -> torch.Tensor:
     t = t.detach()
     if seq_first:
@@ -53,11 +61,22 @@ class _Hooks:
             h.remove()
         self.handles.clear()
 
-    def _record(self, module: torch.nn.Module, name: str, seq_first: bool = False) -> None:
-        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
-            self.tensors[name] = _keep(_first(out), seq_first)
+    def _record(self, module: torch.nn.Module, name: str, seq_first: bool = False, bias: bool = False,
+                like_input: bool = False) -> None:
+        def hook(_m: torch.nn.Module, args: Any, out: Any) -> None:
+            t = _with_bias(out) if bias else _first(out)
+            x = args[0] if like_input and args and isinstance(args[0], torch.Tensor) else None
+            if x is not None and t.shape != x.shape and t.numel() == x.numel():
+                t = t.reshape(x.shape)  # a block that flattens tokens (Llama 4's MoE returns [b*s, h])
+            self.tensors[name] = _keep(t, seq_first)
 
         self.handles.append(module.register_forward_hook(hook))
+
+
+def hf_mlp(layer: torch.nn.Module) -> torch.nn.Module:
+    """An HF decoder layer's feed-forward block: ``mlp``, or Llama 4's ``feed_forward``."""
+    block = getattr(layer, "mlp", None)
+    return block if block is not None else layer.feed_forward
 
 
 def hf_decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -82,7 +101,7 @@ class HFRecorder(_Hooks):
             self._record(layer.input_layernorm, P.layer_point(i, "attn_norm"))
             self._record(layer.self_attn, P.layer_point(i, "attn_out"))
             self._record(layer.post_attention_layernorm, P.layer_point(i, "mlp_norm"))
-            self._record(layer.mlp, P.layer_point(i, "mlp_out"))
+            self._record(hf_mlp(layer), P.layer_point(i, "mlp_out"), like_input=True)
             self._record(layer, P.layer_point(i, "output"))
         self._record_input(dec.norm, P.FINAL_NORM_INPUT)
         self._record(dec.norm, P.FINAL_NORM)
@@ -123,9 +142,9 @@ class MCoreRecorder(_Hooks):
                     self._rope_positions(own_rope, list(positions))
                 self._inject(layer, P.layer_input(i), kw="hidden_states")
                 self._record(layer.input_layernorm, P.layer_point(i, "attn_norm"), seq_first=True)
-                self._record(layer.self_attention, P.layer_point(i, "attn_out"), seq_first=True)
+                self._record(layer.self_attention, P.layer_point(i, "attn_out"), seq_first=True, bias=True)
                 self._record(layer.pre_mlp_layernorm, P.layer_point(i, "mlp_norm"), seq_first=True)
-                self._record(layer.mlp, P.layer_point(i, "mlp_out"), seq_first=True)
+                self._record(layer.mlp, P.layer_point(i, "mlp_out"), seq_first=True, bias=True)
                 self._record(layer, P.layer_point(i, "output"), seq_first=True)
             routing.hook_mcore(self, m.decoder.layers)
             final = getattr(m.decoder, "final_layernorm", None)

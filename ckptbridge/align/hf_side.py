@@ -8,7 +8,7 @@ import torch
 
 from . import points as P
 from .ablations import Ablation, applied
-from .capture import HFRecorder, hf_decoder
+from .capture import HFRecorder, hf_decoder, hf_mlp
 from .variants import HFRope, VariantContext
 
 #: HF's attention implementation for the baseline, pinned so the reference does not change with
@@ -52,7 +52,7 @@ def fill_context(model: torch.nn.Module, ctx: VariantContext) -> VariantContext:
     layer = dec.layers[0]
     ctx.hf_modeling = type(layer).__module__
     ctx.hf_norm_class = type(dec.norm).__name__
-    ctx.hf_mlp_class = type(layer.mlp).__name__
+    ctx.hf_mlp_class = type(hf_mlp(layer)).__name__
     rot = dec.rotary_emb
     ctx.hf_rope = HFRope(inv_freq=rot.inv_freq.detach().float().cpu().clone(),
                          attention_scaling=float(getattr(rot, "attention_scaling", 1.0)))

@@ -108,7 +108,7 @@ class HFSource:
     def _layout(self, pt: PlannedTensor) -> "_Layout":
         """The rule's own HF layout, or the first of its ``alternatives`` whose tensors this folder holds
         (all of them, and none of the rule's own: a half-converted folder is reported, not guessed)."""
-        own = _Layout(pt.hf_names, pt.hf_shapes, pt.rule.transform, False)
+        own = _Layout(pt.hf_names, pt.hf_shapes, pt.rule.transform, pt.rule.shared)
         if any(n in self.where for n in pt.hf_names):
             return own
         for alt in pt.rule.alternatives:
@@ -270,6 +270,8 @@ def write_hf(
 
     def layout(pt: PlannedTensor) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         out: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        if pt.rule.shared and pt.expert:  # fused experts: the one tensor is declared with expert 0
+            return out
         for name, shape in [*zip(pt.hf_names, pt.hf_shapes), *((c, pt.hf_shapes[0]) for c in pt.hf_copies)]:
             if name in quantized:
                 assert fp8 is not None
@@ -282,7 +284,7 @@ def write_hf(
     size = 0
     for pt in spec.planned():
         nbytes = sum(math.prod(shape) * dt.itemsize for _, dt, shape in layout(pt))
-        if groups[-1] and size + nbytes > max_shard_bytes:
+        if groups[-1] and nbytes and size + nbytes > max_shard_bytes:  # a fused tensor's later experts: 0 bytes
             groups.append([])
             size = 0
         groups[-1].append(pt)
@@ -292,6 +294,7 @@ def write_hf(
     total = 0
     for fname, group in zip(names, groups):
         with SafetensorsWriter(out / fname, [e for pt in group for e in layout(pt)], {"format": "pt"}) as writer:
+            slots: list[torch.Tensor] = []  # a fused-experts tensor's slots so far (one layer of one rule)
             for pt in group:
                 spans = fast(pt) if fast is not None else None
                 parts_of = hf_spans(pt, spans, spec.args) if spans is not None else None
@@ -303,7 +306,14 @@ def write_hf(
                     progress(spans.nbytes)
                     continue
                 canonical = read(pt)
-                hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
+                if pt.rule.shared:
+                    slots.append(_expert_slot(pt, canonical, spec.args))
+                    if len(slots) < pt.hf_shapes[0][0]:
+                        progress(canonical.numel() * canonical.element_size())
+                        continue
+                    hf, slots = [torch.stack(slots)], []
+                else:
+                    hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
                 for name, tensor in [*zip(pt.hf_names, hf), *((c, hf[0]) for c in pt.hf_copies)]:
                     if name in quantized:
                         assert fp8 is not None
@@ -323,11 +333,18 @@ def write_hf(
     config = spec.hf_config if config_dtype(spec.hf_config) in (None, dtype) else with_dtype(spec.hf_config, dtype)
     if config_dtype(config) is None:
         config = with_dtype(config, dtype)
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config = {k: v for k, v in config.items() if k != "quantization_config" or v is None}  # null: as the source
     if fp8 is not None:
         config["quantization_config"] = fp8.config
     # config.json last: without it the folder is not an HF checkpoint, for transformers either
     write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _expert_slot(pt: PlannedTensor, canonical: torch.Tensor, args: dict) -> torch.Tensor:
+    """Expert ``pt.expert``'s slot of a fused-experts HF tensor: the steps after ``take_expert``, undone.
+    The planner lists a layer's experts of one rule consecutively, so the writer stacks them in order."""
+    steps = pt.rule.transform.steps[1:] or (TRANSFORMS["identity"],)
+    return Pipeline(steps).to_hf(canonical, args, [tuple(pt.hf_shapes[0][1:])])[0]
 
 
 def fp8_export(spec: ModelSpec) -> tuple[BlockFP8, set[str]]:

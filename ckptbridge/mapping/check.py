@@ -22,7 +22,7 @@ from .. import expr
 from ..errors import CkptBridgeError, MappingError
 from ..hf_config import architecture, normalise, read_config
 from .features import with_features
-from .registry import MappingRegistry, _read_file, build_mapping, resolve_includes
+from .registry import MappingRegistry, _read_file, build_mapping, refused_family, resolve_includes
 from .schema import ArchMapping
 
 #: Megatron arguments no HF field decides (the padded vocabulary is the layout's)
@@ -53,6 +53,11 @@ def load_file(path: Path, registry: MappingRegistry) -> tuple[ArchMapping, dict[
 def check_mapping(path: Path, registry: MappingRegistry, hf: Path | None = None,
                   presets: dict[str, dict[str, Any]] | None = None) -> CheckReport:
     """Check one file; raises `MappingError` (or another `CkptBridgeError`) naming the first problem."""
+    refusal = refused_family(_read_file(Path(path)), Path(path))
+    if refusal is not None:  # nothing to convert: the file states why
+        report = CheckReport(refusal.family)
+        report.ok(f"refusal of {', '.join(refusal.architectures)}: {refusal.reason}")
+        return report
     mapping, _ = load_file(path, registry)
     report = CheckReport(mapping.family)
     rules = len(mapping.tensors)

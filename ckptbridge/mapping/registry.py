@@ -117,6 +117,32 @@ class BrokenMapping:
     architectures: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class RefusedFamily:
+    """A file that names architectures megatron-core cannot express (``refused: reason`` and nothing to
+    convert): using one raises `UnsupportedArchitectureError` with that reason instead of 'unsupported'."""
+
+    path: Path
+    family: str
+    architectures: tuple[str, ...]
+    reason: str
+
+
+_REFUSED_KEYS = {"family", "architectures", "description", "refused"}
+
+
+def refused_family(data: Mapping[str, Any], path: Path) -> RefusedFamily | None:
+    """The refusal a file declares (None for a mapping); such a file holds nothing else."""
+    if "refused" not in data:
+        return None
+    extra = sorted(set(data) - _REFUSED_KEYS)
+    archs = data.get("architectures")
+    if extra or not isinstance(data["refused"], str) or not isinstance(archs, list) or not archs:
+        raise MappingError(f"{path}: a refused family has family, architectures (a list), description and refused "
+                           f"(the reason) only" + (f"; remove {extra}" if extra else ""))
+    return RefusedFamily(path, data["family"], tuple(str(a) for a in archs), data["refused"])
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         # libyaml's loader when PyYAML has it: the same safe subset, parsed ~10x faster (start-up)
@@ -154,12 +180,19 @@ class MappingRegistry:
         raws: dict[str, dict[str, Any]] = {}
         self._files: dict[str, Path] = {}
         self.broken: list[BrokenMapping] = []
+        self.refused: dict[str, RefusedFamily] = {}  # family -> its refusal (a later file of the family replaces it)
         for path in (p for f in folders for p in sorted(f.glob("*.yaml"))):
             try:
                 data = _read_file(path)
+                refusal = refused_family(data, path)
             except MappingError as exc:
                 self.broken.append(BrokenMapping(path, str(exc), *_claims(path)))
                 continue
+            if refusal is not None:
+                self.refused[refusal.family] = refusal
+                raws.pop(refusal.family, None)
+                continue
+            self.refused.pop(data["family"], None)
             raws[data["family"]] = data
             self._files[data["family"]] = path
         self._raws = raws
@@ -227,6 +260,9 @@ class MappingRegistry:
             broken = self._broken_for(arch=arch)
             if broken is not None:
                 raise MappingError(f"the mapping for {arch} is broken: {broken.error}")
+            refusal = next((r for r in self.refused.values() if arch in r.architectures), None)
+            if refusal is not None:
+                raise UnsupportedArchitectureError(f"{arch} is refused ({refusal.path.name}): {refusal.reason}")
             raise UnsupportedArchitectureError(
                 f"unsupported architecture {arch!r}; supported: {', '.join(self.architectures)}"
             )

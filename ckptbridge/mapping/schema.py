@@ -111,12 +111,18 @@ class TensorRule:
     def per_expert(self) -> bool:
         return EXPERT in self.mcore
 
+    @property
+    def shared(self) -> bool:
+        """Whether the rule's own HF layout is one tensor per layer holding every expert (its steps
+        start with ``take_expert``: gpt-oss's fused experts, the only layout transformers loads)."""
+        return isinstance(self.transform.steps[0], TakeExpert)
+
     def applies(self, args: Mapping[str, Any]) -> bool:
         return self.when is None or bool(expr.evaluate(self.when, args))
 
     def hf_names(self, layer: int | None, expert: int | None = None, mtp: int | None = None) -> list[str]:
         """HF names; ``layer`` is the HF layer number (for an MTP block: the one it occupies)."""
-        return [_fill(n, layer, expert, mtp) for n in self.hf]
+        return [_fill(n, layer, None if self.shared else expert, mtp) for n in self.hf]
 
     def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None, grouped: bool = False,
                    mtp: int | None = None) -> str:
@@ -261,12 +267,6 @@ class ArchMapping:
     ignore: tuple[IgnoreRule, ...] = ()  # HF tensors that are not weights, dropped once proven redundant
     fp8_keep: tuple[str, ...] = ()  # 2-D per-layer HF weights that block-scaled FP8 checkpoints keep unquantized
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # values an HF config of this class may omit
-
-    @property
-    def refuses_every_config(self) -> bool:
-        """A family kept only to refuse its architectures with the reason (a check whose condition is ``True``),
-        so that using one names what megatron-core lacks instead of 'unsupported architecture'."""
-        return any(str(c.when).strip() == "True" for c in self.checks)
 
     def mtp_depth(self, args: Mapping[str, Any]) -> int:
         return self.mtp.count(args) if self.mtp else 0
@@ -429,7 +429,10 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     per_expert = EXPERT in mcore
     if EXPERT in local and not per_expert or per_expert and (EXPERT not in local or place not in ("layer", "mtp")):
         raise MappingError(f"{where}: per-expert rules (and only they) must use {EXPERT} in every name, inside a layer")
-    _check_names(hf, place, per_expert, where)
+    own_shared = isinstance(transform.steps[0], TakeExpert)
+    if own_shared and not per_expert:
+        raise MappingError(f"{where}: a take_expert layout belongs to a per-expert rule ({EXPERT} in its MCore name)")
+    _check_names(hf, place, per_expert, where, own_shared)
     alternatives = parse_alternatives(raw, hf, shapes, raw.get("transform", "identity"), f"{where} ({mcore})")
     for alt in alternatives:
         if alt.shared and not per_expert:
@@ -455,8 +458,6 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
     if transform.arity is not None and transform.arity != len(hf):
         raise MappingError(f"{where}: rule {mcore}: transform {transform.name!r} takes {transform.arity} HF tensors, "
                            f"rule names {len(hf)}")
-    if isinstance(transform.steps[0], TakeExpert):
-        raise MappingError(f"{where}: rule {mcore}: take_expert belongs in an alternative layout, not the rule's own")
     return TensorRule(
         mcore=mcore,
         hf=hf,
@@ -509,8 +510,11 @@ def validate_rules(rules: Sequence[TensorRule], where: str, config_keys: set[str
         if missing:
             raise MappingError(f"{at} uses unknown config field(s) {sorted(missing)}")
         probe = {**{name: 3 for name in used}, **PROBE_ARGS}  # small sizes for any width the file names
-        check_round_trip(r.transform, r.hf_shapes(probe), probe, at)
-        want = r.mcore_shape(probe)
+        if r.shared:
+            want = check_expert_stack(r.transform, r.hf_shapes(probe)[0], int(probe["num_moe_experts"]), probe, at)
+        else:
+            check_round_trip(r.transform, r.hf_shapes(probe), probe, at)
+            want = r.mcore_shape(probe)
         for alt in r.alternatives:
             where_alt = f"{at}: alternative layout {list(alt.hf)}"
             shapes = alt.hf_shapes(r, probe)

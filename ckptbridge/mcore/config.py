@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ckptbridge.mcore.compat import apply_cpu_patches
 from ckptbridge.megatron_args import from_megatron_lm, to_megatron_lm
-from ckptbridge.megatron_settings import CHECKING_FIELDS, MODEL_ARGS, RENAMED_FIELDS, config_fields
+from ckptbridge.megatron_settings import CHECKING_FIELDS, CONFIG_ATTRIBUTES, MODEL_ARGS, RENAMED_FIELDS, config_fields
 
 apply_cpu_patches()
 
@@ -57,6 +57,10 @@ def _activation(lm: Mapping[str, Any]) -> Any:
         from megatron.core.activations import squared_relu
 
         return squared_relu
+    if lm.get("quick_geglu"):  # Megatron-LM: gated, x * sigmoid(1.702 x) (gpt-oss)
+        from megatron.core.fusions.fused_bias_geglu import quick_gelu  # the one mlp.py compares with
+
+        return quick_gelu
     return F.gelu
 
 
@@ -69,7 +73,7 @@ def transformer_config_kwargs(args: argparse.Namespace | Mapping[str, Any], dtyp
     for field, (arg, negated) in RENAMED_FIELDS.items():
         if arg in lm and field not in CHECKING_FIELDS:
             kw[field] = (not lm[arg]) if negated else lm[arg]
-    kw["gated_linear_unit"] = bool(lm.get("swiglu"))
+    kw["gated_linear_unit"] = bool(lm.get("swiglu") or lm.get("quick_geglu"))
     kw["activation_func"] = _activation(lm)
     kw["num_query_groups"] = lm.get("num_query_groups") if lm.get("group_query_attention") else None
     if int(lm.get("pipeline_model_parallel_size") or 1) == 1:  # Megatron-LM accepts these only with PP
@@ -114,7 +118,12 @@ def transformer_config_from_args(
     kw = transformer_config_kwargs(args, dtype)
     kw.update(overrides)
     cls = MLATransformerConfig if kw.get("multi_latent_attention") else TransformerConfig
-    return cls(**kw)
+    config = cls(**kw)
+    lm = megatron_lm_view(args)
+    for name in CONFIG_ATTRIBUTES:  # read by megatron-core with getattr only where set (YaRN on GPTModel)
+        if lm.get(name) is not None:
+            setattr(config, name, lm[name])
+    return config
 
 
 def gpt_model_kwargs(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:

@@ -83,8 +83,9 @@ def fast_plan(source: Source, target: Target, planned: list[PlannedTensor], dtyp
     """Per planned tensor that the target's writer can take as bytes, its stored bytes as source runs.
 
     Such a tensor is in the output dtype already and only moves rows (see `fastcopy`); the writer needs it
-    whole or as row ranges: a row-parallel tensor split over TP ranks, an FP8 export and a source without
-    byte runs (legacy) go through memory."""
+    whole or as row ranges: a row-parallel tensor split over TP ranks, an FP8 export and what a source cannot
+    give as byte runs (see each source's ``spans``: MCore chunks split along columns, replicas to compare)
+    go through memory."""
     spans_of = getattr(source, "spans", None)
     if spans_of is None or (target.kind == "hf" and target.hf_fp8):
         return {}

@@ -36,6 +36,7 @@ from .mcore_common import (
     bridge_record,
     is_extra_state,
     read_storage,
+    stored_run,
     safe_load,
     CommonState,
     SkippedState,
@@ -407,6 +408,37 @@ class LegacySource:
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
         return self._read_slot(pt, self._slots[pt.mcore][0][1])
+
+    def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
+        """The canonical tensor as runs of the held rank files, when no replica needs comparing (`read`
+        compares a dense weight across EP ranks and a replicated one across TP ranks) and its TP shards are
+        row ranges already in ``dtype``; None otherwise. The tied replica on the last stage is compared
+        by `verify`."""
+        slot = self._slots[pt.mcore][0][1]
+        parts, kind = self.layout.tp_for(pt.rule.parallel), pt.rule.shard_kind(self.spec_name)
+        sharded = kind.axis is not None and parts > 1
+        if (slot.ep is None and self.layout.ep > 1) or (self.layout.tp > 1 and not (sharded and parts == self.layout.tp)) \
+                or (sharded and kind.axis != 0):
+            return None
+        shards = []
+        for t in range(self.layout.tp):
+            rank = (t, slot.pp, slot.ep or 0)
+            meta = self.meta[rank][slot.model_key][slot.key]
+            run = stored_run(self._fd(rank), 0, meta)
+            if run is None or meta.dtype != dtype:
+                return None
+            shards.append(Spans((run,), dtype, tuple(meta.shape)))
+        full = shards[0]
+        if sharded:  # `sharding.merge` on byte runs: each rank's regions put back at their global rows
+            shape = (shards[0].shape[0] * parts, *shards[0].shape[1:])
+            pieces = []
+            for shard, regions in zip(shards, kind.regions(shape, parts, pt.mcore)):
+                at = 0
+                for start, length in regions:
+                    pieces.append((start, shard.rows(at, length).runs))
+                    at += length
+            full = Spans(tuple(r for _, runs in sorted(pieces, key=lambda p: p[0]) for r in runs), dtype, shape)
+        return full.rows(0, pt.shape[0]) if pt.rule.shard.padded else full
 
     def check_replicas(self) -> None:
         """The tied output-layer replica on the last stage must equal the embedding."""

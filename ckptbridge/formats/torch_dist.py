@@ -26,7 +26,7 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from ..errors import FormatError, PlanError
-from ..fastcopy import Spans, write_spans
+from ..fastcopy import Run, Spans, write_spans
 from ..fileio import CheckedFile, check_size, pwrite_all, write_bytes, write_text
 from ..layout import ParallelLayout
 from ..mapping.schema import layer_key
@@ -54,6 +54,7 @@ from .mcore_common import (
     is_extra_state,
     is_training_state,
     read_storage_at,
+    stored_run,
     CommonState,
     SkippedState,
 )
@@ -402,7 +403,9 @@ class TorchDistSource:
         for f in self._files.values():
             f.check_unchanged()
 
-    def _load_chunk(self, chunk: _Chunk, key: str) -> torch.Tensor:
+    def _chunk_meta(self, chunk: _Chunk, key: str) -> tuple[int, torch.Tensor, str]:
+        """The held descriptor of a chunk's data file, the chunk's tensor on the meta device (its bytes
+        checked to lie inside the item) and how errors name it."""
         path = self.iter_dir / chunk.info.relative_path
         if chunk.info.relative_path not in self._files:  # read without verify(): open it now
             self._files[chunk.info.relative_path] = HeldFile(path)
@@ -418,7 +421,44 @@ class TorchDistSource:
         storage = meta.untyped_storage()
         if storage._checkpoint_offset + storage.nbytes() > chunk.info.length:
             raise FormatError(f"{what}: tensor bytes run past the item's end")
+        return fd, meta, what
+
+    def _load_chunk(self, chunk: _Chunk, key: str) -> torch.Tensor:
+        fd, meta, what = self._chunk_meta(chunk, key)
         return read_storage_at(fd, chunk.info.offset, meta, what)
+
+    def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
+        """The canonical tensor as runs of the held data files, when its chunks are row ranges (every chunk
+        of the layer spans all but the first dimension: TP 1, or column-parallel) already in ``dtype``;
+        None otherwise (row-parallel chunks, a cast, strided storage): then `read` assembles it."""
+        key = storage_key(pt, self.spec.stacked)
+        md = self.metadata.state_dict_metadata[key]
+        lead = lead_index(pt, self.spec.stacked)
+        n, full = len(lead), tuple(md.size)[len(lead):]
+        if md.properties.dtype != dtype or not full:
+            return None
+        mine = [c for c in self.chunks[key] if all(o <= i < o + s for i, o, s in zip(lead, c.offsets, c.sizes))]
+        if any(c.offsets[n + 1:] != (0,) * (len(full) - 1) or c.sizes[n + 1:] != full[1:] for c in mine):
+            return None
+        row_bytes = math.prod(full[1:]) * dtype.itemsize
+        runs, row = [], 0
+        for c in sorted(mine, key=lambda c: c.offsets[n]):
+            if c.offsets[n] != row:
+                return None
+            fd, meta, _ = self._chunk_meta(c, key)
+            run = stored_run(fd, c.info.offset, meta)
+            if run is None or meta.dtype != dtype or tuple(meta.shape) != c.sizes:
+                return None
+            local = 0  # the layer's (and expert's) place inside the chunk: lead axes are outermost, so one block
+            for i, o, s in zip(lead, c.offsets, c.sizes):
+                local = local * s + (i - o)
+            block = c.sizes[n] * row_bytes
+            runs.append(Run(fd, run.offset + local * block, block))
+            row += c.sizes[n]
+        if row != full[0]:
+            return None
+        spans = Spans(tuple(runs), dtype, full)
+        return spans.rows(0, pt.shape[0]) if pt.rule.shard.padded else spans
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
         stacked = self.spec.stacked

@@ -163,6 +163,7 @@ class TorchDistSource:
             raise FormatError(f"{mjson}: sharded_backend is {backend!r}, only torch_dist is supported")
         self.common = CommonState.read(self.iter_dir / "common.pt", options)
         self.spec, self.margs = self.common.spec, self.common.margs
+        self._stacked = self.spec.stacked  # derived from the rules each time it is asked: once per source
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
         self.metadata = _with_spec_names(read_metadata(self.iter_dir), self.spec)
@@ -258,9 +259,9 @@ class TorchDistSource:
         """The canonical tensor as runs of the held data files, when its chunks are row ranges (every chunk
         of the layer spans all but the first dimension: TP 1, or column-parallel) already in ``dtype``;
         None otherwise (row-parallel chunks, a cast, strided storage): then `read` assembles it."""
-        key = storage_key(pt, self.spec.stacked)
+        key = storage_key(pt, self._stacked)
         md = self.metadata.state_dict_metadata[key]
-        lead = lead_index(pt, self.spec.stacked)
+        lead = lead_index(pt, self._stacked)
         n, full = len(lead), tuple(md.size)[len(lead):]
         if md.properties.dtype != dtype or not full:
             return None
@@ -288,7 +289,7 @@ class TorchDistSource:
         return spans.rows(0, pt.shape[0]) if pt.rule.shard.padded else spans
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
-        stacked = self.spec.stacked
+        stacked = self._stacked
         key = storage_key(pt, stacked)
         md = self.metadata.state_dict_metadata[key]
         lead = lead_index(pt, stacked)

@@ -69,12 +69,13 @@ def planned_items(spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any]
     """Per planned tensor (in writing order): its storage key and chunks, each in the data file of the rank
     megatron-core would use (stage x TP rank). Shapes only: the plan a writer follows and workers split."""
     stage_of = {layer: c.pp_rank for c in layout.chunks(spec.num_layers) for layer in c.layers}
+    stacked = spec.stacked  # derived from the rules each time it is asked
     out = []
     for pt in spec.planned():
         stored_shape = tuple(pt.stored_shape(margs))
         stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
         kind = pt.rule.shard_kind(spec_name)  # chunked as that spec's model saves it
-        lead = lead_index(pt, spec.stacked)
+        lead = lead_index(pt, stacked)
         items = []
         for rank, regions in enumerate(kind.regions(stored_shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
             if kind.axis is None and rank:
@@ -86,7 +87,7 @@ def planned_items(spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any]
                 whole = kind.axis is None or length == stored_shape[kind.axis]
                 items.append(_Item(data_file_name(stage * layout.tp + rank), tuple(lead + offsets),
                                    tuple([1] * len(lead) + shape), None if whole else (start, length)))
-        out.append((pt, storage_key(pt, spec.stacked), items))
+        out.append((pt, storage_key(pt, stacked), items))
     return out
 
 
@@ -224,9 +225,10 @@ def finish_torch_dist(spec: ModelSpec, iter_dir: Path, layout: ParallelLayout, m
     """Once every data file is written (``storage``: where every item went): common.pt, run_config.yaml,
     metadata.json and, last, the .metadata index."""
     state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    stacked = spec.stacked
     for pt, key, items in planned_items(spec, layout, margs, spec_name):
         meta = state.setdefault(key, TensorStorageMetadata(
-            TensorProperties(dtype=pt.dtype(dtype)), torch.Size(global_shape(pt, margs, spec.stacked)), []))
+            TensorProperties(dtype=pt.dtype(dtype)), torch.Size(global_shape(pt, margs, stacked)), []))
         meta.chunks.extend(ChunkStorageMetadata(torch.Size(item.index), torch.Size(item.shape)) for item in items)
     for key, _ in _extra_items(spec, layout):
         state[key] = BytesStorageMetadata()

@@ -4,7 +4,7 @@ Builds a Llama-3.2-1B-shaped bf16 HF checkpoint (about 2.5 GB at 16 layers;
 --preset qwen3-30b-a3b gives the MoE case: 128 experts a layer, about 1.2 GB a
 layer) with random weights, then times, in one run:
   hf -> mcore torch_dist, hf -> mcore legacy tp2pp2 (MoE: + ep4 etp1), mcore torch_dist -> hf,
-each against `cp -r` of its own source folder and against `dd` of the same
+each in variants (kernel-side fast path, --no-fast-copy, --workers 2), against `cp -r` of its own source folder and against `dd` of the same
 files (alternating, median of --repeats runs), and reports both wall-time
 ratios and the converter's peak RSS (measured by GNU time). `cp` copies inside
 the kernel (copy_file_range) and on some machines is several times faster
@@ -13,6 +13,7 @@ whether peak memory grows with depth.
 
     python benchmarks/convert_bench.py [--workdir DIR] [--layers 16 32] [--repeats 3]
     python benchmarks/convert_bench.py --preset qwen3-30b-a3b --layers 2 4
+    python benchmarks/convert_bench.py --layers 2 --repeats 1 --variants fast "2 workers"
 
 Targets (issue 2): ratio <= 1.3; peak RSS <= 1.5 GiB + the largest tensor;
 peak RSS at 32 layers within 10 % of 16 layers. Numbers are printed, never asserted.
@@ -91,7 +92,11 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int) -> list[dict]:
+#: conversion variants run side by side: the kernel-side fast path, everything through memory, two workers
+VARIANTS = {"fast": [], "no-fast-copy": ["--no-fast-copy"], "2 workers": ["--workers", "2"]}
+
+
+def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int, variants: list[str]) -> list[dict]:
     hf = work / f"hf-{layers}"
     size, largest = build_checkpoint(hf, layers, preset)
     moe = "num_experts" in load_preset(preset)["hf_config"] or "num_local_experts" in load_preset(preset)["hf_config"]
@@ -105,20 +110,25 @@ def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int) ->
     ]
     rows = []
     for label, src, dst, args in cases:
-        cps, dds, convs, rss = [], [], [], 0
-        for _ in range(repeats):  # alternate copies and conversion so all see the same disk weather
+        cps, dds, rss = [], [], {v: 0 for v in variants}
+        convs: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(repeats):  # alternate copies and conversions so all see the same disk weather
             cps.append(timed(["cp", "-r", str(src), str(work / "cp-copy")])[0])
             shutil.rmtree(work / "cp-copy")
             dds.append(timed(dd_copy(src, work / "dd-copy"))[0])
             shutil.rmtree(work / "dd-copy")
-            shutil.rmtree(dst, ignore_errors=True)
-            seconds, peak = timed([cli, "convert", "-q", *args, str(src), str(dst)])
-            convs.append(seconds)
-            rss = max(rss, peak)
-        cp, dd, seconds = median(cps), median(dds), median(convs)
-        rows.append(dict(case=label, preset=preset, layers=layers, model_gib=size / GIB, largest_gib=largest / GIB, seconds=seconds,
-                         cp_seconds=cp, ratio=seconds / cp, dd_seconds=dd, ratio_dd=seconds / dd, peak_rss_gib=rss / GIB,
-                         rss_budget_gib=1.5 + largest / GIB, runs=repeats))
+            for variant in variants:  # the last variant's output stays: the next case may read it
+                shutil.rmtree(dst, ignore_errors=True)
+                seconds, peak = timed([cli, "convert", "-q", *args, *VARIANTS[variant], str(src), str(dst)])
+                convs[variant].append(seconds)
+                rss[variant] = max(rss[variant], peak)  # --workers: the largest process (GNU time, waited-for children)
+        cp, dd = median(cps), median(dds)
+        for variant in variants:
+            seconds = median(convs[variant])
+            rows.append(dict(case=label, variant=variant, preset=preset, layers=layers, model_gib=size / GIB,
+                             largest_gib=largest / GIB, seconds=seconds, cp_seconds=cp, ratio=seconds / cp, dd_seconds=dd,
+                             ratio_dd=seconds / dd, peak_rss_gib=rss[variant] / GIB, rss_budget_gib=1.5 + largest / GIB,
+                             runs=repeats))
     for d in (hf, work / f"td-{layers}", work / f"leg-{layers}", work / f"hf-out-{layers}"):
         shutil.rmtree(d, ignore_errors=True)
     return rows
@@ -131,24 +141,26 @@ def main() -> None:
                         help="model shape (full widths); e.g. qwen3-30b-a3b with --layers 2 4 for the MoE case")
     parser.add_argument("--layers", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; medians are reported")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="conversion variants per case (fast path on/off, 1 vs 2 workers)")
     args = parser.parse_args()
     cli = shutil.which("ckptbridge") or str(Path(sys.executable).parent / "ckptbridge")
     work = Path(tempfile.mkdtemp(prefix="ckptbridge-bench-", dir=args.workdir))
     try:
-        rows = [r for layers in args.layers for r in bench_model(work, args.preset, layers, cli, args.repeats)]
+        rows = [r for layers in args.layers for r in bench_model(work, args.preset, layers, cli, args.repeats, args.variants)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; source in page cache, "
           f"`sync` before each run (not timed); median of {args.repeats} runs; wall time includes Python/torch start-up")
     print(f"preset {args.preset} (full widths, random bf16 weights)")
-    print(f"{'case':34s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'/cp':>6s} {'dd s':>6s} {'/dd':>6s} "
+    print(f"{'case':34s} {'variant':12s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'/cp':>6s} {'dd s':>6s} {'/dd':>6s} "
           f"{'peak RSS GiB':>12s} {'budget GiB':>10s}")
     for r in rows:
-        print(f"{r['case']:34s} {r['layers']:6d} {r['model_gib']:9.2f} {r['seconds']:7.2f} {r['cp_seconds']:6.2f} "
+        print(f"{r['case']:34s} {r['variant']:12s} {r['layers']:6d} {r['model_gib']:9.2f} {r['seconds']:7.2f} {r['cp_seconds']:6.2f} "
               f"{r['ratio']:6.2f} {r['dd_seconds']:6.2f} {r['ratio_dd']:6.2f} {r['peak_rss_gib']:12.2f} {r['rss_budget_gib']:10.2f}")
     by_case: dict[str, dict[int, float]] = {}
     for r in rows:
-        by_case.setdefault(r["case"], {})[r["layers"]] = r["peak_rss_gib"]
+        by_case.setdefault(f"{r['case']} ({r['variant']})", {})[r["layers"]] = r["peak_rss_gib"]
     if len(args.layers) > 1:
         lo, hi = min(args.layers), max(args.layers)
         for case, rss in by_case.items():

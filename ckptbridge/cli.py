@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ import click
 import torch
 
 from .dtypes import ALL_NAMES
-from .errors import CkptBridgeError
+from .errors import CkptBridgeError, OptionError
 from .extras import needs_extra
 from .option_checks import refuse_given
 from .layout import DEFAULT_VOCAB_DIVISIBLE_BY
@@ -129,13 +130,16 @@ def main(mapping_dirs) -> None:
 @click.option("--fast-copy/--no-fast-copy", default=True, show_default=True,
               help="Copy tensors whose bytes move unchanged inside the kernel (copy_file_range; pread/pwrite where "
                    "refused); --no-fast-copy moves every tensor through memory (the same files, for comparison).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Write with N processes on this machine (torchrun, gloo), each writing whole output files, split by "
+                   "bytes; over several nodes run 'torchrun ... -m ckptbridge convert ...' instead.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
             hf_dtype, vocab_divisible_by, dst_iteration, check_megatron, max_shard_size, force, allow_nonfinite, clean,
-            fast_copy, quiet, src, dst, iteration, config):
+            fast_copy, workers, quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -167,9 +171,17 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         refuse_given(ctx, HF_OUTPUT_OPTIONS, "would have no effect with --dst mcore (an HF output option)")
     from .interrupts import Interrupted, handled
     from .mapping.schema import MappingWarning
+    from .team import Team, given_staging, join, launch, worker_args
 
     shown: set[str] = set()
+    team = Team()
     try:
+        if workers > 1 and (given_staging() is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            raise OptionError("--workers starts its own torchrun launch; under torchrun, leave it out")
+        team = join()
+        argv = worker_args(sys.argv[1:])
+        launcher = (lambda folder: launch(argv, workers, folder)) if workers > 1 else None
+        quiet = quiet or team.rank > 0 or given_staging() is not None
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
                         DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
                         hf_fp8=hf_dtype == "fp8-block", max_shard_bytes=max_shard_size, check_megatron=check_megatron,
@@ -177,7 +189,7 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
             result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean,
-                         allow_nonfinite)
+                         allow_nonfinite, team, launcher)
         for w in caught:
             if issubclass(w.category, MappingWarning) and str(w.message) not in shown:
                 shown.add(str(w.message))
@@ -191,6 +203,10 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         what = f"DST was already complete: {dst}" if exc.committed else "nothing written"
         click.secho(f"interrupted ({exc}), {what}", fg="red", err=True)
         sys.exit(exc.exit_code)
+    finally:
+        team.close()
+    if team.rank > 0 or given_staging() is not None:
+        return  # one summary: rank 0's, or the launcher's
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if result.restored:

@@ -5,27 +5,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import OptionError
 from .config_source import ConfigOptions, refuse_unused
-from .fileio import copy_file
 from .formats.detect import Source, open_source, source_assets, source_notes
-from .formats.hf import DEFAULT_MAX_SHARD_BYTES, INDEX, HFSource, fp8_export, write_hf
-from .formats.legacy import write_legacy
-from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
-from .formats.torch_dist import write_torch_dist
+from .formats.hf import DEFAULT_MAX_SHARD_BYTES, INDEX, HFSource, fp8_export
 from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout
 from .fastcopy import Spans, hf_spans
 from .prefetch import Prefetcher
 from .spec import PlannedTensor
 from .values import ValueChecks
-from .staging import Leftover, check_destination, staged
+from .errors import WorkerError
+from .output import Output, output_for
+from .staging import MARKER, Leftover, Staging, check_destination, staged
+from .team import STAGING_ENV, Team, given_staging
+from .workshare import assign
 
 Progress = Callable[[int], None]
 
@@ -83,8 +84,9 @@ def fast_plan(source: Source, target: Target, planned: list[PlannedTensor], dtyp
     """Per planned tensor that the target's writer can take as bytes, its stored bytes as source runs.
 
     Such a tensor is in the output dtype already and only moves rows (see `fastcopy`); the writer needs it
-    whole or as row ranges: a row-parallel tensor split over TP ranks, an FP8 export and a source without
-    byte runs (legacy) go through memory."""
+    whole or as row ranges: a row-parallel tensor split over TP ranks, an FP8 export and what a source cannot
+    give as byte runs (see each source's ``spans``: MCore chunks split along columns, replicas to compare)
+    go through memory."""
     spans_of = getattr(source, "spans", None)
     if spans_of is None or (target.kind == "hf" and target.hf_fp8):
         return {}
@@ -102,14 +104,18 @@ def fast_plan(source: Source, target: Target, planned: list[PlannedTensor], dtyp
 
 def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: bool = False,
             progress_factory: Callable[[int, str], Progress] | None = None, config: ConfigOptions | None = None,
-            iteration: int | None = None, clean: bool = False, allow_nonfinite: bool = False) -> ConversionResult:
+            iteration: int | None = None, clean: bool = False, allow_nonfinite: bool = False,
+            team: Team | None = None, launch: Callable[[Path], None] | None = None) -> ConversionResult:
     """Convert ``src`` into ``dst``; every check runs before the first byte is written. ``config`` and
     ``iteration`` say how to read an MCore source that ckptbridge did not write (see `config_source`).
 
     Output is staged beside DST under a lock and replaces it only when complete (see `staging`);
-    ``clean`` removes what interrupted conversions to the same DST left behind.
+    ``clean`` removes what interrupted conversions to the same DST left behind. ``team``: this process's
+    rank among several converting together (each writes its share of whole files, see `team`);
+    ``launch(folder)``: run the workers that write into the staging folder instead of writing here.
     """
     start = time.perf_counter()
+    team = team or Team()
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)
     source = open_source(src, src_kind, config, iteration)
@@ -126,23 +132,58 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         if target.kind == "mcore":
             margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format,
                                        target.vocab_divisible_by, target.grouped_gemm)
-        if margs is not None and target.check_megatron:
+        if margs is not None and target.check_megatron and team.rank == 0:
             from .mcore.plan_check import check_plan_isolated  # imports megatron-core: only when asked
 
             check_plan_isolated(spec, margs, target.ckpt_format, target.spec_name)
         planned = spec.planned()
         fp8, full_precision = fp8_export(spec) if target.kind == "hf" and target.hf_fp8 else (None, set())
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
-        progress = progress_factory(total, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
+        assets = source_assets(src, source, config)
+        notes = source_notes(source)
+        with _staging(team, src, dst, force, clean, total) as stage:
+            if launch is not None:  # the workers write; this process holds the lock and moves the result
+                launch(stage.folder)
+                source.check_unchanged()
+            else:
+                output = output_for(spec, stage.folder, target.kind, target.ckpt_format, target.layout, margs, dtype,
+                                    target.spec_name, target.iteration, assets, shard_limit(source, target, dtype),
+                                    fp8, target.fast_copy)
+                share = None if team.size == 1 else assign(output.plan.sizes, team.size)[team.rank]
+                mine = planned if share is None else [pt for pt in planned if pt.mcore in output.plan.tensors_for(share)]
+                size = total if share is None else sum(output.plan.sizes[f] for f in share)
+                progress = progress_factory(size, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
+                values = ValueChecks(dtype, explicit=target.dtype is not None, allow_nonfinite=allow_nonfinite)
+                reports = _write_share(team, source, target, output, share, mine, dtype, margs, values, full_precision,
+                                       stage.progress(progress, size))
+                if team.rank == 0:
+                    output.finish(reports)
+                notes = (*notes, *values.notes())
+    finally:
+        source.close()
+    return ConversionResult(
+        src=src, dst=dst, src_format=source.format, dst_format=target.format_name, family=spec.mapping.family,
+        layout=target.layout.describe() if target.kind == "mcore" else "-", dtype=dtype, tensors=len(planned),
+        bytes=total, seconds=time.perf_counter() - start, notes=notes,
+        leftovers=stage.leftovers, cleaned=stage.cleaned, restored=stage.restored,
+    )
 
-        values = ValueChecks(dtype, explicit=target.dtype is not None, allow_nonfinite=allow_nonfinite)
 
-        def read_cast(pt: PlannedTensor) -> torch.Tensor:
-            # a tensor to quantize is read in fp32: rounding it to --dtype first would lose the exact values
-            return values.cast(pt, source.read(pt), torch.float32 if pt.mcore in full_precision else None)
+def _write_share(team: Team, source: Source, target: Target, output: Output, share: frozenset[str] | None,
+                 mine: list[PlannedTensor], dtype: torch.dtype, margs: dict | None, values: ValueChecks,
+                 full_precision: set[str], progress: Progress) -> list[Any]:
+    """Write this rank's data files (all of them: a team of one), then hear from every rank: what each
+    reports for the finishing step; a rank's failure stops all of them (nothing is installed)."""
 
+    def read_cast(pt: PlannedTensor) -> torch.Tensor:
+        # a tensor to quantize is read in fp32: rounding it to --dtype first would lose the exact values
+        return values.cast(pt, source.read(pt), torch.float32 if pt.mcore in full_precision else None)
+
+    failure: Exception | None = None
+    report = None
+    try:
         # tensors whose bytes move unchanged: copied from the held source files, never read into memory
-        plan = fast_plan(source, target, planned, dtype, margs) if target.fast_copy and not full_precision else {}
+        plan = fast_plan(source, target, mine, dtype, margs) if target.fast_copy and not full_precision else {}
 
         def fast(pt: PlannedTensor) -> Spans | None:
             spans = plan.get(pt.mcore)
@@ -150,32 +191,46 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
                 values.check_spans(pt, spans)  # the checks a cast would make, on the mapped source bytes
             return spans
 
-        assets = source_assets(src, source, config)
-        notes = source_notes(source)
-        slow = [pt for pt in planned if pt.mcore not in plan]  # the prefetcher follows the writers' own reads
-        with staged(src, dst, force, clean, total) as stage, closing(Prefetcher(slow, read_cast)) as read:
-            tmp, progress = stage.folder, stage.progress(progress, total)
-            if target.kind == "hf":
-                write_hf(spec, read, tmp, dtype, assets, progress, shard_limit(source, target, dtype), fp8=fp8,
-                         fast=fast, kernel_copy=target.fast_copy)
-            else:
-                if assets:
-                    (tmp / ASSETS_DIR).mkdir()
-                    for a in assets:
-                        copy_file(a, tmp / ASSETS_DIR / a.name)
-                iter_dir = tmp / iteration_name(target.iteration)
-                iter_dir.mkdir()
-                writer = write_torch_dist if target.ckpt_format == "torch_dist" else write_legacy
-                writer(spec, read, iter_dir, target.layout, margs, dtype, target.spec_name, progress,
-                       iteration=target.iteration or 0, fast=fast, kernel_copy=target.fast_copy)
-                write_tracker(tmp, target.iteration)  # last: the tracker makes the folder a checkpoint for Megatron-LM
-            source.check_unchanged()  # a source modified or replaced while it was read: nothing is installed
-    finally:
-        source.close()
-    return ConversionResult(
-        src=src, dst=dst, src_format=source.format, dst_format=target.format_name, family=spec.mapping.family,
-        layout=target.layout.describe() if target.kind == "mcore" else "-", dtype=dtype, tensors=len(planned),
-        bytes=total, seconds=time.perf_counter() - start, notes=(*notes, *values.notes()),
-        leftovers=stage.leftovers, cleaned=stage.cleaned, restored=stage.restored,
-    )
+        slow = [pt for pt in mine if pt.mcore not in plan]  # the prefetcher follows the writers' own reads
+        with closing(Prefetcher(slow, read_cast)) as read:
+            report = output.write(read, fast, progress, share)
+        source.check_unchanged()  # a source modified or replaced while it was read: nothing is installed
+    except Exception as exc:  # told to the other ranks first, then raised here
+        if team.size == 1:
+            raise
+        failure = exc
+    outcomes = team.gather((f"{type(failure).__name__}: {failure}" if failure else None, report))
+    if failure is not None:
+        raise failure
+    failed = [(rank, error) for rank, (error, _) in enumerate(outcomes) if error]
+    if failed:
+        raise WorkerError(f"worker {failed[0][0]} failed: {failed[0][1]} ({len(failed)} of {team.size} failed); "
+                          "nothing was installed")
+    return [r for _, r in outcomes]
 
+
+@contextmanager
+def _staging(team: Team, src: Path, dst: Path, force: bool, clean: bool, need: int) -> Iterator[Staging]:
+    """The folder this rank writes into: the one a --workers launcher prepared, else rank 0's `staged`
+    folder (its path shared with the other ranks; None tells them rank 0 could not prepare one)."""
+    given = given_staging()
+    if given is not None:
+        if not (given / MARKER).is_file():
+            raise WorkerError(f"{given}: not a staging folder ({STAGING_ENV} names where a launcher stages the output)")
+        yield Staging(given, [], [], None)
+        return
+    if team.rank:
+        folder = team.share(None)
+        if folder is None:
+            raise WorkerError("worker 0 could not prepare the destination (its error is above)")
+        yield Staging(Path(folder), [], [], None)
+        return
+    shared = team.size == 1
+    try:
+        with staged(src, dst, force, clean, need) as stage:
+            shared = True
+            team.share(str(stage.folder))
+            yield stage
+    finally:
+        if not shared:
+            team.share(None)

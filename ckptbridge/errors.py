@@ -36,3 +36,7 @@ class OptionError(CkptBridgeError):
 
 class DestinationError(CkptBridgeError):
     """The destination exists (without --force) or overlaps the source."""
+
+
+class WorkerError(CkptBridgeError):
+    """One of several processes converting together failed or stopped (torchrun, --workers)."""

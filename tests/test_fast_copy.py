@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptbridge.convert import Target, convert
+from ckptbridge.convert import Target, convert, fast_plan
 from ckptbridge.errors import PlanError
 from ckptbridge.fileio import copy_range_all
+from ckptbridge.formats.detect import open_source
 from ckptbridge.formats.torch_dist import read_metadata
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.values import _count_nonfinite, all_finite
@@ -49,15 +50,35 @@ def test_fast_path_writes_the_slow_paths_bytes(tiny_hf, tmp_path, layout, fmt):
     src = tiny_hf["qwen2.5-0.5b"]  # biases (1-D qkv interleave), tied embeddings, vocab padding
     fast, slow = both(src, tmp_path, kind="mcore", layout=ParallelLayout(**LAYOUTS[layout]), ckpt_format=fmt)
     assert_same_files(fast, slow)
-    back_fast, back_slow = both(fast, tmp_path / "back", kind="hf")
+    back_fast, back_slow = both(fast, tmp_path / "back", kind="hf")  # MCore source: chunks / rank files as runs
     assert_same_files(back_fast, back_slow)
     assert load_file(back_fast / "model.safetensors").keys() == load_file(src / "model.safetensors").keys()
+    other = dict(layout=ParallelLayout(**RESHARD[layout]), ckpt_format="torch" if fmt == "torch_dist" else "torch_dist")
+    re_fast, re_slow = both(fast, tmp_path / "reshard", kind="mcore", **other)  # MCore -> MCore
+    assert_same_files(re_fast, re_slow)
+    assert byte_runs(fast) > 0
+
+
+#: per round-trip layout, the layout an MCore -> MCore reshard of it goes to
+RESHARD = {name: (dict(tp=1, pp=2) if lay.get("tp", 1) > 1 else dict(tp=2)) for name, lay in LAYOUTS.items()}
+
+
+def byte_runs(mcore: Path) -> int:
+    """How many planned tensors an MCore -> HF conversion of ``mcore`` copies as byte runs."""
+    source = open_source(mcore, "mcore", None, None)
+    try:
+        source.verify()
+        return len(fast_plan(source, Target("hf"), source.spec.planned(), source.dtype, None))
+    finally:
+        source.close()
 
 
 @pytest.mark.parametrize("fmt,layout", [("torch_dist", dict(tp=2, ep=2)), ("torch", dict(tp=2, pp=2, ep=2, etp=1))])
 def test_fast_path_moe(tiny_moe, tmp_path, fmt, layout):
     fast, slow = both(tiny_moe["qwen3-30b-a3b"], tmp_path, kind="mcore", layout=ParallelLayout(**layout), ckpt_format=fmt)
     assert_same_files(fast, slow)
+    assert_same_files(*both(fast, tmp_path / "hf", kind="hf"))
+    assert_same_files(*both(fast, tmp_path / "ep1", kind="mcore", layout=ParallelLayout(tp=1, ep=2)))
 
 
 def test_fast_path_to_hf_equals_source(tiny_hf, tmp_path):

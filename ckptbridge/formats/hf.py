@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from ..fastcopy import Run, Spans, compose, hf_spans, row_moving, unit_runs
 from ..fileio import copy_file, write_text
 from ..hf_config import config_dtype, read_config, with_dtype
 from ..spec import ModelSpec, PlannedTensor
+from ..workshare import FilePlan
 from .fp8_block import BlockFP8, check_pair, dequantize, export_layout, parse_quantization, quantize, quantized_names, scale_name
 from .fp8_block import E4M3, SCALE_SUFFIX
 from .hf_ignored import planned_ignores, verify_ignored
@@ -249,6 +250,50 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+HFEntry = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+def hf_shards(spec: ModelSpec, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              fp8: BlockFP8 | None = None) -> list[tuple[str, list[tuple[PlannedTensor, list[HFEntry]]]]]:
+    """The safetensors files an HF output has, in order, with each planned tensor's HF entries (name,
+    dtype, shape; an FP8 weight brings its scale): from shapes alone, so workers agree on it."""
+    quantized = quantized_names(spec, fp8) if fp8 is not None else set()
+
+    def layout(pt: PlannedTensor) -> list[HFEntry]:
+        out: list[HFEntry] = []
+        if pt.rule.shared and pt.expert:  # fused experts: the one tensor is declared with expert 0
+            return out
+        for name, shape in [*zip(pt.hf_names, pt.hf_shapes), *((c, pt.hf_shapes[0]) for c in pt.hf_copies)]:
+            if name in quantized:
+                assert fp8 is not None
+                out += [(name, E4M3, shape), (scale_name(name), torch.float32, fp8.scale_shape(shape))]
+            else:
+                out.append((name, pt.dtype(dtype), shape))
+        return out
+
+    groups: list[list[tuple[PlannedTensor, list[HFEntry]]]] = [[]]
+    size = 0
+    for pt in spec.planned():
+        entries = layout(pt)
+        nbytes = sum(math.prod(shape) * dt.itemsize for _, dt, shape in entries)
+        if groups[-1] and nbytes and size + nbytes > max_shard_bytes:  # a fused tensor's later experts: 0 bytes
+            groups.append([])
+            size = 0
+        groups[-1].append((pt, entries))
+        size += nbytes
+    names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    return list(zip(names, groups))
+
+
+def hf_file_plan(spec: ModelSpec, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 fp8: BlockFP8 | None = None) -> FilePlan:
+    """The shards an HF output has, their tensor bytes, and which shard holds each planned tensor."""
+    shards = hf_shards(spec, dtype, max_shard_bytes, fp8)
+    sizes = {name: sum(math.prod(shape) * dt.itemsize for _, entries in group for _, dt, shape in entries)
+             for name, group in shards}
+    return FilePlan(sizes, {pt.mcore: frozenset([name]) for name, group in shards for pt, _ in group})
+
+
 def write_hf(
     spec: ModelSpec,
     read: Callable[[PlannedTensor], torch.Tensor],
@@ -260,49 +305,28 @@ def write_hf(
     fp8: BlockFP8 | None = None,
     fast: Callable[[PlannedTensor], Spans | None] | None = None,
     kernel_copy: bool = True,
+    files: Collection[str] | None = None,
+    finish: bool = True,
 ) -> None:
     """Write safetensors shards (+ index), config.json and the assets. With ``fp8`` (``--hf-dtype
     fp8-block``) the weights `fp8_block.quantized_names` picks are stored as e4m3 + fp32 block scales
     and the config declares that layout; without it, any quantization_config the model carried is
     dropped (the weights written are not quantized). A tied model's head is never written, as
-    transformers' ``save_pretrained`` does not write it."""
+    transformers' ``save_pretrained`` does not write it. Workers: ``files`` names the shards to write
+    (None: all); ``finish`` writes the rest (index, assets, config.json) once every shard is there."""
     quantized = quantized_names(spec, fp8) if fp8 is not None else set()
-
-    def layout(pt: PlannedTensor) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        out: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-        if pt.rule.shared and pt.expert:  # fused experts: the one tensor is declared with expert 0
-            return out
-        for name, shape in [*zip(pt.hf_names, pt.hf_shapes), *((c, pt.hf_shapes[0]) for c in pt.hf_copies)]:
-            if name in quantized:
-                assert fp8 is not None
-                out += [(name, E4M3, shape), (scale_name(name), torch.float32, fp8.scale_shape(shape))]
-            else:
-                out.append((name, pt.dtype(dtype), shape))
-        return out
-
-    groups: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for pt in spec.planned():
-        nbytes = sum(math.prod(shape) * dt.itemsize for _, dt, shape in layout(pt))
-        if groups[-1] and nbytes and size + nbytes > max_shard_bytes:  # a fused tensor's later experts: 0 bytes
-            groups.append([])
-            size = 0
-        groups[-1].append(pt)
-        size += nbytes
-    names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    weight_map: dict[str, str] = {}
-    total = 0
-    for fname, group in zip(names, groups):
-        with SafetensorsWriter(out / fname, [e for pt in group for e in layout(pt)], {"format": "pt"}) as writer:
+    shards = hf_shards(spec, dtype, max_shard_bytes, fp8)
+    for fname, group in shards:
+        if files is not None and fname not in files:
+            continue
+        with SafetensorsWriter(out / fname, [e for _, entries in group for e in entries], {"format": "pt"}) as writer:
             slots: list[torch.Tensor] = []  # a fused-experts tensor's slots so far (one layer of one rule)
-            for pt in group:
-                spans = fast(pt) if fast is not None else None
+            for pt, _ in group:
+                spans = fast(pt) if fast is not None and not pt.rule.shared else None  # fused experts: stacked below
                 parts_of = hf_spans(pt, spans, spec.args) if spans is not None else None
                 if parts_of is not None:  # bytes that move unchanged: copied from the source files
                     for name, part in [*zip(pt.hf_names, parts_of), *((c, parts_of[0]) for c in pt.hf_copies)]:
                         writer.write_spans(name, part, kernel_copy)
-                        weight_map[name] = fname
-                        total += part.nbytes
                     progress(spans.nbytes)
                     continue
                 canonical = read(pt)
@@ -322,12 +346,19 @@ def write_hf(
                         parts = [(name, tensor.to(pt.dtype(dtype)))]  # read in fp32 when a sibling is quantized
                     for part, data in parts:
                         writer.write(part, data)
-                        weight_map[part] = fname
-                        total += data.numel() * data.element_size()
                 progress(canonical.numel() * canonical.element_size())
+    if finish:
+        _finish_hf(spec, out, dtype, assets, shards, fp8)
+
+
+def _finish_hf(spec: ModelSpec, out: Path, dtype: torch.dtype, assets: list[Path],
+               shards: list[tuple[str, list[tuple[PlannedTensor, list[HFEntry]]]]], fp8: BlockFP8 | None) -> None:
+    """The assets, the index (when sharded) and config.json, last."""
     for asset in assets:
         copy_file(asset, out / asset.name)
-    if len(groups) > 1:
+    if len(shards) > 1:
+        weight_map = {name: fname for fname, group in shards for _, entries in group for name, _, _ in entries}
+        total = sum(math.prod(shape) * dt.itemsize for _, group in shards for _, entries in group for _, dt, shape in entries)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         write_text(out / INDEX, json.dumps(index, indent=2) + "\n")
     config = spec.hf_config if config_dtype(spec.hf_config) in (None, dtype) else with_dtype(spec.hf_config, dtype)

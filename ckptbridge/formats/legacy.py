@@ -12,9 +12,10 @@ stage in memory.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from ..fastcopy import Spans, write_spans
 from ..sharding import ShardKind, merge, split
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
+from ..workshare import FilePlan
 from .held_file import HeldFile
 from .safe_globals import save_with_megatron_names
 from .mcore_common import (
@@ -36,6 +38,7 @@ from .mcore_common import (
     bridge_record,
     is_extra_state,
     read_storage,
+    stored_run,
     safe_load,
     CommonState,
     SkippedState,
@@ -54,6 +57,28 @@ def rank_dir_name(tp: int, pp: int, layout: ParallelLayout, ep: int = 0) -> str:
     if layout.ep > 1:
         name += f"_{ep:03d}"
     return name
+
+
+def rank_file(tp: int, pp: int, layout: ParallelLayout, ep: int = 0) -> str:
+    """A rank's file, relative to the iteration folder."""
+    return f"{rank_dir_name(tp, pp, layout, ep)}/{FILE}"
+
+
+def legacy_file_plan(spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], dtype: torch.dtype,
+                     spec_name: str, grouped: bool = False) -> FilePlan:
+    """The rank files a legacy output of ``layout`` has, their tensor bytes, and which hold each tensor."""
+    sizes = {rank_file(t, p, layout, e): 0 for t, p, e in all_ranks(layout)}
+    files_of: dict[str, frozenset[str]] = {}
+    for name, entries in slots(spec, layout, spec_name, grouped).items():
+        where = set()
+        for pt, slot in entries:
+            nbytes = math.prod(local_shape(pt, margs, layout, spec_name)) * pt.dtype(dtype).itemsize
+            for t, p, e in all_ranks(layout):
+                if p == slot.pp and slot.ep in (None, e):
+                    sizes[rank_file(t, p, layout, e)] += nbytes
+                    where.add(rank_file(t, p, layout, e))
+        files_of[name] = frozenset(where)
+    return FilePlan(sizes, files_of)
 
 
 def all_ranks(layout: ParallelLayout) -> list[Rank]:
@@ -151,9 +176,11 @@ def write_legacy(
     iteration: int = 0,
     fast: Callable[[PlannedTensor], Spans | None] | None = None,
     kernel_copy: bool = True,
+    files: Collection[str] | None = None,
 ) -> None:
-    """Write every rank file of ``layout``; ``read`` yields canonical tensors already in ``dtype``, ``fast``
-    a tensor's stored bytes as source runs (or None: read it), copied inside the kernel when ``kernel_copy``."""
+    """Write every rank file of ``layout`` (only those named in ``files``, relative to ``iter_dir``, when
+    given); ``read`` yields canonical tensors already in ``dtype``, ``fast`` a tensor's stored bytes as
+    source runs (or None: read it), copied inside the kernel when ``kernel_copy``."""
     if layout.expert_tp not in (1, layout.tp):
         raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
     grouped = bool(margs.get("moe_grouped_gemm"))
@@ -164,33 +191,38 @@ def write_legacy(
         # every (TP, EP) file of the stage at once: each canonical tensor is read once, however many
         # EP ranks hold a replica of it
         todo = [(pt, slot) for entries in placement.values() for pt, slot in entries if slot.pp == pp]
-        files: dict[tuple[int, int], _Laid] = {}
+        laid_out: dict[tuple[int, int], _Laid] = {}
         try:
             for rank in [(t, e) for e in range(layout.ep) for t in range(layout.tp)]:
-                path = iter_dir / rank_dir_name(rank[0], pp, layout, rank[1]) / FILE
+                name = rank_file(rank[0], pp, layout, rank[1])
+                if files is not None and name not in files:
+                    continue
+                path = iter_dir / name
                 mine = [(pt, slot) for pt, slot in todo if slot.ep in (None, rank[1])]
-                files[rank] = _lay_out(path, spec, layout, margs, dtype, pp, rank[1], grouped, mine,
+                laid_out[rank] = _lay_out(path, spec, layout, margs, dtype, pp, rank[1], grouped, mine,
                                        {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
                                         "ckptbridge": record}, spec_name)
             for pt, slot in todo:
+                if not any(slot.ep in (None, e) for _, e in laid_out):
+                    continue  # held only by other workers' files
                 spans = fast(pt) if fast is not None else None
                 if spans is not None:  # bytes that move unchanged: each rank's rows copied from the source
                     parts = shard_spans(spans, pt.rule.shard_kind(spec_name), layout.tp_for(pt.rule.parallel), pt.mcore)
-                    for (t, e), laid in files.items():
+                    for (t, e), laid in laid_out.items():
                         if slot.ep in (None, e):
                             laid.write_spans(slot, parts[shard_index(t, pt, layout)], kernel_copy)
                     progress(spans.nbytes)
                     continue
                 canonical = pt.to_stored(read(pt), margs)
                 shards = split(canonical, pt.rule.shard_kind(spec_name), layout.tp_for(pt.rule.parallel), pt.mcore)
-                for (t, e), laid in files.items():
+                for (t, e), laid in laid_out.items():
                     if slot.ep in (None, e):
                         laid.write(slot, shards[shard_index(t, pt, layout)])
                 progress(canonical.numel() * canonical.element_size())
-            for laid in files.values():
+            for laid in laid_out.values():
                 laid.check()
         finally:
-            for laid in files.values():
+            for laid in laid_out.values():
                 laid.file.close()
 
 
@@ -407,6 +439,37 @@ class LegacySource:
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
         return self._read_slot(pt, self._slots[pt.mcore][0][1])
+
+    def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
+        """The canonical tensor as runs of the held rank files, when no replica needs comparing (`read`
+        compares a dense weight across EP ranks and a replicated one across TP ranks) and its TP shards are
+        row ranges already in ``dtype``; None otherwise. The tied replica on the last stage is compared
+        by `verify`."""
+        slot = self._slots[pt.mcore][0][1]
+        parts, kind = self.layout.tp_for(pt.rule.parallel), pt.rule.shard_kind(self.spec_name)
+        sharded = kind.axis is not None and parts > 1
+        if (slot.ep is None and self.layout.ep > 1) or (self.layout.tp > 1 and not (sharded and parts == self.layout.tp)) \
+                or (sharded and kind.axis != 0):
+            return None
+        shards = []
+        for t in range(self.layout.tp):
+            rank = (t, slot.pp, slot.ep or 0)
+            meta = self.meta[rank][slot.model_key][slot.key]
+            run = stored_run(self._fd(rank), 0, meta)
+            if run is None or meta.dtype != dtype:
+                return None
+            shards.append(Spans((run,), dtype, tuple(meta.shape)))
+        full = shards[0]
+        if sharded:  # `sharding.merge` on byte runs: each rank's regions put back at their global rows
+            shape = (shards[0].shape[0] * parts, *shards[0].shape[1:])
+            pieces = []
+            for shard, regions in zip(shards, kind.regions(shape, parts, pt.mcore)):
+                at = 0
+                for start, length in regions:
+                    pieces.append((start, shard.rows(at, length).runs))
+                    at += length
+            full = Spans(tuple(r for _, runs in sorted(pieces, key=lambda p: p[0]) for r in runs), dtype, shape)
+        return full.rows(0, pt.shape[0]) if pt.rule.shard.padded else full
 
     def check_replicas(self) -> None:
         """The tied output-layer replica on the last stage must equal the embedding."""

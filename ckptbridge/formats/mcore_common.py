@@ -21,6 +21,7 @@ from ..spec import ModelSpec
 from .bridge_config import RUN_CONFIG, args_from_run_config
 from .safe_globals import megatron_globals
 from .safetensors_io import read_into
+from ..fastcopy import Run
 
 CHECKPOINT_VERSION = 3.0
 RELEASE = "release"
@@ -200,3 +201,17 @@ def read_storage_at(fd: int, base: int, meta: torch.Tensor, what: str) -> torch.
     raw = read_into(fd, base + offset, storage.nbytes(), what)
     flat = raw.view(meta.dtype) if storage.nbytes() else torch.empty(0, dtype=meta.dtype)
     return flat.as_strided(meta.shape, meta.stride(), meta.storage_offset())
+
+
+def stored_run(fd: int, base: int, meta: torch.Tensor) -> Run | None:
+    """The bytes of a tensor loaded with ``map_location='meta'`` from the torch.save archive ``base`` bytes
+    into ``fd``, as one run of that file, when they are one C-ordered block (None: strided, a view that
+    does not fit its storage, or no offset reported). A view into a larger storage (a bucket) is fine."""
+    storage = meta.untyped_storage()
+    offset = getattr(storage, "_checkpoint_offset", None)
+    if offset is None or not meta.is_contiguous():
+        return None
+    start, length = meta.storage_offset() * meta.element_size(), meta.numel() * meta.element_size()
+    if start + length > storage.nbytes():
+        return None
+    return Run(fd, base + offset + start, length)

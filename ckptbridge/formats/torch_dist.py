@@ -1,4 +1,5 @@
-"""Megatron-Core's ``torch_dist`` format (``torch.distributed.checkpoint`` underneath).
+"""Reading Megatron-Core's ``torch_dist`` format (``torch.distributed.checkpoint`` underneath); writing
+is `torch_dist_writer`.
 
 Global tensors are layout-independent: homogeneous layers are stacked on a
 leading layer axis and stored as chunks (one per layer and TP region, as
@@ -15,45 +16,26 @@ import json
 import math
 import os
 import pickle
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.serialization import config as serialization_config
 
 from ..errors import FormatError, PlanError
-from ..fastcopy import Spans, write_spans
-from ..fileio import CheckedFile, check_size, pwrite_all, write_bytes, write_text
+from ..fastcopy import Run, Spans
 from ..layout import ParallelLayout
-from ..mapping.schema import layer_key
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
 from ..spec_names import LOCAL_TO_TE_LAYER_KEYS
 from . import dcp_metadata
-from .dcp_metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageInfo,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from .bridge_config import RUN_CONFIG, run_config_text
+from .dcp_metadata import BytesStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata
 from .held_file import HeldFile
-from .safe_globals import save_with_megatron_names
 from .mcore_common import (
-    CHECKPOINT_VERSION,
-    args_namespace,
-    bridge_record,
     is_extra_state,
     is_training_state,
     read_storage_at,
+    stored_run,
     CommonState,
     SkippedState,
 )
@@ -77,161 +59,7 @@ def global_shape(pt: PlannedTensor, margs: dict[str, Any], stacked: bool) -> tup
     return (*lead, *pt.stored_shape(margs))
 
 
-def write_torch_dist(
-    spec: ModelSpec,
-    read: Callable[[PlannedTensor], torch.Tensor],
-    iter_dir: Path,
-    layout: ParallelLayout,
-    margs: dict[str, Any],
-    dtype: torch.dtype,
-    spec_name: str,
-    progress: Callable[[int], None],
-    iteration: int = 0,
-    fast: Callable[[PlannedTensor], Spans | None] | None = None,
-    kernel_copy: bool = True,
-) -> None:
-    """Write the data files, common.pt and .metadata; ``fast(pt)`` gives a tensor's stored bytes as source runs
-    (copied inside the kernel when ``kernel_copy``) or None (then ``read(pt)`` gives the tensor)."""
-    iter_dir.mkdir(parents=True, exist_ok=True)
-    chunks = layout.chunks(spec.num_layers)
-    stacked = spec.stacked
-    stage_of = {layer: c.pp_rank for c in chunks for layer in c.layers}
-    state: dict[str, TensorStorageMetadata] = {}
-    storage: dict[MetadataIndex, StorageInfo] = {}
-    files: dict[int, CheckedFile] = {}
-
-    def data_file(rank: int) -> CheckedFile:
-        """The ``__{rank}_0.distcp`` file of the rank that would own an item in megatron-core."""
-        if rank not in files:
-            files[rank] = CheckedFile(iter_dir / f"__{rank}_0.distcp")
-        return files[rank]
-
-    data_at: dict[tuple[tuple[int, ...], torch.dtype], int] = {}  # item framing -> where its tensor bytes start
-
-    def put(f: CheckedFile, shape: tuple[int, ...], dt: torch.dtype, fill: Callable[[int, int], None]) -> int:
-        """Lay out one item (torch.save framing, data skipped) at the end of ``f``, fill its tensor bytes
-        with ``fill(fd, offset)``; returns the item's start. The bytes equal a plain torch.save's."""
-        begin = f.tell()
-        with _no_crc(), torch.serialization.skip_data():
-            f.saving(torch.empty(shape, dtype=dt))  # never touched: only the framing is written
-        end = f.tell()
-        if (shape, dt) not in data_at:
-            data_at[(shape, dt)] = _data_offset(f.path, begin, end - begin)
-        fill(f.fd, begin + data_at[(shape, dt)])
-        return begin
-
-    try:
-        for pt in spec.planned():
-            spans = fast(pt) if fast is not None else None
-            canonical = None if spans is not None else pt.to_stored(read(pt), margs)
-            stored_shape = tuple(spans.shape) if spans is not None else tuple(canonical.shape)
-            out_dtype = spans.dtype if spans is not None else canonical.dtype
-            key = storage_key(pt, stacked)
-            meta = state.setdefault(
-                key, TensorStorageMetadata(TensorProperties(dtype=pt.dtype(dtype)), torch.Size(global_shape(pt, margs, stacked)), [])
-            )
-            stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
-            kind = pt.rule.shard_kind(spec_name)  # chunked as that spec's model saves it
-            lead = lead_index(pt, stacked)
-            for rank, regions in enumerate(kind.regions(stored_shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
-                if kind.axis is None and rank:
-                    break  # replicated: stored once
-                for start, length in regions:
-                    offsets = [0] * len(stored_shape)
-                    shape = list(stored_shape)
-                    if kind.axis is not None:
-                        offsets[kind.axis], shape[kind.axis] = start, length
-                    f = data_file(stage * layout.tp + rank)
-                    if spans is not None:
-                        whole = kind.axis is None or length == stored_shape[kind.axis]
-                        part = spans if whole else spans.rows(start, length)  # only dim-0 splits reach here
-                        fill = (lambda fd, at, part=part, f=f: write_spans(part, fd, at, f.path, kernel_copy))
-                    else:
-                        piece = canonical if kind.axis is None else canonical.narrow(kind.axis, start, length)
-                        data = memoryview(piece.contiguous().view(torch.uint8).numpy()).cast("B") if piece.numel() else b""
-                        fill = (lambda fd, at, data=data, f=f: pwrite_all(fd, data, at, f.path))
-                    item_shape = tuple([1] * len(lead) + shape)
-                    begin = put(f, item_shape, out_dtype, fill)
-                    storage[MetadataIndex(key, torch.Size(lead + offsets))] = StorageInfo(f.path.name, begin, f.tell() - begin)
-                    meta.chunks.append(ChunkStorageMetadata(torch.Size(lead + offsets), torch.Size(item_shape)))
-            progress(math.prod(stored_shape) * out_dtype.itemsize)
-        none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
-        experts = int(spec.args.get("num_moe_experts") or 0)
-        for extra, layer, expert, mtp in spec.extra_states():
-            if extra.legacy_only or (layer is None and mtp is None):
-                continue
-            template = extra.dist or extra.module
-            base = layer_key(template, layer, stacked) if mtp is None else template.replace("{M}", str(mtp))
-            if stacked and mtp is None:
-                shard = f"{layer}_{spec.num_layers}" if expert is None else f"{layer}.{expert}_{spec.num_layers}.{experts}"
-            else:  # per-layer keys (non-homogeneous layers, MTP blocks): no layer axis
-                shard = "0_1" if expert is None else f"{expert}_{experts}"
-            key = f"{base}._extra_state/shard_{shard}"
-            f = data_file((stage_of[layer] if mtp is None else layout.pp - 1) * layout.tp)
-            begin = f.tell()
-            f.write(none_bytes)
-            state[key] = BytesStorageMetadata()
-            storage[MetadataIndex(key)] = StorageInfo(f.path.name, begin, len(none_bytes))
-    finally:
-        for f in files.values():
-            f.close()
-    _check_items(iter_dir, storage)
-    metadata = Metadata(
-        state_dict_metadata=dict(state),
-        planner_data={k: (k,) for k in state},
-        storage_data=storage,
-        storage_meta=StorageMeta(checkpoint_id=None, save_id=uuid.uuid4().hex, load_id=None),
-    )
-    # .metadata last: without it the folder is not a torch_dist checkpoint (for megatron-core either)
-    write_bytes(iter_dir / "common.pt", _saved(
-        {"args": args_namespace(margs, iteration), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-         "ckptbridge": bridge_record(spec)}, megatron_names=True))
-    write_text(iter_dir / RUN_CONFIG, run_config_text(margs))  # what Megatron-Bridge's export_ckpt builds the model from
-    write_text(iter_dir / "metadata.json", json.dumps(METADATA_JSON))
-    write_bytes(iter_dir / ".metadata", dcp_metadata.dumps(metadata))
-
-
-def _check_items(iter_dir: Path, storage: dict[MetadataIndex, StorageInfo]) -> None:
-    """Each data file holds exactly its items, back to back, as the index will say."""
-    sizes: dict[str, int] = {}
-    for info in storage.values():
-        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sizes.items():
-        check_size(iter_dir / name, size)
-
-
-def _data_offset(path: Path, begin: int, length: int) -> int:
-    """Where, in the item of ``length`` bytes at ``begin`` of ``path`` (laid out, data skipped), the tensor's
-    bytes start (relative to ``begin``)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        meta = torch.load(io.BufferedReader(_Window(fd, begin, length)), weights_only=True, map_location="meta")
-    finally:
-        os.close(fd)
-    return meta.untyped_storage()._checkpoint_offset
-
-
-def _saved(obj: Any, megatron_names: bool = False) -> bytes:
-    """``torch.save`` bytes, as megatron-core stores a ShardedObject; ``megatron_names``: enum stand-ins
-    pickled as megatron's enums (``args``)."""
-    buf = io.BytesIO()
-    (save_with_megatron_names if megatron_names else torch.save)(obj, buf)
-    return buf.getvalue()
-
-
-@contextmanager
-def _no_crc() -> Iterator[None]:
-    """Skip the zip CRC32 of each chunk (torch.load never checks it; it halves save time)."""
-    cfg = serialization_config.save
-    old = cfg.compute_crc32
-    cfg.compute_crc32 = False
-    try:
-        yield
-    finally:
-        cfg.compute_crc32 = old
-
-
-class _Window(io.RawIOBase):
+class Window(io.RawIOBase):
     """A read-only file object over ``length`` bytes at ``offset`` of an open file: one DCP item."""
 
     def __init__(self, fd: int, offset: int, length: int):
@@ -335,6 +163,7 @@ class TorchDistSource:
             raise FormatError(f"{mjson}: sharded_backend is {backend!r}, only torch_dist is supported")
         self.common = CommonState.read(self.iter_dir / "common.pt", options)
         self.spec, self.margs = self.common.spec, self.common.margs
+        self._stacked = self.spec.stacked  # derived from the rules each time it is asked: once per source
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
         self.metadata = _with_spec_names(read_metadata(self.iter_dir), self.spec)
@@ -402,14 +231,16 @@ class TorchDistSource:
         for f in self._files.values():
             f.check_unchanged()
 
-    def _load_chunk(self, chunk: _Chunk, key: str) -> torch.Tensor:
+    def _chunk_meta(self, chunk: _Chunk, key: str) -> tuple[int, torch.Tensor, str]:
+        """The held descriptor of a chunk's data file, the chunk's tensor on the meta device (its bytes
+        checked to lie inside the item) and how errors name it."""
         path = self.iter_dir / chunk.info.relative_path
         if chunk.info.relative_path not in self._files:  # read without verify(): open it now
             self._files[chunk.info.relative_path] = HeldFile(path)
         fd = self._files[chunk.info.relative_path].fd
         what = f"{path}: chunk {list(chunk.offsets)} of {key!r}"
         try:
-            meta = torch.load(io.BufferedReader(_Window(fd, chunk.info.offset, chunk.info.length)),
+            meta = torch.load(io.BufferedReader(Window(fd, chunk.info.offset, chunk.info.length)),
                               weights_only=True, map_location="meta")
         except Exception as exc:  # torch raises RuntimeError/UnpicklingError for a damaged zip record
             raise FormatError(f"{what}: cannot be read ({str(exc).splitlines()[0]})") from None
@@ -418,10 +249,47 @@ class TorchDistSource:
         storage = meta.untyped_storage()
         if storage._checkpoint_offset + storage.nbytes() > chunk.info.length:
             raise FormatError(f"{what}: tensor bytes run past the item's end")
+        return fd, meta, what
+
+    def _load_chunk(self, chunk: _Chunk, key: str) -> torch.Tensor:
+        fd, meta, what = self._chunk_meta(chunk, key)
         return read_storage_at(fd, chunk.info.offset, meta, what)
 
+    def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
+        """The canonical tensor as runs of the held data files, when its chunks are row ranges (every chunk
+        of the layer spans all but the first dimension: TP 1, or column-parallel) already in ``dtype``;
+        None otherwise (row-parallel chunks, a cast, strided storage): then `read` assembles it."""
+        key = storage_key(pt, self._stacked)
+        md = self.metadata.state_dict_metadata[key]
+        lead = lead_index(pt, self._stacked)
+        n, full = len(lead), tuple(md.size)[len(lead):]
+        if md.properties.dtype != dtype or not full:
+            return None
+        mine = [c for c in self.chunks[key] if all(o <= i < o + s for i, o, s in zip(lead, c.offsets, c.sizes))]
+        if any(c.offsets[n + 1:] != (0,) * (len(full) - 1) or c.sizes[n + 1:] != full[1:] for c in mine):
+            return None
+        row_bytes = math.prod(full[1:]) * dtype.itemsize
+        runs, row = [], 0
+        for c in sorted(mine, key=lambda c: c.offsets[n]):
+            if c.offsets[n] != row:
+                return None
+            fd, meta, _ = self._chunk_meta(c, key)
+            run = stored_run(fd, c.info.offset, meta)
+            if run is None or meta.dtype != dtype or tuple(meta.shape) != c.sizes:
+                return None
+            local = 0  # the layer's (and expert's) place inside the chunk: lead axes are outermost, so one block
+            for i, o, s in zip(lead, c.offsets, c.sizes):
+                local = local * s + (i - o)
+            block = c.sizes[n] * row_bytes
+            runs.append(Run(fd, run.offset + local * block, block))
+            row += c.sizes[n]
+        if row != full[0]:
+            return None
+        spans = Spans(tuple(runs), dtype, full)
+        return spans.rows(0, pt.shape[0]) if pt.rule.shard.padded else spans
+
     def read(self, pt: PlannedTensor) -> torch.Tensor:
-        stacked = self.spec.stacked
+        stacked = self._stacked
         key = storage_key(pt, stacked)
         md = self.metadata.state_dict_metadata[key]
         lead = lead_index(pt, stacked)

@@ -1,0 +1,137 @@
+"""Several processes writing one conversion (torchrun, gloo on CPU): the same files as one process, and
+a worker that dies leaves neither DST nor the staging folder behind.
+
+No output file is named by the writer's rank: torch_dist data files carry the rank megatron-core would
+save them from (``__{stage x TP + TP rank}_0.distcp``), legacy files their (TP, PP, EP) rank, HF shards
+their index, whichever worker writes them. So every file is byte-identical to a one-process run; only
+``.metadata`` differs, by the random ``save_id`` two one-process runs differ by too (its index is
+compared instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptbridge.convert import Target, convert
+from ckptbridge.formats.hf import hf_file_plan
+from ckptbridge.layout import ParallelLayout
+from ckptbridge.spec import ModelSpec
+from ckptbridge.workshare import assign, loads
+
+from test_fast_copy import assert_same_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def _ckptbridge(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckptbridge", "convert", "-q", *args], capture_output=True,
+                          text=True, env=_env(**env), timeout=300)
+
+
+def _ours(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if "ckptbridge" in p.name)
+
+
+def test_assign_splits_by_bytes():
+    shares = assign({"a": 10, "b": 7, "c": 3, "d": 3, "e": 1}, 2)
+    assert shares == [frozenset({"a", "d"}), frozenset({"b", "c", "e"})]  # largest first onto the least loaded
+    assert loads({"a": 10, "b": 7, "c": 3, "d": 3, "e": 1}, shares) == [13, 11]
+    assert assign({"a": 1}, 3) == [frozenset({"a"}), frozenset(), frozenset()]  # more workers than files
+
+
+def test_workers_write_the_one_process_files(tiny_hf, tmp_path):
+    """`--workers 2` (a real torchrun launch on this machine) for each output format."""
+    src = tiny_hf["qwen2.5-0.5b"]
+    mcore = tmp_path / "one"
+    convert(src, mcore, None, Target("mcore", ParallelLayout(tp=2, pp=2)))
+    runs = [
+        (src, ["--src", "hf", "--dst", "mcore", "--tp", "2", "--pp", "2"]),  # torch_dist: 4 data files
+        (mcore, ["--src", "mcore", "--dst", "mcore", "--format", "torch", "--tp", "2", "--pp", "2"]),  # legacy
+        (mcore, ["--src", "mcore", "--dst", "hf", "--max-shard-size", "200KB"]),  # HF shards + index
+    ]
+    for i, (source, args) in enumerate(runs):
+        one, two = tmp_path / f"{i}-one", tmp_path / f"{i}-two"
+        assert _ckptbridge(*args, str(source), str(one)).returncode == 0
+        done = _ckptbridge(*args, "--workers", "2", str(source), str(two))
+        assert done.returncode == 0, done.stderr
+        assert_same_files(one, two)
+        assert _ours(tmp_path) == []
+
+
+def test_torchrun_launch_rank0_stages(tiny_hf, tmp_path):
+    """torchrun started by hand (as on several nodes): rank 0 holds the lock and the staging folder."""
+    src = tiny_hf["llama3.2-1b"]
+    one = tmp_path / "one"
+    convert(src, one, None, Target("mcore", ParallelLayout(tp=2)))
+    two = tmp_path / "two"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "ckptbridge", "convert", "--src", "hf", "--dst", "mcore", "--tp", "2", str(src),
+                           str(two)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("hf -> torch_dist") == 1  # one summary: rank 0's
+    assert_same_files(one, two)
+    assert _ours(tmp_path) == []
+
+
+def _worker(staging_under: Path, rank: int, timeout: float = 120) -> int:
+    """The pid of worker ``rank`` launched for a staging folder under ``staging_under``, once it has
+    SIGSTOPped itself (state T)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                environ = (proc / "environ").read_bytes().split(b"\0")
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            staging = [e for e in environ if e.startswith(b"CKPTBRIDGE_STAGING=")]
+            if staging and str(staging_under).encode() in staging[0] and f"RANK={rank}".encode() in environ \
+                    and state == "T":
+                return int(proc.name)
+        time.sleep(0.1)
+    raise AssertionError(f"worker {rank} never reached its stop point")
+
+
+def test_killed_worker_leaves_nothing(tiny_hf, tmp_path):
+    src, dst = tiny_hf["qwen2.5-0.5b"], tmp_path / "out"
+    launcher = subprocess.Popen([sys.executable, "-m", "ckptbridge", "convert", "-q", "--src", "hf", "--dst", "mcore",
+                                 "--tp", "2", "--pp", "2", "--workers", "2", str(src), str(dst)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env(CKPTBRIDGE_TEST_STOP_AT="half"))  # each worker stops half-way
+    try:
+        victim, other = _worker(tmp_path, 1), _worker(tmp_path, 0)
+        assert any(p.name.startswith(".out.ckptbridge-tmp-") for p in tmp_path.iterdir())  # half written
+        os.kill(victim, signal.SIGKILL)
+        os.kill(other, signal.SIGCONT)
+        _, err = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 2, err
+    assert "nothing was installed" in err
+    assert not dst.exists() and _ours(tmp_path) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2, 8])
+def test_shard_plan_covers_every_tensor(tiny_hf, workers):
+    spec = ModelSpec.from_hf_config(json.loads((tiny_hf["llama3.2-1b"] / "config.json").read_text()))
+    plan = hf_file_plan(spec, torch.float32, 100_000)
+    shares = assign(plan.sizes, workers)
+    assert set().union(*shares) == set(plan.sizes) and sum(loads(plan.sizes, shares)) == sum(plan.sizes.values())
+    assert set().union(*(plan.tensors_for(s) for s in shares)) == {pt.mcore for pt in spec.planned()}

@@ -36,7 +36,8 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 #: a preset per shipped mapping family
 FAMILY_PRESETS = {"llama": "llama3.1-8b", "mistral": "mistral-7b", "ministral": "ministral-8b", "qwen2": "qwen2.5-0.5b",
                   "qwen3": "qwen3-8b", "mixtral": "mixtral-8x7b", "qwen3_moe": "qwen3-30b-a3b",
-                  "qwen2_moe": "qwen1.5-moe-a2.7b", "deepseek_v3": "deepseek-v3", "phi3": "phi3-mini"}
+                  "qwen2_moe": "qwen1.5-moe-a2.7b", "deepseek_v3": "deepseek-v3", "phi3": "phi3-mini",
+                  "deepseek_v2": "deepseek-v2-lite", "glm4_moe": "glm-4.5"}
 
 
 def tiny_spec(preset: str, registry: MappingRegistry | None = None) -> ModelSpec:

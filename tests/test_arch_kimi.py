@@ -155,3 +155,16 @@ def test_moonlight_preset_passes_the_default_gate(tmp_path: Path) -> None:
     assert "gate: passed" in res.output
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert summary["meta"]["probe_positions"] == [2048, 4096, 8000]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"norm_topk_prob": False}, "norm_topk_prob=false: megatron-core's sigmoid router always renormalises"),
+    ({"n_group": 8, "topk_group": 2}, "group-limited routing with top 8 of 2 groups"),
+])
+def test_deepseek_v3_routers_megatron_cannot_compute_are_refused(change: dict, message: str) -> None:
+    """transformers' DeepseekV3 router renormalises only with norm_topk_prob and ranks groups by their best two
+    experts; megatron-core always renormalises and ranks by the best topk / group_topk."""
+    from ckptbridge.errors import UnsupportedArchitectureError
+
+    with pytest.raises(UnsupportedArchitectureError, match=message):
+        ModelSpec.from_hf_config({**load_preset("kimi-k2")["hf_config"], **change})

@@ -98,24 +98,30 @@ def _logits_partial_and_full_rotary(rank: int, world: int, iter_dir: str, tp: in
     mm.init_parallel(tp, pp, seed=100 + rank, ep=ep, etp=1)
     models = mm.build_gpt_model(args, dtype=torch.float32)
     result = mm.load_torch_dist(models, iter_dir)
-    partial = mm.forward_logits(models, TOKENS, vocab_size=args.vocab_size)
+    with mm.main_logits_only(models):
+        partial = mm.forward_logits(models, TOKENS, vocab_size=args.vocab_size)
+    mtp = sorted(k for k in models[-1].state_dict() if k.startswith("mtp.") and not k.endswith("_extra_state"))
     for m in models:
         assert m.rotary_pos_emb.inv_freq.numel() == args.kv_channels // 4  # half the channels, in pairs
         m.rotary_pos_emb = RotaryEmbedding(kv_channels=args.kv_channels, rotary_percent=1.0,
                                            rotary_base=args.rotary_base, use_cpu_initialization=True)
-    full = mm.forward_logits(models, TOKENS, vocab_size=args.vocab_size)
-    return partial, full, sorted(result["unexpected"]) + sorted(result["missing"])
+    with mm.main_logits_only(models):
+        full = mm.forward_logits(models, TOKENS, vocab_size=args.vocab_size)
+    return partial, full, mtp, sorted(result["unexpected"]) + sorted(result["missing"])
 
 
 def test_megatron_loads_at_another_layout_with_hf_logits_and_partial_rotary_matters(glm: Path, tmp_path: Path) -> None:
-    """Written at TP2 x EP2, loaded at PP2: HF's logits; the same weights rotating every channel differ."""
-    mcore = to_mcore(glm, tmp_path / "mcore", "torch_dist", tp=2, ep=2, etp=1)
+    """With an MTP block, written at TP2 x EP2, loaded strictly at PP2 (the MTP block on the last stage): HF's
+    logits; the same weights rotating every channel differ."""
+    src = add_mtp_blocks(glm, tmp_path / "mtp", depth=1)
+    mcore = to_mcore(src, tmp_path / "mcore", "torch_dist", tp=2, ep=2, etp=1)
     expected = hf_logits(glm)
     got = [r for r in run_distributed(_logits_partial_and_full_rotary, 2, str(mcore / "release"), 1, 2, 1,
                                       timeout=240) if r[0] is not None]
     assert len(got) == 1
-    partial, full, problems = got[0]
-    assert problems == []
+    partial, full, mtp, problems = got[0]
+    assert problems == []  # every checkpoint tensor and every model tensor, MTP block included
+    assert "mtp.layers.0.eh_proj.weight" in mtp and "mtp.layers.0.transformer_layer.self_attention.linear_qkv.bias" in mtp
     assert (partial - expected).abs().max() <= ATOL
     assert (full - expected).abs().max() > 100 * ATOL
 

@@ -53,8 +53,10 @@ def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads:
         out.update(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
         if cfg.get("q_lora_rank") is not None:
             out["q_lora_rank"] = 32
-        out["first_k_dense_replace"] = min(cfg.get("first_k_dense_replace", 0), 1)
-        out["n_group"], out["topk_group"] = 2, 1
+        if cfg.get("n_group", 1) > 1:  # group-limited routing stays group-limited; one group (Kimi-K2) stays one
+            out["n_group"], out["topk_group"] = 2, 1
+    if "first_k_dense_replace" in cfg:  # DeepSeek, GLM-4.5: one dense layer, then MoE layers
+        out["first_k_dense_replace"] = min(cfg["first_k_dense_replace"], 1)
     for key in ("num_local_experts", "num_experts", "n_routed_experts"):  # mixture of experts: fewer, narrower experts
         if key in cfg:
             out[key] = experts

@@ -34,14 +34,14 @@ def mappings_dir() -> Path:
 
 
 def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
-    """Expand ``include: family`` in the config, checks, tensors and extra_state sections.
+    """Expand ``include: family`` in the config, checks, warnings, tensors and extra_state sections.
 
     A dict section (config) merges the included one with the fields given beside ``include``.
     A list section takes the included list, drops the entries whose ``mcore``/``module`` name is
     listed under ``exclude`` and appends the entries under ``add``.
     """
     out = copy.deepcopy(raw)
-    for section in ("config", "hf_config", "hf_defaults", "tensors", "checks", "extra_state", "ignore"):
+    for section in ("config", "hf_config", "hf_defaults", "tensors", "checks", "warnings", "extra_state", "ignore"):
         value = out.get(section)
         if isinstance(value, dict) and "include" in value:
             base_name = value.pop("include")

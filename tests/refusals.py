@@ -1,4 +1,4 @@
-"""Shared steps of the refusal tests (tests/test_arch_gemma.py, test_arch_olmo.py): the real public config of a
+"""Shared steps of the refusal tests (tests/test_arch_refused.py and the per-family refusal tests): the real public config of a
 refused architecture, and a tiny model of it saved by the real transformers class, which ``convert`` must refuse
 with the mapping's one-line reason before writing anything."""
 

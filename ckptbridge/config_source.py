@@ -12,7 +12,6 @@ Values the args cannot decide (the unpadded vocabulary, token ids) come from fla
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -115,7 +114,7 @@ def resolve(raw_args: Mapping[str, Any], record: Any, where: Path, options: Conf
                               "ckptbridge record")
     args = checkpoint_args(raw_args)
     if options.hf_config is not None:
-        raw = _read_hf_config(options.hf_config)
+        raw = read_config(options.hf_config)
         raw.update(dict(options.hf_set))
         spec = ModelSpec.from_hf_config(raw, registry)
         check_agrees(spec, args, where, f"--hf-config {options.hf_config}")
@@ -225,18 +224,3 @@ def _detected(env: Mapping[str, Any], where: Path, registry: MappingRegistry) ->
             f"{where}: no mapping describes a model with these args ({', '.join(f'{k}={v!r}' for k, v in shown.items())}); "
             f"supported: {', '.join(registry.architectures)} (pass --arch or --hf-config to choose)")
     return found
-
-
-def _read_hf_config(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        return read_config(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{path}: --hf-config does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise FormatError(f"{path}: a config.json holds a JSON object")
-    return raw

@@ -30,7 +30,9 @@ _DTYPES = LONG_NAMES
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
+    """The ``config.json`` of an HF folder, or the file itself when ``folder`` is a config file
+    (``--hf-config``, ``check-mapping --hf``): a JSON object, else a one-line error naming the file."""
+    path = Path(folder) if Path(folder).is_file() else Path(folder) / "config.json"
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:

@@ -12,7 +12,6 @@ produces. The first failure is raised naming the section and field.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,13 +108,7 @@ def check_mapping(path: Path, registry: MappingRegistry, hf: Path | None = None,
 
 def _hf_config(mapping: ArchMapping, hf: Path | None, presets: dict[str, dict[str, Any]]) -> tuple[dict | None, str]:
     if hf is not None:
-        hf = Path(hf)
-        if hf.is_dir():
-            return read_config(hf), str(hf)
-        try:
-            return json.loads(hf.read_text()), str(hf)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise MappingError(f"{hf}: not an HF folder or a readable config.json ({exc})") from None
+        return read_config(Path(hf)), str(hf)
     from ..presets import convertible_config
 
     for name, preset in sorted(presets.items()):

@@ -60,6 +60,7 @@ __all__ = [
     "LOCAL_TO_TE_MLA_KEYS",
     "decoder_spec_from_config",
     "main_logits_only",
+    "forward_mtp_logits",
 ]
 
 #: Top-level module prefixes of a ``GPTModel`` (sharded keys and state-dict keys).
@@ -324,5 +325,5 @@ def build_gpt_model(
     return models
 
 
-from ckptbridge.mcore.forward import forward_logits, main_logits_only  # noqa: E402
+from ckptbridge.mcore.forward import forward_logits, forward_mtp_logits, main_logits_only  # noqa: E402
 from ckptbridge.mcore.load import CheckpointMismatchError, load_legacy_rank, load_torch_dist  # noqa: E402

@@ -105,7 +105,7 @@ class HFRecorder(_Hooks):
             self._record(layer, P.layer_point(i, "output"))
         self._record_input(dec.norm, P.FINAL_NORM_INPUT)
         self._record(dec.norm, P.FINAL_NORM)
-        routing.hook_hf(self, dec.layers)
+        routing.hook_hf(self, model, dec.layers)
 
     def _record_input(self, module: torch.nn.Module, name: str) -> None:
         def pre(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

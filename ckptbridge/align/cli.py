@@ -86,6 +86,7 @@ def align(preset, hf_path, mcore_path, random_init, layers, shrink, seed, prompt
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")  # megatron's fp32-weight norm, every call
     from .gate import evaluate, load_thresholds
     from .report import write_report
+    from .routing_report import unmeasured_note
     from .runner import MODES, AlignOptions, run_alignment
 
     if preset is None and hf_path is None:
@@ -133,6 +134,8 @@ def align(preset, hf_path, mcore_path, random_init, layers, shrink, seed, prompt
         click.echo(f"skipped {s.name}: {s.skipped}")
     if result.meta.get("hf_attention_note"):
         click.echo(f"note: {result.meta['hf_attention_note']}")
+    if unmeasured_note(result):
+        click.echo("note: " + unmeasured_note(result).replace("**", ""))
     click.echo(f"report: {paths['report']}")
     click.echo(f"gate: {'FAILED' if failed else 'passed'} ({len(checks) - len(failed)}/{len(checks)} checks)")
     for c in failed:

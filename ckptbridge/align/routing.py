@@ -4,10 +4,18 @@ Layer metrics average over tokens; a router whose top-k choice flips for a handf
 exactly those tokens' hidden states far (they go through other experts), while the layer's
 relative error barely moves.  So every pass also records, per MoE layer:
 
-* the router logits ``[tokens, experts]`` (HF: ``mlp.gate``'s first output; MCore: the
-  ``TopKRouter.gating`` result, recorded by wrapping that method on the instance),
-* the chosen experts ``[tokens, k]`` and their combine weights, ordered by weight (HF:
-  ``mlp.gate``'s ``(logits, weights, indices)``; MCore: the router's ``(probs, routing_map)``).
+* the router logits ``[tokens, experts]`` (MCore: the ``TopKRouter.gating`` result, recorded by
+  wrapping that method on the instance),
+* the chosen experts ``[tokens, k]`` and their combine weights, ordered by weight (MCore: the
+  router's ``(probs, routing_map)``).
+
+The HF router is found as data, not per model: it is the module holding the HF tensor that the
+family's mapping file maps to MCore's ``decoder.layers.{L}.mlp.router.weight`` (``mlp.gate`` for
+Mixtral/Qwen/DeepSeek/GLM, ``mlp.router`` for gpt-oss, ``feed_forward.router`` for Llama 4); what
+its forward returns comes from its form (bare logits, or transformers 5's ``(logits, top-k weights,
+top-k indices)``) or, for the other forms, from :data:`ROUTER_OUTPUTS`, keyed by the router's class.
+An MCore MoE layer whose HF router was not recorded gets a row that says so (``hf_router``), never
+silence.
 
 Tokens are put in HF's ``[batch, seq]`` order on both sides (MCore flattens ``[seq, batch]``).
 :func:`compare_routing` turns a pair of captures into one row per MoE layer: logit error, top-k
@@ -22,7 +30,19 @@ from typing import Any
 
 import torch
 
+from ckptbridge.errors import CkptBridgeError
+from ckptbridge.mapping.schema import TensorRule
+
 LOGITS, TOPK, WEIGHTS = "router_logits", "router_topk", "router_weights"
+#: the MCore router weight of every MoE layer; the mapping rule that fills it names the HF router module
+MCORE_ROUTER = "decoder.layers.{L}.mlp.router.weight"
+#: What an HF router's forward returns, by class, where it is neither bare logits nor transformers 5's
+#: ``(logits, top-k weights, top-k indices)`` (every ``*TopKRouter``: Mixtral, Qwen-MoE, DeepSeek, GLM, gpt-oss).
+#: ``scores``: ``[tokens, experts]`` combine weights, exactly 0 off the chosen experts.
+ROUTER_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "Llama4Router": ("scores", "logits"),  # sigmoid of the top-k logits scattered over -inf: sigmoid(-inf) = 0
+}
+_DEFAULT_OUTPUTS = {1: ("logits",), 3: ("logits", "weights", "indices")}
 #: Token positions whose expert set differs, listed per row (the rest are counted only).
 MAX_LISTED = 8
 
@@ -50,23 +70,71 @@ class _Restore:
         vars(self.obj).pop(self.attr, None)
 
 
-def hook_hf(recorder: Any, layers: Sequence[torch.nn.Module]) -> None:
-    """Record ``mlp.gate`` of every HF MoE layer (transformers 5 routers return
-    ``(logits, top-k weights, top-k indices)``; a gate returning only logits records logits)."""
-    for i, layer in enumerate(layers):
-        gate = getattr(getattr(layer, "mlp", None), "gate", None)
-        if gate is None or not hasattr(getattr(layer, "mlp", None), "experts"):
+def hf_router_rule(arch: str) -> TensorRule | None:
+    """The rule for :data:`MCORE_ROUTER` in the mapping of HF architecture ``arch``, or None."""
+    from ckptbridge.mapping.registry import default_registry
+
+    return next((r for r in default_registry().for_architecture(arch).tensors if r.mcore == MCORE_ROUTER), None)
+
+
+def hf_router_path(rule: TensorRule | None, layer: int | str = "{L}") -> str | None:
+    """``model.layers.3.mlp.gate``: the module holding the HF router weight of ``layer``."""
+    if rule is None:
+        return None
+    name = rule.hf[0].replace("{L}", str(layer))
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def hf_router_where(arch: str) -> str:
+    """Where the HF router is looked for, in words (reported when some MoE layer has none)."""
+    path = hf_router_path(hf_router_rule(arch))
+    if path is None:
+        return f"the {arch} mapping has no rule for {MCORE_ROUTER}, so no HF router module is known"
+    return f"the HF router is the module {path} (the mapping's rule for {MCORE_ROUTER})"
+
+
+def unmeasured_layers(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """MoE layers (baseline passes) where MCore has a router and HF recorded none."""
+    return sorted({int(r["layer"]) for r in rows if r.get("setting") == "baseline" and r.get("hf_router") == "not recorded"})
+
+
+def router_outputs(router: torch.nn.Module, out: Any) -> dict[str, torch.Tensor]:
+    """Name the parts of a router's output (:data:`ROUTER_OUTPUTS`, else by its form)."""
+    parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    names = ROUTER_OUTPUTS.get(type(router).__name__) or _DEFAULT_OUTPUTS.get(len(parts))
+    if names is None or len(names) != len(parts):
+        raise CkptBridgeError(f"HF router {type(router).__name__} returns {len(parts)} values; add what they are to "
+                              "ckptbridge.align.routing.ROUTER_OUTPUTS")
+    return dict(zip(names, parts))
+
+
+def hook_hf(recorder: Any, model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> None:
+    """Record the router of every HF MoE layer (the module :func:`hf_router_path` names; a layer
+    without one is dense, or its router is not where the mapping says: the MCore side then shows it)."""
+    rule = hf_router_rule((getattr(model.config, "architectures", None) or [type(model).__name__])[0])
+    modules = dict(model.named_modules())
+    for i in range(len(layers)):
+        router = modules.get(hf_router_path(rule, i) or "")
+        if router is None:  # a dense layer, or a router that is not where the mapping says
             continue
 
-        def hook(_m: torch.nn.Module, _args: Any, out: Any, i: int = i) -> None:
-            logits = out[0] if isinstance(out, (tuple, list)) else out
-            recorder.tensors[point(i, LOGITS)] = logits.detach().float().reshape(-1, logits.shape[-1]).cpu()
-            if isinstance(out, (tuple, list)) and len(out) == 3:
-                idx, w = _by_weight(out[2].detach().reshape(logits.reshape(-1, logits.shape[-1]).shape[0], -1).cpu(),
-                                    out[1].detach().float().reshape(-1, out[2].shape[-1]).cpu())
-                recorder.tensors[point(i, TOPK)], recorder.tensors[point(i, WEIGHTS)] = idx, w
+        def hook(m: torch.nn.Module, _args: Any, out: Any, i: int = i) -> None:
+            named = router_outputs(m, out)
+            logits = named["logits"].detach().float()
+            logits = logits.reshape(-1, logits.shape[-1]).cpu()
+            recorder.tensors[point(i, LOGITS)] = logits
+            if "indices" in named:
+                idx = named["indices"].detach().reshape(logits.shape[0], -1).cpu()
+                w = named["weights"].detach().float().reshape(idx.shape).cpu()
+            elif "scores" in named:
+                scores = named["scores"].detach().float().reshape(logits.shape).cpu()
+                idx = scores.ne(0).nonzero()[:, 1].reshape(logits.shape[0], -1)
+                w = scores.gather(-1, idx)
+            else:
+                return
+            recorder.tensors[point(i, TOPK)], recorder.tensors[point(i, WEIGHTS)] = _by_weight(idx, w)
 
-        recorder.handles.append(gate.register_forward_hook(hook))
+        recorder.handles.append(router.register_forward_hook(hook))
 
 
 def hook_mcore(recorder: Any, layers: Sequence[torch.nn.Module]) -> None:
@@ -111,8 +179,12 @@ def moe_layers(caps: dict[str, torch.Tensor]) -> list[int]:
 
 def compare_routing(hf: dict[str, torch.Tensor], mc: dict[str, torch.Tensor], base: dict[str, Any],
                     seq_len: int) -> list[dict[str, Any]]:
-    """One row per MoE layer present on both sides (``base`` fields + routing metrics)."""
-    rows = []
+    """One row per MoE layer present on both sides (``base`` fields + routing metrics), and one per MCore MoE
+    layer whose HF router was not recorded (``hf_router: "not recorded"``, no metrics)."""
+    rows: list[dict[str, Any]] = []
+    for layer in sorted(set(moe_layers(mc)) - set(moe_layers(hf))):  # an MCore router with no HF router recorded
+        rows.append({**base, "layer": layer, "experts": int(mc[point(layer, LOGITS)].shape[1]),
+                     "hf_router": "not recorded"})
     for layer in moe_layers(hf):
         if point(layer, LOGITS) not in mc:
             continue

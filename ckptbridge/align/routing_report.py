@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .routing import unmeasured_layers  # noqa: E402
 from .runner import BASELINE, AlignResult  # noqa: E402
 from .table import markdown  # noqa: E402
 
@@ -31,6 +32,10 @@ def routing_section(result: AlignResult) -> str:
     if df.empty:
         return ("No MoE layer in this model (or no router recorded)." if not result.meta.get("moe")
                 else "MoE layers were present but no router output was recorded on both sides.")
+    missing = unmeasured_note(result)
+    if "topk_agreement" not in df:
+        return missing
+    df = df[df["topk_agreement"].notna()]
     base = df[df["setting"] == BASELINE]
     cols = [c for c in COLUMNS if c in base.columns]
     text = ("Per MoE layer and pass: the router logits' error, **top-k agreement** (share of tokens whose set of "
@@ -50,7 +55,16 @@ def routing_section(result: AlignResult) -> str:
         text += (f"\n\n**Routing differs** at {layers}: the tokens listed above go to other experts in MCore than in HF. "
                  "Typical causes: a dropped or mis-mapped expert-score bias (`e_score_correction_bias`), permuted "
                  "experts, a different score function or group-limited top-k, router math in another dtype.")
-    return text
+    return text + ("\n\n" + missing if missing else "")
+
+
+def unmeasured_note(result: AlignResult) -> str:
+    """One line naming the MoE layers whose routing was not measured (no HF router recorded), and why."""
+    layers = unmeasured_layers(result.routing)
+    if not layers:
+        return ""
+    return (f"**Routing not measured** at MoE layer(s) {', '.join(map(str, layers))}: MCore has a router there, "
+            f"HF recorded none; {result.meta.get('hf_router') or 'no HF router module is known'}.")
 
 
 def skipped_section(result: AlignResult) -> str:
@@ -66,6 +80,7 @@ def routing_plot(result: AlignResult, path: Path) -> Path | None:
     df = routing_frame(result)
     if df.empty or "topk_agreement" not in df:
         return None
+    df = df[df["topk_agreement"].notna()]
     base = df[(df["setting"] == BASELINE) & (df["position"] == 0)]
     if base.empty:
         return None

@@ -276,6 +276,8 @@ def _run(opts: AlignOptions, weights: Weights, dtype: torch.dtype, settings: lis
     from ..harness.checkpoint_args import checkpoint_args
 
     from .hf_side import attention_implementation
+    from ..megatron_args import from_megatron_lm
+    from .routing import hf_router_where
 
     cfg = weights.hf_config
     sample = make_tokens(weights.hf_path, int(cfg["vocab_size"]), opts.prompt, opts.tokens, opts.seq_len)
@@ -288,6 +290,7 @@ def _run(opts: AlignOptions, weights: Weights, dtype: torch.dtype, settings: lis
     hf_attention, attention_note = attention_implementation(weights.hf_path)
     settings, skipped = _applicable(settings, registry, ctx.mcore_args, hf_attention, opts)
     positions = probe_positions(opts, preset, int(cfg.get("max_position_embeddings") or 0), sample.ids.shape[1])
+    moe = bool(from_megatron_lm(ctx.mcore_args).get("num_moe_experts"))  # the checkpoint says num_experts
     meta = {
         "preset": opts.preset, "hub_id": (preset or {}).get("hub_id"),
         "hf_weights": weights.hf_source, "mcore_weights": weights.mcore_source, "random_init": weights.random_init,
@@ -297,7 +300,8 @@ def _run(opts: AlignOptions, weights: Weights, dtype: torch.dtype, settings: lis
         "dtype": opts.dtype, "tp": opts.tp, "pp": opts.pp, "modes": list(opts.modes), "layerwise": opts.layerwise,
         "tokens": sample.source, "seq_len": int(sample.ids.shape[1]), "token_ids_head": sample.ids[0, :16].tolist(),
         "probe_positions": positions,
-        "hf_attention": hf_attention, "hf_attention_note": attention_note, "moe": bool(ctx.mcore_args.get("num_moe_experts")),
+        "hf_attention": hf_attention, "hf_attention_note": attention_note, "moe": moe,
+        "hf_router": hf_router_where((cfg.get("architectures") or ["?"])[0]) if moe else None,
         "skipped": {s.name: s.skipped for s in skipped},
         "probe_method": ("the sample's first half at position ids 0..h-1 and its second half at P..P+h-1, so the second "
                          "half attends across a distance of about P (HF: position_ids with an explicit all-ones mask; "

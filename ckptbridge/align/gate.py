@@ -39,6 +39,7 @@ import yaml
 
 from ..errors import CkptBridgeError
 from ..harness.junit import JUnitCase, write_junit_cases
+from .routing import unmeasured_layers
 
 GROUPS = ("logits", "points", "probe", "routing")
 KEYS = ("max_abs", "min_top1", "max_kl", "min_cosine", "max_rel_err", "max_growth", "min_routing_agreement")
@@ -153,7 +154,8 @@ def _isnan(v: Any) -> bool:
 def evaluate(rows: list[dict[str, Any]], thresholds: Thresholds, modes: list[str], num_layers: int,
              routing: list[dict[str, Any]] | None = None) -> list[ThresholdCheck]:
     """Judge the *baseline* setting: logits and per-layer points in each mode, each probe position,
-    and (MoE models) each MoE layer's routing agreement in every baseline pass."""
+    and (MoE models) each MoE layer's routing agreement in every baseline pass (failed where HF's router
+    was not recorded: routing that cannot be measured does not pass)."""
     base = [r for r in rows if r["setting"] == "baseline"]
     checks: list[ThresholdCheck] = []
     for mode in modes:
@@ -172,6 +174,10 @@ def evaluate(rows: list[dict[str, Any]], thresholds: Thresholds, modes: list[str
     for layer in sorted({r["layer"] for r in base_routing}):
         checks += _judge(f"routing.layer{layer}", thresholds.get("routing", {}),
                          [r for r in base_routing if r["layer"] == layer], where_key="where")
+    limit = thresholds.get("routing", {}).get("min_routing_agreement")
+    for layer in unmeasured_layers(routing or []) if limit is not None else []:  # a router gate that cannot run fails
+        checks.append(ThresholdCheck(f"routing.layer{layer}.topk_agreement", "min_routing_agreement", math.nan, limit,
+                                     False, "MCore has a router here, HF recorded none (report.md, MoE routing)"))
     return checks
 
 

@@ -112,9 +112,11 @@ def hook_hf(recorder: Any, model: torch.nn.Module, layers: Sequence[torch.nn.Mod
     """Record the router of every HF MoE layer (the module :func:`hf_router_path` names; a layer
     without one is dense, or its router is not where the mapping says: the MCore side then shows it)."""
     rule = hf_router_rule((getattr(model.config, "architectures", None) or [type(model).__name__])[0])
+    if rule is None:  # a dense family
+        return
     modules = dict(model.named_modules())
     for i in range(len(layers)):
-        router = modules.get(hf_router_path(rule, i) or "")
+        router = modules.get(hf_router_path(rule, i))  # type: ignore[arg-type]
         if router is None:  # a dense layer, or a router that is not where the mapping says
             continue
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from ckptbridge.convert import Target, convert
-from ckptbridge.formats.hf import hf_file_plan
+from ckptbridge.formats.hf import hf_plan
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.spec import ModelSpec
 from ckptbridge.workshare import assign, loads
@@ -131,7 +131,7 @@ def test_killed_worker_leaves_nothing(tiny_hf, tmp_path):
 @pytest.mark.parametrize("workers", [1, 2, 8])
 def test_shard_plan_covers_every_tensor(tiny_hf, workers):
     spec = ModelSpec.from_hf_config(json.loads((tiny_hf["llama3.2-1b"] / "config.json").read_text()))
-    plan = hf_file_plan(spec, torch.float32, 100_000)
+    plan = hf_plan(spec, spec.planned(), torch.float32, 100_000).files
     shares = assign(plan.sizes, workers)
     assert set().union(*shares) == set(plan.sizes) and sum(loads(plan.sizes, shares)) == sum(plan.sizes.values())
     assert set().union(*(plan.tensors_for(s) for s in shares)) == {pt.mcore for pt in spec.planned()}

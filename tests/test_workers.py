@@ -5,7 +5,8 @@ No output file is named by the writer's rank: torch_dist data files carry the ra
 save them from (``__{stage x TP + TP rank}_0.distcp``), legacy files their (TP, PP, EP) rank, HF shards
 their index, whichever worker writes them. So every file is byte-identical to a one-process run; only
 ``.metadata`` differs, by the random ``save_id`` two one-process runs differ by too (its index is
-compared instead).
+compared instead). The exception: more workers than torch_dist ranks cut each rank's data into parts
+(``__R_K.distcp``), different files holding the same tensors (megatron-core's own load is the check).
 """
 
 from __future__ import annotations

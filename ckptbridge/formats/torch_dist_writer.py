@@ -78,13 +78,15 @@ def dist_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: Paralle
     whole files to write (the files then depend on the number of workers; the tensors do not)."""
     stage_of = {layer: c.pp_rank for c in layout.chunks(spec.num_layers) for layer in c.layers}
     stacked = spec.stacked  # derived from the rules each time it is asked
-    rows = []
+    cut = _Cut(planned, margs, dtype, workers if workers > layout.pp * layout.tp else 1)
+    steps = []
     for pt in planned:
         stored_shape = tuple(pt.stored_shape(margs))
+        itemsize = pt.dtype(dtype).itemsize
         stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
         kind = pt.rule.shard_kind(spec_name)  # chunked as that spec's model saves it
         lead = lead_index(pt, stacked)
-        items = []
+        items, sizes = [], []
         for rank, regions in enumerate(kind.regions(stored_shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
             if kind.axis is None and rank:
                 break  # replicated: stored once
@@ -93,38 +95,34 @@ def dist_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: Paralle
                 if kind.axis is not None:
                     offsets[kind.axis], shape[kind.axis] = start, length
                 whole = kind.axis is None or length == stored_shape[kind.axis]
-                items.append((stage * layout.tp + rank, tuple(lead + offsets), tuple([1] * len(lead) + shape),
-                              None if whole else (start, length), math.prod(shape) * pt.dtype(dtype).itemsize))
-        rows.append((pt, storage_key(pt, stacked), items))
-    part = _parts([(rank, nbytes) for _, _, items in rows for rank, *_, nbytes in items],
-                  workers if workers > layout.pp * layout.tp else 1)
-    steps, at = [], 0
-    for pt, key, items in rows:
-        chunks = []
-        for rank, index, shape, region, nbytes in items:
-            chunks.append(_Item(data_file_name(rank, part[at]), index, shape, region))
-            at += 1
-        steps.append(Step(pt, (key, chunks), tuple((c.file, math.prod(c.shape) * pt.dtype(dtype).itemsize) for c in chunks)))
+                nbytes = math.prod(shape) * itemsize
+                name = data_file_name(stage * layout.tp + rank, cut.part(stage * layout.tp + rank, nbytes))
+                items.append(_Item(name, tuple(lead + offsets), tuple([1] * len(lead) + shape), None if whole else (start, length)))
+                sizes.append((name, nbytes))
+        steps.append(Step(pt, (storage_key(pt, stacked), items), tuple(sizes)))
     extras = _extra_items(spec, layout)
     return WritePlan("torch_dist", spec, dtype, tuple(steps), file_plan(steps, [name for _, name in extras]),
                      layout, margs, spec_name, iteration, detail=extras)
 
 
-def _parts(items: list[tuple[int, int]], workers: int) -> list[int]:
-    """Per item (rank, bytes; in writing order), the part of its rank's data it goes to: a rank's items
-    cut in order whenever a part would pass ``total / workers`` bytes (a part holds at least one item)."""
-    if workers <= 1:
-        return [0] * len(items)
-    target = max(1, -(-sum(n for _, n in items) // workers))
-    filled: dict[int, tuple[int, int]] = {}  # rank -> (current part, its bytes)
-    out = []
-    for rank, nbytes in items:
-        part, size = filled.get(rank, (0, 0))
-        if size and size + nbytes > target:
+class _Cut:
+    """Which part of its rank's data each item goes to, items taken in writing order: a rank's data is
+    cut whenever a part would pass ``total / workers`` bytes (a part holds at least one item; one
+    worker: never cut)."""
+
+    def __init__(self, planned: Sequence[PlannedTensor], margs: dict[str, Any], dtype: torch.dtype, workers: int):
+        total = sum(math.prod(pt.stored_shape(margs)) * pt.dtype(dtype).itemsize for pt in planned) if workers > 1 else 0
+        self.target = -(-total // workers) if workers > 1 else None
+        self.filled: dict[int, tuple[int, int]] = {}  # rank -> (current part, its bytes)
+
+    def part(self, rank: int, nbytes: int) -> int:
+        if self.target is None:
+            return 0
+        part, size = self.filled.get(rank, (0, 0))
+        if size and size + nbytes > self.target:
             part, size = part + 1, 0
-        filled[rank] = (part, size + nbytes)
-        out.append(part)
-    return out
+        self.filled[rank] = (part, size + nbytes)
+        return part
 
 
 def _extra_items(spec: ModelSpec, layout: ParallelLayout) -> list[tuple[str, str]]:

@@ -121,8 +121,9 @@ class HFSource:
 
     def verify(self) -> None:
         expected: dict[str, tuple[int, ...]] = {}
-        self.layouts = {pt.mcore: self._layout(pt) for pt in self.spec.planned()}
-        for pt in self.spec.planned():
+        planned = self.spec.planned()
+        self.layouts = {pt.mcore: self._layout(pt) for pt in planned}
+        for pt in planned:
             layout = self.layouts[pt.mcore]
             expected.update(zip(layout.names, layout.shapes))
             for name in pt.hf_copies:

@@ -21,9 +21,8 @@ import time
 
 import torch
 
-from ckptbridge.formats.hf import hf_file_plan
-from ckptbridge.formats.legacy import legacy_file_plan
-from ckptbridge.formats.torch_dist_writer import dist_file_plan
+from ckptbridge.formats.hf import DEFAULT_MAX_SHARD_BYTES
+from ckptbridge.output import plan_output
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.presets import load_preset
 from ckptbridge.spec import ModelSpec
@@ -38,19 +37,21 @@ def plan_once(preset: str, output: str, workers: list[int]) -> dict:
     spec = ModelSpec.from_hf_config(load_preset(preset)["hf_config"])
     planned = spec.planned()
     dtype = torch.bfloat16
-    if output == "hf":
-        plan = hf_file_plan(spec, dtype)
-    else:
-        layout = ParallelLayout(**LAYOUT)
-        fmt = "torch_dist" if output == "torch_dist" else "torch"
-        margs = spec.megatron_args(layout, dtype, "te", fmt, 128, False)
-        plan = (dist_file_plan if fmt == "torch_dist" else legacy_file_plan)(spec, layout, margs, dtype, "te")
+    layout = ParallelLayout(**LAYOUT)
+    margs = None if output == "hf" else spec.megatron_args(layout, dtype, "te", output, 128, False)
+
+    def plan_for(n: int):  # torch_dist cuts ranks' data into parts when there are more workers than ranks
+        return plan_output(spec, planned, output, dtype, layout, margs, "te", None, DEFAULT_MAX_SHARD_BYTES, None, n).files
+
+    plan = plan_for(1)
     planned_s = time.perf_counter() - start
     split = {}
     for n in workers:
         t = time.perf_counter()
-        per = loads(plan.sizes, assign(plan.sizes, n))
-        split[n] = dict(max_gib=max(per) / GIB, min_gib=min(per) / GIB, seconds=time.perf_counter() - t)
+        files = plan_for(n) if output == "torch_dist" else plan
+        per = loads(files.sizes, assign(files.sizes, n))
+        split[n] = dict(max_gib=max(per) / GIB, min_gib=min(per) / GIB, files=len(files.sizes),
+                        seconds=time.perf_counter() - t)
     return dict(output=output, tensors=len(planned), files=len(plan.sizes), total_gib=sum(plan.sizes.values()) / GIB,
                 plan_seconds=planned_s, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 split=split)

@@ -3,6 +3,7 @@ folder beside the destination and move it into place only when complete."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,8 @@ from .prefetch import Prefetcher
 from .spec import PlannedTensor
 from .values import ValueChecks
 from .errors import WorkerError
-from .output import Output, output_for
+from .fileio import write_text
+from .output import Output, plan_output
 from .staging import MARKER, Leftover, Staging, check_destination, staged
 from .team import STAGING_ENV, Team, given_staging
 from .workshare import assign
@@ -141,24 +143,28 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         assets = source_assets(src, source, config)
         notes = source_notes(source)
+        plan = None
+        if launch is None:  # the one plan this process's writer, prefetcher and share follow
+            plan = plan_output(spec, planned, target.format_name, dtype, target.layout, margs, target.spec_name,
+                               target.iteration, shard_limit(source, target, dtype), fp8, team.size)
         with _staging(team, src, dst, force, clean, total) as stage:
-            if launch is not None:  # the workers write; this process holds the lock and moves the result
+            if plan is None:  # the workers write; this process holds the lock and moves the result
                 launch(stage.folder)
                 source.check_unchanged()
+                notes = _merged(notes, _take_notes(stage.folder))
             else:
-                output = output_for(spec, stage.folder, target.kind, target.ckpt_format, target.layout, margs, dtype,
-                                    target.spec_name, target.iteration, assets, shard_limit(source, target, dtype),
-                                    fp8, target.fast_copy)
-                share = None if team.size == 1 else assign(output.plan.sizes, team.size)[team.rank]
-                mine = planned if share is None else [pt for pt in planned if pt.mcore in output.plan.tensors_for(share)]
-                size = total if share is None else sum(output.plan.sizes[f] for f in share)
+                output = Output(plan, stage.folder, assets, target.fast_copy)
+                share = None if team.size == 1 else assign(plan.files.sizes, team.size)[team.rank]
+                size = total if share is None else sum(plan.files.sizes[f] for f in share)
                 progress = progress_factory(size, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
                 values = ValueChecks(dtype, explicit=target.dtype is not None, allow_nonfinite=allow_nonfinite)
-                reports = _write_share(team, source, target, output, share, mine, dtype, margs, values, full_precision,
-                                       stage.progress(progress, size))
+                reports, worker_notes = _write_share(team, source, target, output, share, values, full_precision,
+                                                     stage.progress(progress, size))
+                notes = _merged(notes, worker_notes)
                 if team.rank == 0:
                     output.finish(reports)
-                notes = (*notes, *values.notes())
+                    if given_staging() is not None:  # the --workers launcher reports them
+                        write_text(stage.folder / NOTES, json.dumps(notes))
     finally:
         source.close()
     return ConversionResult(
@@ -170,10 +176,11 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
 
 
 def _write_share(team: Team, source: Source, target: Target, output: Output, share: frozenset[str] | None,
-                 mine: list[PlannedTensor], dtype: torch.dtype, margs: dict | None, values: ValueChecks,
-                 full_precision: set[str], progress: Progress) -> list[Any]:
+                 values: ValueChecks, full_precision: set[str], progress: Progress) -> tuple[list[Any], tuple[str, ...]]:
     """Write this rank's data files (all of them: a team of one), then hear from every rank: what each
-    reports for the finishing step; a rank's failure stops all of them (nothing is installed)."""
+    reports for the finishing step, and the notes its value checks made (in rank order); a rank's
+    failure stops all of them (nothing is installed)."""
+    plan = output.plan
 
     def read_cast(pt: PlannedTensor) -> torch.Tensor:
         # a tensor to quantize is read in fp32: rounding it to --dtype first would lose the exact values
@@ -183,30 +190,48 @@ def _write_share(team: Team, source: Source, target: Target, output: Output, sha
     report = None
     try:
         # tensors whose bytes move unchanged: copied from the held source files, never read into memory
-        plan = fast_plan(source, target, mine, dtype, margs) if target.fast_copy and not full_precision else {}
+        mine = list({s.pt.mcore: s.pt for s in plan.mine(share)}.values())
+        spans_of = fast_plan(source, target, mine, plan.dtype, plan.margs) if target.fast_copy and not full_precision else {}
 
         def fast(pt: PlannedTensor) -> Spans | None:
-            spans = plan.get(pt.mcore)
+            spans = spans_of.get(pt.mcore)
             if spans is not None:
                 values.check_spans(pt, spans)  # the checks a cast would make, on the mapped source bytes
             return spans
 
-        slow = [pt for pt in mine if pt.mcore not in plan]  # the prefetcher follows the writers' own reads
-        with closing(Prefetcher(slow, read_cast)) as read:
+        with closing(Prefetcher(plan.reads(share, spans_of), read_cast)) as read:  # the writer's reads, in order
             report = output.write(read, fast, progress, share)
         source.check_unchanged()  # a source modified or replaced while it was read: nothing is installed
     except Exception as exc:  # told to the other ranks first, then raised here
         if team.size == 1:
             raise
         failure = exc
-    outcomes = team.gather((f"{type(failure).__name__}: {failure}" if failure else None, report))
+    outcomes = team.gather((f"{type(failure).__name__}: {failure}" if failure else None, report, values.notes()))
     if failure is not None:
         raise failure
-    failed = [(rank, error) for rank, (error, _) in enumerate(outcomes) if error]
+    failed = [(rank, error) for rank, (error, _, _) in enumerate(outcomes) if error]
     if failed:
         raise WorkerError(f"worker {failed[0][0]} failed: {failed[0][1]} ({len(failed)} of {team.size} failed); "
                           "nothing was installed")
-    return [r for _, r in outcomes]
+    return [r for _, r, _ in outcomes], tuple(n for _, _, notes in outcomes for n in notes)
+
+
+NOTES = ".ckptbridge-notes.json"  # in the staging folder: worker 0's notes, for the --workers launcher
+
+
+def _take_notes(folder: Path) -> tuple[str, ...]:
+    """The notes the workers left in ``folder`` (removed: they are not part of the output)."""
+    path = folder / NOTES
+    if not path.is_file():
+        raise WorkerError(f"{path}: the workers finished without reporting their notes; nothing was installed")
+    notes = json.loads(path.read_text())
+    path.unlink()
+    return tuple(notes)
+
+
+def _merged(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    """The notes of every group, each once, in order (every worker reports the source's own)."""
+    return tuple(dict.fromkeys(n for group in groups for n in group))
 
 
 @contextmanager

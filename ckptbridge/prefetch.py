@@ -13,21 +13,27 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .errors import PlanError
 from .spec import PlannedTensor
 
 
 class Prefetcher:
-    """``read(pt)`` that has usually computed ``pt`` already, when requests follow ``order``."""
+    """``read(pt)`` that has usually computed ``pt`` already: requests must follow ``order`` (the write
+    plan's `reads`, a tensor read twice listed twice); one that does not is a planning bug, refused."""
 
     def __init__(self, order: Sequence[PlannedTensor], read: Callable[[PlannedTensor], torch.Tensor]):
         self._order = list(order)
-        self._position = {pt.mcore: i for i, pt in enumerate(self._order)}
+        self._next = 0
         self._read = read
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptbridge-prefetch")
         self._pending: tuple[int, Future[torch.Tensor]] | None = None
 
     def __call__(self, pt: PlannedTensor) -> torch.Tensor:
-        index = self._position.get(pt.mcore)
+        index = self._next
+        if index >= len(self._order) or self._order[index].mcore != pt.mcore:
+            planned = self._order[index].mcore if index < len(self._order) else "nothing more"
+            raise PlanError(f"the writer read {pt.mcore!r} where the write plan reads {planned!r}")
+        self._next += 1
         if self._pending is not None and self._pending[0] == index:
             result = self._pending[1].result()
         else:

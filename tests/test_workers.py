@@ -5,13 +5,15 @@ No output file is named by the writer's rank: torch_dist data files carry the ra
 save them from (``__{stage x TP + TP rank}_0.distcp``), legacy files their (TP, PP, EP) rank, HF shards
 their index, whichever worker writes them. So every file is byte-identical to a one-process run; only
 ``.metadata`` differs, by the random ``save_id`` two one-process runs differ by too (its index is
-compared instead).
+compared instead). The exception: more workers than torch_dist ranks cut each rank's data into parts
+(``__R_K.distcp``), different files holding the same tensors (megatron-core's own load is the check).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +22,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ckptbridge.convert import Target, convert
-from ckptbridge.formats.hf import hf_file_plan
+from ckptbridge.formats.hf import hf_plan
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.spec import ModelSpec
 from ckptbridge.workshare import assign, loads
 
+from mcore_runner import run_distributed
 from test_fast_copy import assert_same_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +135,66 @@ def test_killed_worker_leaves_nothing(tiny_hf, tmp_path):
 @pytest.mark.parametrize("workers", [1, 2, 8])
 def test_shard_plan_covers_every_tensor(tiny_hf, workers):
     spec = ModelSpec.from_hf_config(json.loads((tiny_hf["llama3.2-1b"] / "config.json").read_text()))
-    plan = hf_file_plan(spec, torch.float32, 100_000)
+    plan = hf_plan(spec, spec.planned(), torch.float32, 100_000).files
     shares = assign(plan.sizes, workers)
     assert set().union(*shares) == set(plan.sizes) and sum(loads(plan.sizes, shares)) == sum(plan.sizes.values())
     assert set().union(*(plan.tensors_for(s) for s in shares)) == {pt.mcore for pt in spec.planned()}
+
+
+def _loaded(rank: int, world: int, iter_dirs: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Worker: each torch_dist folder loaded by megatron-core's own ``dist_checkpointing`` into its GPTModel."""
+    from ckptbridge.formats.mcore_common import safe_load
+    from ckptbridge.mcore import model as mm
+
+    out = []
+    for iter_dir in iter_dirs:
+        args = safe_load(Path(iter_dir) / "common.pt")["args"]
+        mm.init_parallel(1, 1, None, seed=100 + len(out))  # weights differ until the load
+        models = mm.build_gpt_model(args, dtype=torch.float32)
+        mm.load_torch_dist(models, iter_dir)
+        out.append({k: v.detach().clone() for k, v in models[0].state_dict().items()
+                    if isinstance(v, torch.Tensor) and "_extra_state" not in k})
+    return out
+
+
+def test_more_workers_than_ranks_cut_torch_dist_files(tiny_hf, tmp_path):
+    """TP 1 has one rank: three workers each write whole ``__0_K.distcp`` parts of it, which megatron-core
+    loads into the same tensors as the one-process ``__0_0.distcp``."""
+    src = tiny_hf["llama3.2-1b"]
+    one, three = tmp_path / "one", tmp_path / "three"
+    convert(src, one, None, Target("mcore"))
+    done = _ckptbridge("--src", "hf", "--dst", "mcore", "--workers", "3", str(src), str(three))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (one / "release").glob("*.distcp")) == ["__0_0.distcp"]
+    parts = sorted(p.name for p in (three / "release").glob("*.distcp"))
+    assert len(parts) >= 3 and parts == [f"__0_{k}.distcp" for k in range(len(parts))]
+    a, b = run_distributed(_loaded, 1, [str(one / "release"), str(three / "release")], timeout=180)[0]
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+    back_one, back_three = tmp_path / "back-one", tmp_path / "back-three"  # our own reader follows the index too
+    convert(one, back_one, None, Target("hf"))
+    convert(three, back_three, None, Target("hf"))
+    assert_same_files(back_one, back_three)
+
+
+def test_worker_notes_reported_once(tiny_hf, tmp_path):
+    """Notes made inside workers (here: NaN values let through, one tensor in each worker's file) come
+    back to the launcher and are printed once each, with the source's own."""
+    src = tmp_path / "nan"
+    shutil.copytree(tiny_hf["llama3.2-1b"], src)
+    tensors = load_file(src / "model.safetensors")
+    first, last = "model.layers.0.mlp.down_proj.weight", "model.layers.3.mlp.down_proj.weight"
+    for name in (first, last):
+        tensors[name][0, 0] = float("nan")
+    save_file(tensors, src / "model.safetensors", {"format": "pt"})
+    mcore = tmp_path / "mcore"
+    convert(src, mcore, None, Target("mcore", ParallelLayout(pp=2)), allow_nonfinite=True)
+    done = subprocess.run([sys.executable, "-m", "ckptbridge", "convert", "--src", "mcore", "--dst", "mcore",
+                           "--format", "torch", "--pp", "2", "--allow-nonfinite", "--workers", "2", str(mcore),
+                           str(tmp_path / "out")], capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note: ")]
+    assert len(notes) == len(set(notes)), notes
+    assert sum("NaN" in n for n in notes) == 2 and sum(n.startswith("note: source: ") for n in notes) == 1, notes
+    assert not list((tmp_path / "out").rglob(".ckptbridge-notes*"))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from ..fastcopy import Run, Spans, compose, hf_spans, row_moving, unit_runs
 from ..fileio import copy_file, write_text
 from ..hf_config import config_dtype, read_config, with_dtype
 from ..spec import ModelSpec, PlannedTensor
-from ..workshare import FilePlan
+from ..write_plan import Step, WriteJob, WritePlan, file_plan
 from .fp8_block import BlockFP8, check_pair, dequantize, export_layout, parse_quantization, quantize, quantized_names, scale_name
 from .fp8_block import E4M3, SCALE_SUFFIX
 from .hf_ignored import planned_ignores, verify_ignored
@@ -120,8 +121,9 @@ class HFSource:
 
     def verify(self) -> None:
         expected: dict[str, tuple[int, ...]] = {}
-        self.layouts = {pt.mcore: self._layout(pt) for pt in self.spec.planned()}
-        for pt in self.spec.planned():
+        planned = self.spec.planned()
+        self.layouts = {pt.mcore: self._layout(pt) for pt in planned}
+        for pt in planned:
             layout = self.layouts[pt.mcore]
             expected.update(zip(layout.names, layout.shapes))
             for name in pt.hf_copies:
@@ -253,10 +255,11 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 HFEntry = tuple[str, torch.dtype, tuple[int, ...]]
 
 
-def hf_shards(spec: ModelSpec, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-              fp8: BlockFP8 | None = None) -> list[tuple[str, list[tuple[PlannedTensor, list[HFEntry]]]]]:
+def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtype,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fp8: BlockFP8 | None = None) -> WritePlan:
     """The safetensors files an HF output has, in order, with each planned tensor's HF entries (name,
-    dtype, shape; an FP8 weight brings its scale): from shapes alone, so workers agree on it."""
+    dtype, shape; an FP8 weight brings its scale) as its step's ``where`` = (shard, entries): from shapes
+    alone, so workers agree on it."""
     quantized = quantized_names(spec, fp8) if fp8 is not None else set()
 
     def layout(pt: PlannedTensor) -> list[HFEntry]:
@@ -271,69 +274,52 @@ def hf_shards(spec: ModelSpec, dtype: torch.dtype, max_shard_bytes: int = DEFAUL
                 out.append((name, pt.dtype(dtype), shape))
         return out
 
-    groups: list[list[tuple[PlannedTensor, list[HFEntry]]]] = [[]]
+    groups: list[list[tuple[PlannedTensor, list[HFEntry], int]]] = [[]]
     size = 0
-    for pt in spec.planned():
+    for pt in planned:
         entries = layout(pt)
         nbytes = sum(math.prod(shape) * dt.itemsize for _, dt, shape in entries)
         if groups[-1] and nbytes and size + nbytes > max_shard_bytes:  # a fused tensor's later experts: 0 bytes
             groups.append([])
             size = 0
-        groups[-1].append((pt, entries))
+        groups[-1].append((pt, entries, nbytes))
         size += nbytes
     names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    return list(zip(names, groups))
+    steps = tuple(Step(pt, (name, entries), ((name, nbytes),)) for name, group in zip(names, groups)
+                  for pt, entries, nbytes in group)
+    return WritePlan("hf", spec, dtype, steps, file_plan(steps, names), detail=fp8)
 
 
-def hf_file_plan(spec: ModelSpec, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 fp8: BlockFP8 | None = None) -> FilePlan:
-    """The shards an HF output has, their tensor bytes, and which shard holds each planned tensor."""
-    shards = hf_shards(spec, dtype, max_shard_bytes, fp8)
-    sizes = {name: sum(math.prod(shape) * dt.itemsize for _, entries in group for _, dt, shape in entries)
-             for name, group in shards}
-    return FilePlan(sizes, {pt.mcore: frozenset([name]) for name, group in shards for pt, _ in group})
+def _shards(steps: Sequence[Step]) -> list[tuple[str, list[Step]]]:
+    """Consecutive steps grouped by their shard, in plan order."""
+    return [(name, list(group)) for name, group in groupby(steps, key=lambda s: s.where[0])]
 
 
-def write_hf(
-    spec: ModelSpec,
-    read: Callable[[PlannedTensor], torch.Tensor],
-    out: Path,
-    dtype: torch.dtype,
-    assets: list[Path],
-    progress: Callable[[int], None],
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    fp8: BlockFP8 | None = None,
-    fast: Callable[[PlannedTensor], Spans | None] | None = None,
-    kernel_copy: bool = True,
-    files: Collection[str] | None = None,
-    finish: bool = True,
-) -> None:
-    """Write safetensors shards (+ index), config.json and the assets. With ``fp8`` (``--hf-dtype
-    fp8-block``) the weights `fp8_block.quantized_names` picks are stored as e4m3 + fp32 block scales
-    and the config declares that layout; without it, any quantization_config the model carried is
-    dropped (the weights written are not quantized). A tied model's head is never written, as
-    transformers' ``save_pretrained`` does not write it. Workers: ``files`` names the shards to write
-    (None: all); ``finish`` writes the rest (index, assets, config.json) once every shard is there."""
+def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
+    """Write the safetensors shards of ``job.share``. With an FP8 layout in the plan (``--hf-dtype
+    fp8-block``) the weights `fp8_block.quantized_names` picks are stored as e4m3 + fp32 block scales.
+    A tied model's head is never written, as transformers' ``save_pretrained`` does not write it."""
+    spec, fp8 = plan.spec, plan.detail
     quantized = quantized_names(spec, fp8) if fp8 is not None else set()
-    shards = hf_shards(spec, dtype, max_shard_bytes, fp8)
-    for fname, group in shards:
-        if files is not None and fname not in files:
-            continue
-        with SafetensorsWriter(out / fname, [e for _, entries in group for e in entries], {"format": "pt"}) as writer:
+    for fname, group in _shards(plan.mine(job.share)):
+        with SafetensorsWriter(job.folder / fname, [e for s in group for e in s.where[1]], {"format": "pt"}) as writer:
             slots: list[torch.Tensor] = []  # a fused-experts tensor's slots so far (one layer of one rule)
-            for pt, _ in group:
-                spans = fast(pt) if fast is not None and not pt.rule.shared else None  # fused experts: stacked below
+            for step in group:
+                pt = step.pt
+                spans = job.fast(pt) if not pt.rule.shared else None  # fused experts: stacked below
                 parts_of = hf_spans(pt, spans, spec.args) if spans is not None else None
+                if spans is not None and parts_of is None:
+                    raise PlanError(f"{pt.mcore}: planned as byte runs, but its HF tensors are not")
                 if parts_of is not None:  # bytes that move unchanged: copied from the source files
                     for name, part in [*zip(pt.hf_names, parts_of), *((c, parts_of[0]) for c in pt.hf_copies)]:
-                        writer.write_spans(name, part, kernel_copy)
-                    progress(spans.nbytes)
+                        writer.write_spans(name, part, job.kernel_copy)
+                    job.progress(spans.nbytes)
                     continue
-                canonical = read(pt)
+                canonical = job.read(pt)
                 if pt.rule.shared:
                     slots.append(_expert_slot(pt, canonical, spec.args))
                     if len(slots) < pt.hf_shapes[0][0]:
-                        progress(canonical.numel() * canonical.element_size())
+                        job.progress(canonical.numel() * canonical.element_size())
                         continue
                     hf, slots = [torch.stack(slots)], []
                 else:
@@ -343,23 +329,21 @@ def write_hf(
                         assert fp8 is not None
                         parts = zip((name, scale_name(name)), quantize(tensor, fp8.block))
                     else:
-                        parts = [(name, tensor.to(pt.dtype(dtype)))]  # read in fp32 when a sibling is quantized
+                        parts = [(name, tensor.to(pt.dtype(plan.dtype)))]  # read in fp32 when a sibling is quantized
                     for part, data in parts:
                         writer.write(part, data)
-                progress(canonical.numel() * canonical.element_size())
-    if finish:
-        _finish_hf(spec, out, dtype, assets, shards, fp8)
+                job.progress(canonical.numel() * canonical.element_size())
 
 
-def _finish_hf(spec: ModelSpec, out: Path, dtype: torch.dtype, assets: list[Path],
-               shards: list[tuple[str, list[tuple[PlannedTensor, list[HFEntry]]]]], fp8: BlockFP8 | None) -> None:
-    """The assets, the index (when sharded) and config.json, last."""
+def finish_hf(plan: WritePlan, out: Path, assets: list[Path]) -> None:
+    """Once every shard is written: the assets, the index (when sharded) and config.json, last. Without
+    an FP8 layout, any quantization_config the model carried is dropped (the weights are not quantized)."""
+    spec, dtype, fp8 = plan.spec, plan.dtype, plan.detail
     for asset in assets:
         copy_file(asset, out / asset.name)
-    if len(shards) > 1:
-        weight_map = {name: fname for fname, group in shards for _, entries in group for name, _, _ in entries}
-        total = sum(math.prod(shape) * dt.itemsize for _, group in shards for _, entries in group for _, dt, shape in entries)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    if len(plan.files.sizes) > 1:
+        weight_map = {name: s.where[0] for s in plan.steps for name, _, _ in s.where[1]}
+        index = {"metadata": {"total_size": sum(plan.files.sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
         write_text(out / INDEX, json.dumps(index, indent=2) + "\n")
     config = spec.hf_config if config_dtype(spec.hf_config) in (None, dtype) else with_dtype(spec.hf_config, dtype)
     if config_dtype(config) is None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..fastcopy import Spans, write_spans
 from ..sharding import ShardKind, merge, split
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
-from ..workshare import FilePlan
+from ..write_plan import Step, WriteJob, WritePlan, file_plan
 from .held_file import HeldFile
 from .safe_globals import save_with_megatron_names
 from .mcore_common import (
@@ -64,21 +65,25 @@ def rank_file(tp: int, pp: int, layout: ParallelLayout, ep: int = 0) -> str:
     return f"{rank_dir_name(tp, pp, layout, ep)}/{FILE}"
 
 
-def legacy_file_plan(spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], dtype: torch.dtype,
-                     spec_name: str, grouped: bool = False) -> FilePlan:
-    """The rank files a legacy output of ``layout`` has, their tensor bytes, and which hold each tensor."""
-    sizes = {rank_file(t, p, layout, e): 0 for t, p, e in all_ranks(layout)}
-    files_of: dict[str, frozenset[str]] = {}
-    for name, entries in slots(spec, layout, spec_name, grouped).items():
-        where = set()
-        for pt, slot in entries:
-            nbytes = math.prod(local_shape(pt, margs, layout, spec_name)) * pt.dtype(dtype).itemsize
-            for t, p, e in all_ranks(layout):
-                if p == slot.pp and slot.ep in (None, e):
-                    sizes[rank_file(t, p, layout, e)] += nbytes
-                    where.add(rank_file(t, p, layout, e))
-        files_of[name] = frozenset(where)
-    return FilePlan(sizes, files_of)
+def legacy_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: ParallelLayout, margs: dict[str, Any],
+                dtype: torch.dtype, spec_name: str, iteration: int | None = None) -> WritePlan:
+    """The rank files a legacy output of ``layout`` has, and every tensor's slot (a step's ``where``) in
+    writing order: stage by stage, as the writer fills a stage's files together (a tied embedding's
+    replica on the last stage is a second step, read again there)."""
+    if layout.expert_tp not in (1, layout.tp):
+        raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
+    placement = slots(spec, layout, spec_name, bool(margs.get("moe_grouped_gemm")), planned)
+    steps = []
+    for pp in range(layout.pp):
+        for entries in placement.values():
+            for pt, slot in entries:
+                if slot.pp != pp:
+                    continue
+                nbytes = math.prod(local_shape(pt, margs, layout, spec_name)) * pt.dtype(dtype).itemsize
+                steps.append(Step(pt, slot, tuple((rank_file(t, pp, layout, e), nbytes) for t, p, e in all_ranks(layout)
+                                                  if p == pp and slot.ep in (None, e))))
+    names = [rank_file(t, p, layout, e) for t, p, e in all_ranks(layout)]
+    return WritePlan("torch", spec, dtype, tuple(steps), file_plan(steps, names), layout, margs, spec_name, iteration)
 
 
 def all_ranks(layout: ParallelLayout) -> list[Rank]:
@@ -104,15 +109,16 @@ class Slot:
     key: str
 
 
-def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str,
-          grouped: bool = False) -> dict[str, list[tuple[PlannedTensor, Slot]]]:
-    """Per canonical name, every (stage, chunk, key) it is written to (the tied output replica adds one)."""
+def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str, grouped: bool = False,
+          planned: Sequence[PlannedTensor] | None = None) -> dict[str, list[tuple[PlannedTensor, Slot]]]:
+    """Per canonical name, every (stage, chunk, key) it is written to (the tied output replica adds one);
+    ``planned``: the spec's planned tensors, when the caller has them."""
     chunks = layout.chunks(spec.num_layers)
     first, last = chunks[0], chunks[-1]
     by_layer = {layer: c for c in chunks for layer in c.layers}
     local_experts = int(spec.args.get("num_moe_experts") or 1) // layout.ep
     out: dict[str, list[tuple[PlannedTensor, Slot]]] = {}
-    for pt in spec.planned():
+    for pt in spec.planned() if planned is None else planned:
         ep = expert = None
         if pt.expert is not None:
             ep, expert = divmod(pt.expert, local_experts)
@@ -164,61 +170,49 @@ def extra_state_keys(spec: ModelSpec, layout: ParallelLayout, pp: int, ep: int, 
     return out
 
 
-def write_legacy(
-    spec: ModelSpec,
-    read: Callable[[PlannedTensor], torch.Tensor],
-    iter_dir: Path,
-    layout: ParallelLayout,
-    margs: dict[str, Any],
-    dtype: torch.dtype,
-    spec_name: str,
-    progress: Callable[[int], None],
-    iteration: int = 0,
-    fast: Callable[[PlannedTensor], Spans | None] | None = None,
-    kernel_copy: bool = True,
-    files: Collection[str] | None = None,
-) -> None:
-    """Write every rank file of ``layout`` (only those named in ``files``, relative to ``iter_dir``, when
-    given); ``read`` yields canonical tensors already in ``dtype``, ``fast`` a tensor's stored bytes as
-    source runs (or None: read it), copied inside the kernel when ``kernel_copy``."""
-    if layout.expert_tp not in (1, layout.tp):
-        raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
+def write_legacy(plan: WritePlan, job: WriteJob) -> None:
+    """Write the rank files of ``job.share`` (relative to ``job.folder``, the iteration folder), stage by
+    stage: every (TP, EP) file of a stage at once, so each canonical tensor is read once, however many
+    EP ranks hold a replica of it."""
+    spec, layout, margs = plan.spec, plan.layout, plan.margs
+    assert margs is not None
+    job.folder.mkdir(parents=True, exist_ok=True)
     grouped = bool(margs.get("moe_grouped_gemm"))
-    placement = slots(spec, layout, spec_name, grouped)
+    iteration = plan.iteration or 0
     ns = args_namespace(margs, iteration)
     record = bridge_record(spec)
-    for pp in range(layout.pp):
-        # every (TP, EP) file of the stage at once: each canonical tensor is read once, however many
-        # EP ranks hold a replica of it
-        todo = [(pt, slot) for entries in placement.values() for pt, slot in entries if slot.pp == pp]
+    mine = {id(step) for step in plan.mine(job.share)}
+    for pp, stage in groupby(plan.steps, key=lambda step: step.where.pp):
+        stage = list(stage)
         laid_out: dict[tuple[int, int], _Laid] = {}
         try:
             for rank in [(t, e) for e in range(layout.ep) for t in range(layout.tp)]:
                 name = rank_file(rank[0], pp, layout, rank[1])
-                if files is not None and name not in files:
+                if job.share is not None and name not in job.share:
                     continue
-                path = iter_dir / name
-                mine = [(pt, slot) for pt, slot in todo if slot.ep in (None, rank[1])]
-                laid_out[rank] = _lay_out(path, spec, layout, margs, dtype, pp, rank[1], grouped, mine,
-                                       {"args": ns, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-                                        "ckptbridge": record}, spec_name)
-            for pt, slot in todo:
-                if not any(slot.ep in (None, e) for _, e in laid_out):
+                entries = [(s.pt, s.where) for s in stage if s.where.ep in (None, rank[1])]
+                laid_out[rank] = _lay_out(job.folder / name, spec, layout, margs, plan.dtype, pp, rank[1], grouped,
+                                          entries, {"args": ns, "checkpoint_version": CHECKPOINT_VERSION,
+                                                    "iteration": iteration, "ckptbridge": record}, plan.spec_name)
+            for step in stage:
+                if id(step) not in mine:
                     continue  # held only by other workers' files
-                spans = fast(pt) if fast is not None else None
+                pt, slot = step.pt, step.where
+                kind = pt.rule.shard_kind(plan.spec_name)
+                spans = job.fast(pt)
                 if spans is not None:  # bytes that move unchanged: each rank's rows copied from the source
-                    parts = shard_spans(spans, pt.rule.shard_kind(spec_name), layout.tp_for(pt.rule.parallel), pt.mcore)
+                    parts = shard_spans(spans, kind, layout.tp_for(pt.rule.parallel), pt.mcore)
                     for (t, e), laid in laid_out.items():
                         if slot.ep in (None, e):
-                            laid.write_spans(slot, parts[shard_index(t, pt, layout)], kernel_copy)
-                    progress(spans.nbytes)
+                            laid.write_spans(slot, parts[shard_index(t, pt, layout)], job.kernel_copy)
+                    job.progress(spans.nbytes)
                     continue
-                canonical = pt.to_stored(read(pt), margs)
-                shards = split(canonical, pt.rule.shard_kind(spec_name), layout.tp_for(pt.rule.parallel), pt.mcore)
+                canonical = pt.to_stored(job.read(pt), margs)
+                shards = split(canonical, kind, layout.tp_for(pt.rule.parallel), pt.mcore)
                 for (t, e), laid in laid_out.items():
                     if slot.ep in (None, e):
                         laid.write(slot, shards[shard_index(t, pt, layout)])
-                progress(canonical.numel() * canonical.element_size())
+                job.progress(canonical.numel() * canonical.element_size())
             for laid in laid_out.values():
                 laid.check()
         finally:

@@ -1,9 +1,10 @@
 """Writing Megatron-Core's ``torch_dist`` format: data files item by item, then the index.
 
-The plan (`planned_items`: every tensor's chunks and the data file of the rank megatron-core would
-save each from) is computed from shapes alone, so several workers can each write whole data files
-(`write_dist_data` with ``files``) whose bytes equal those one process writes, and one of them writes
-the index from everyone's item offsets (`finish_torch_dist`). No more than one canonical tensor is in
+The plan (`dist_plan`: every tensor's chunks and the data file of the rank megatron-core would
+save each from, cut into parts when several workers share the writing) is computed from shapes alone,
+so several workers can each write whole data files (`write_dist_data` with a share) whose bytes equal
+those one process writes for the same plan, and one of them writes the index from everyone's item
+offsets (`finish_torch_dist`). No more than one canonical tensor is in
 memory: each is laid out with ``torch.serialization.skip_data`` and its bytes written at the offset
 torch reports.
 """
@@ -15,7 +16,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,12 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from ..errors import PlanError
-from ..fastcopy import Spans, write_spans
+from ..fastcopy import write_spans
 from ..fileio import CheckedFile, check_size, pwrite_all, write_bytes, write_text
 from ..layout import ParallelLayout
 from ..mapping.schema import layer_key
 from ..spec import ModelSpec, PlannedTensor
-from ..workshare import FilePlan
+from ..write_plan import Step, WriteJob, WritePlan, file_plan
 from . import dcp_metadata
 from .bridge_config import RUN_CONFIG, run_config_text
 from .dcp_metadata import (
@@ -59,24 +60,33 @@ class _Item:
     region: tuple[int, int] | None
 
 
-def data_file_name(rank: int) -> str:
-    """The ``__{rank}_0.distcp`` file of the rank that would own an item in megatron-core."""
-    return f"__{rank}_0.distcp"
+def data_file_name(rank: int, part: int = 0) -> str:
+    """``__{rank}_{part}.distcp``: part ``part`` of the data of the rank that would own an item in
+    megatron-core (torch DCP's own naming: a saving rank writes ``__{rank}_{k}`` with ``thread_count``
+    writers; readers follow the ``.metadata`` index, which names each item's file)."""
+    return f"__{rank}_{part}.distcp"
 
 
-def planned_items(spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], spec_name: str
-                  ) -> list[tuple[PlannedTensor, str, list[_Item]]]:
-    """Per planned tensor (in writing order): its storage key and chunks, each in the data file of the rank
-    megatron-core would use (stage x TP rank). Shapes only: the plan a writer follows and workers split."""
+def dist_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: ParallelLayout, margs: dict[str, Any],
+              dtype: torch.dtype, spec_name: str, iteration: int | None = None, workers: int = 1) -> WritePlan:
+    """Per planned tensor (in writing order): its storage key and chunks, each in the data of the rank
+    megatron-core would use (stage x TP rank); the step's ``where`` is (key, chunks). Shapes only.
+
+    No more workers than ranks (one writer included): one file per rank, ``__R_0.distcp``, as
+    megatron-core writes. More workers than ranks: each rank's items are cut, in order, into parts of
+    about ``total / workers`` bytes (`_parts`), each its own ``__R_K.distcp``, so that every worker has
+    whole files to write (the files then depend on the number of workers; the tensors do not)."""
     stage_of = {layer: c.pp_rank for c in layout.chunks(spec.num_layers) for layer in c.layers}
     stacked = spec.stacked  # derived from the rules each time it is asked
-    out = []
-    for pt in spec.planned():
+    cut = _Cut(planned, margs, dtype, workers if workers > layout.pp * layout.tp else 1)
+    steps = []
+    for pt in planned:
         stored_shape = tuple(pt.stored_shape(margs))
+        itemsize = pt.dtype(dtype).itemsize
         stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
         kind = pt.rule.shard_kind(spec_name)  # chunked as that spec's model saves it
         lead = lead_index(pt, stacked)
-        items = []
+        items, sizes = [], []
         for rank, regions in enumerate(kind.regions(stored_shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
             if kind.axis is None and rank:
                 break  # replicated: stored once
@@ -85,14 +95,39 @@ def planned_items(spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any]
                 if kind.axis is not None:
                     offsets[kind.axis], shape[kind.axis] = start, length
                 whole = kind.axis is None or length == stored_shape[kind.axis]
-                items.append(_Item(data_file_name(stage * layout.tp + rank), tuple(lead + offsets),
-                                   tuple([1] * len(lead) + shape), None if whole else (start, length)))
-        out.append((pt, storage_key(pt, stacked), items))
-    return out
+                nbytes = math.prod(shape) * itemsize
+                name = data_file_name(stage * layout.tp + rank, cut.part(stage * layout.tp + rank, nbytes))
+                items.append(_Item(name, tuple(lead + offsets), tuple([1] * len(lead) + shape), None if whole else (start, length)))
+                sizes.append((name, nbytes))
+        steps.append(Step(pt, (storage_key(pt, stacked), items), tuple(sizes)))
+    extras = _extra_items(spec, layout)
+    return WritePlan("torch_dist", spec, dtype, tuple(steps), file_plan(steps, [name for _, name in extras]),
+                     layout, margs, spec_name, iteration, detail=extras)
+
+
+class _Cut:
+    """Which part of its rank's data each item goes to, items taken in writing order: a rank's data is
+    cut whenever a part would pass ``total / workers`` bytes (a part holds at least one item; one
+    worker: never cut)."""
+
+    def __init__(self, planned: Sequence[PlannedTensor], margs: dict[str, Any], dtype: torch.dtype, workers: int):
+        total = sum(math.prod(pt.stored_shape(margs)) * pt.dtype(dtype).itemsize for pt in planned) if workers > 1 else 0
+        self.target = -(-total // workers) if workers > 1 else None
+        self.filled: dict[int, tuple[int, int]] = {}  # rank -> (current part, its bytes)
+
+    def part(self, rank: int, nbytes: int) -> int:
+        if self.target is None:
+            return 0
+        part, size = self.filled.get(rank, (0, 0))
+        if size and size + nbytes > self.target:
+            part, size = part + 1, 0
+        self.filled[rank] = (part, size + nbytes)
+        return part
 
 
 def _extra_items(spec: ModelSpec, layout: ParallelLayout) -> list[tuple[str, str]]:
-    """(storage key, data file) of every ``_extra_state`` entry megatron-core saves (an empty one each)."""
+    """(storage key, data file) of every ``_extra_state`` entry megatron-core saves (an empty one each),
+    in the rank's first part."""
     stage_of = {layer: c.pp_rank for c in layout.chunks(spec.num_layers) for layer in c.layers}
     stacked, experts, out = spec.stacked, int(spec.args.get("num_moe_experts") or 0), []
     for extra, layer, expert, mtp in spec.extra_states():
@@ -109,60 +144,19 @@ def _extra_items(spec: ModelSpec, layout: ParallelLayout) -> list[tuple[str, str
     return out
 
 
-def dist_file_plan(spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], dtype: torch.dtype,
-                   spec_name: str) -> FilePlan:
-    """The data files a torch_dist output of ``layout`` has, their tensor bytes, and which hold each tensor."""
-    sizes: dict[str, int] = {name: 0 for _, name in _extra_items(spec, layout)}
-    files_of = {}
-    for pt, _, items in planned_items(spec, layout, margs, spec_name):
-        for item in items:
-            sizes[item.file] = sizes.get(item.file, 0) + math.prod(item.shape) * pt.dtype(dtype).itemsize
-        files_of[pt.mcore] = frozenset(item.file for item in items)
-    return FilePlan(sizes, files_of)
-
-
-def write_torch_dist(
-    spec: ModelSpec,
-    read: Callable[[PlannedTensor], torch.Tensor],
-    iter_dir: Path,
-    layout: ParallelLayout,
-    margs: dict[str, Any],
-    dtype: torch.dtype,
-    spec_name: str,
-    progress: Callable[[int], None],
-    iteration: int = 0,
-    fast: Callable[[PlannedTensor], Spans | None] | None = None,
-    kernel_copy: bool = True,
-) -> None:
-    """Write the data files, common.pt and .metadata; ``fast(pt)`` gives a tensor's stored bytes as source runs
-    (copied inside the kernel when ``kernel_copy``) or None (then ``read(pt)`` gives the tensor)."""
-    storage = write_dist_data(spec, read, iter_dir, layout, margs, dtype, spec_name, progress, fast, kernel_copy)
-    finish_torch_dist(spec, iter_dir, layout, margs, dtype, spec_name, storage, iteration)
-
-
-def write_dist_data(
-    spec: ModelSpec,
-    read: Callable[[PlannedTensor], torch.Tensor],
-    iter_dir: Path,
-    layout: ParallelLayout,
-    margs: dict[str, Any],
-    dtype: torch.dtype,
-    spec_name: str,
-    progress: Callable[[int], None],
-    fast: Callable[[PlannedTensor], Spans | None] | None = None,
-    kernel_copy: bool = True,
-    files: Collection[str] | None = None,
-) -> dict[MetadataIndex, StorageInfo]:
-    """Write the data files named in ``files`` (None: all), item by item in plan order, so each file's bytes
-    are the same whichever worker writes it; returns where each item went (what the index needs)."""
-    iter_dir.mkdir(parents=True, exist_ok=True)
+def write_dist_data(plan: WritePlan, job: WriteJob) -> dict[MetadataIndex, StorageInfo]:
+    """Write the data files of ``job.share``, item by item in plan order, so each file's bytes are the
+    same whichever worker writes it; returns where each item went (what the index needs)."""
+    margs = plan.margs
+    assert margs is not None
+    job.folder.mkdir(parents=True, exist_ok=True)
     storage: dict[MetadataIndex, StorageInfo] = {}
     opened: dict[str, CheckedFile] = {}
-    mine = (lambda name: True) if files is None else (lambda name: name in files)
+    mine = (lambda name: True) if job.share is None else (lambda name: name in job.share)
 
     def data_file(name: str) -> CheckedFile:
         if name not in opened:
-            opened[name] = CheckedFile(iter_dir / name)
+            opened[name] = CheckedFile(job.folder / name)
         return opened[name]
 
     data_at: dict[tuple[tuple[int, ...], torch.dtype], int] = {}  # item framing -> where its tensor bytes start
@@ -180,24 +174,23 @@ def write_dist_data(
         return begin
 
     try:
-        for pt, key, items in planned_items(spec, layout, margs, spec_name):
-            items = [item for item in items if mine(item.file)]
-            if not items:
-                continue
-            spans = fast(pt) if fast is not None else None
-            canonical = None if spans is not None else pt.to_stored(read(pt), margs)
+        for step in plan.mine(job.share):
+            pt, (key, chunks) = step.pt, step.where
+            items = [item for item in chunks if mine(item.file)]
+            spans = job.fast(pt)
+            canonical = None if spans is not None else pt.to_stored(job.read(pt), margs)
             stored_shape = tuple(spans.shape) if spans is not None else tuple(canonical.shape)
             out_dtype = spans.dtype if spans is not None else canonical.dtype
-            if stored_shape != tuple(pt.stored_shape(margs)) or out_dtype != pt.dtype(dtype):
+            if stored_shape != tuple(pt.stored_shape(margs)) or out_dtype != pt.dtype(plan.dtype):
                 raise PlanError(f"{pt.mcore}: {list(stored_shape)} {out_dtype} reached the writer, the plan has "
-                                f"{list(pt.stored_shape(margs))} {pt.dtype(dtype)}")
-            kind = pt.rule.shard_kind(spec_name)
+                                f"{list(pt.stored_shape(margs))} {pt.dtype(plan.dtype)}")
+            kind = pt.rule.shard_kind(plan.spec_name)
             written = 0
             for item in items:
                 f = data_file(item.file)
                 if spans is not None:
                     part = spans if item.region is None else spans.rows(*item.region)  # only dim-0 splits reach here
-                    fill = (lambda fd, at, part=part, f=f: write_spans(part, fd, at, f.path, kernel_copy))
+                    fill = (lambda fd, at, part=part, f=f: write_spans(part, fd, at, f.path, job.kernel_copy))
                 else:
                     piece = canonical if item.region is None else canonical.narrow(kind.axis, *item.region)
                     data = memoryview(piece.contiguous().view(torch.uint8).numpy()).cast("B") if piece.numel() else b""
@@ -205,9 +198,9 @@ def write_dist_data(
                 begin = put(f, item.shape, out_dtype, fill)
                 storage[MetadataIndex(key, torch.Size(item.index))] = StorageInfo(f.path.name, begin, f.tell() - begin)
                 written += math.prod(item.shape) * out_dtype.itemsize
-            progress(written)
+            job.progress(written)
         none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
-        for key, name in _extra_items(spec, layout):
+        for key, name in plan.detail:
             if mine(name):
                 f = data_file(name)
                 begin = f.tell()
@@ -219,18 +212,19 @@ def write_dist_data(
     return storage
 
 
-def finish_torch_dist(spec: ModelSpec, iter_dir: Path, layout: ParallelLayout, margs: dict[str, Any],
-                      dtype: torch.dtype, spec_name: str, storage: dict[MetadataIndex, StorageInfo],
-                      iteration: int = 0) -> None:
+def finish_torch_dist(plan: WritePlan, iter_dir: Path, storage: dict[MetadataIndex, StorageInfo]) -> None:
     """Once every data file is written (``storage``: where every item went): common.pt, run_config.yaml,
     metadata.json and, last, the .metadata index."""
+    spec, margs, iteration = plan.spec, plan.margs, plan.iteration or 0
+    assert margs is not None
     state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     stacked = spec.stacked
-    for pt, key, items in planned_items(spec, layout, margs, spec_name):
+    for step in plan.steps:
+        pt, (key, items) = step.pt, step.where
         meta = state.setdefault(key, TensorStorageMetadata(
-            TensorProperties(dtype=pt.dtype(dtype)), torch.Size(global_shape(pt, margs, stacked)), []))
+            TensorProperties(dtype=pt.dtype(plan.dtype)), torch.Size(global_shape(pt, margs, stacked)), []))
         meta.chunks.extend(ChunkStorageMetadata(torch.Size(item.index), torch.Size(item.shape)) for item in items)
-    for key, _ in _extra_items(spec, layout):
+    for key, _ in plan.detail:
         state[key] = BytesStorageMetadata()
     planned = {MetadataIndex(k, c.offsets) for k, m in state.items() if isinstance(m, TensorStorageMetadata) for c in m.chunks}
     planned |= {MetadataIndex(k) for k, m in state.items() if isinstance(m, BytesStorageMetadata)}

@@ -1,0 +1,64 @@
+"""The write plan: computed from shapes alone, followed exactly by the prefetcher, and cut into
+torch_dist parts only when there are more workers than ranks."""
+
+from __future__ import annotations
+
+import json
+from contextlib import closing
+
+import pytest
+import torch
+
+from ckptbridge.errors import PlanError
+from ckptbridge.layout import ParallelLayout
+from ckptbridge.output import plan_output
+from ckptbridge.prefetch import Prefetcher
+from ckptbridge.spec import ModelSpec
+from ckptbridge.workshare import assign
+
+
+def _spec(folder) -> ModelSpec:  # noqa: ANN001
+    return ModelSpec.from_hf_config(json.loads((folder / "config.json").read_text()))
+
+
+def _plan(spec: ModelSpec, fmt: str, layout: ParallelLayout, workers: int = 1):  # noqa: ANN202
+    margs = spec.megatron_args(layout, torch.float32, "te", fmt, 128, False)
+    return plan_output(spec, spec.planned(), fmt, torch.float32, layout, margs, "te", None, 0, None, workers)
+
+
+def test_prefetcher_refuses_reads_off_the_plan(tiny_hf):
+    planned = _spec(tiny_hf["llama3.2-1b"]).planned()
+    with closing(Prefetcher(planned[:3], lambda pt: torch.zeros(1))) as read:
+        read(planned[0])
+        with pytest.raises(PlanError, match="where the write plan reads"):
+            read(planned[2])
+
+
+def test_legacy_reads_a_tied_replica_again_on_its_stage(tiny_hf):
+    """qwen2.5-0.5b ties its embedding: at PP 2 the last stage holds a replica, written (and read) there."""
+    spec = _spec(tiny_hf["qwen2.5-0.5b"])
+    plan = _plan(spec, "torch", ParallelLayout(tp=2, pp=2))
+    reads = [pt.mcore for pt in plan.reads(None, ())]
+    embedding = reads[0]
+    assert reads.count(embedding) == 2 and len(reads) == len(spec.planned()) + 1
+    last = [f for f in plan.files.sizes if "_001/" in f]
+    assert [pt.mcore for pt in plan.reads(frozenset(last), ())].count(embedding) == 1
+
+
+@pytest.mark.parametrize("layout", [dict(tp=1), dict(tp=2, pp=2)])
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+def test_torch_dist_parts(tiny_hf, layout, workers):
+    spec = _spec(tiny_hf["llama3.2-1b"])
+    lay = ParallelLayout(**layout)
+    one, plan = _plan(spec, "torch_dist", lay), _plan(spec, "torch_dist", lay, workers)
+    ranks = lay.tp * lay.pp
+    assert sorted(one.files.sizes) == sorted(f"__{r}_0.distcp" for r in range(ranks))
+    if workers <= ranks:  # the one-process files, whoever writes them
+        assert plan.files == one.files and plan.steps == one.steps
+        return
+    assert len(plan.files.sizes) >= workers and sum(plan.files.sizes.values()) == sum(one.files.sizes.values())
+    assert all(plan.files.sizes.values())  # no empty part
+    for step, same in zip(plan.steps, one.steps):  # the same chunks, only in other files
+        assert [(i.index, i.shape) for i in step.where[1]] == [(i.index, i.shape) for i in same.where[1]]
+    shares = assign(plan.files.sizes, workers)
+    assert all(shares) and set().union(*(plan.files.tensors_for(s) for s in shares)) == {pt.mcore for pt in spec.planned()}

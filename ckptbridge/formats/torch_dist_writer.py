@@ -45,7 +45,7 @@ from .dcp_metadata import (
 )
 from .mcore_common import CHECKPOINT_VERSION, args_namespace, bridge_record
 from .safe_globals import save_with_megatron_names
-from .torch_dist import METADATA_JSON, Window, global_shape, lead_index, storage_key
+from .torch_dist import METADATA_JSON, Window, lead_index, part_keys, storage_key
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class _Item:
     index: tuple[int, ...]  # lead + offsets
     shape: tuple[int, ...]  # item shape (leading 1s on the lead axes)
     region: tuple[int, int] | None
+    key: str  # the torch_dist key it belongs to (one of a ``dist_parts`` tensor's, else the tensor's)
+    global_shape: tuple[int, ...]  # that key's global shape
 
 
 def data_file_name(rank: int) -> str:
@@ -76,17 +78,20 @@ def planned_items(spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any]
         stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
         kind = pt.rule.shard_kind(spec_name)  # chunked as that spec's model saves it
         lead = lead_index(pt, stacked)
+        keys = part_keys(pt, margs, stacked)  # several for megatron's per-part keys, each from its first row
         items = []
         for rank, regions in enumerate(kind.regions(stored_shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
             if kind.axis is None and rank:
                 break  # replicated: stored once
             for start, length in regions:
+                key, first, key_shape = next(k for k in reversed(keys) if k[1] <= start)
                 offsets, shape = [0] * len(stored_shape), list(stored_shape)
                 if kind.axis is not None:
-                    offsets[kind.axis], shape[kind.axis] = start, length
+                    offsets[kind.axis], shape[kind.axis] = start - first, length
                 whole = kind.axis is None or length == stored_shape[kind.axis]
                 items.append(_Item(data_file_name(stage * layout.tp + rank), tuple(lead + offsets),
-                                   tuple([1] * len(lead) + shape), None if whole else (start, length)))
+                                   tuple([1] * len(lead) + shape), None if whole else (start, length), key,
+                                   tuple(key_shape)))
         out.append((pt, storage_key(pt, stacked), items))
     return out
 
@@ -180,7 +185,7 @@ def write_dist_data(
         return begin
 
     try:
-        for pt, key, items in planned_items(spec, layout, margs, spec_name):
+        for pt, _, items in planned_items(spec, layout, margs, spec_name):
             items = [item for item in items if mine(item.file)]
             if not items:
                 continue
@@ -203,7 +208,7 @@ def write_dist_data(
                     data = memoryview(piece.contiguous().view(torch.uint8).numpy()).cast("B") if piece.numel() else b""
                     fill = (lambda fd, at, data=data, f=f: pwrite_all(fd, data, at, f.path))
                 begin = put(f, item.shape, out_dtype, fill)
-                storage[MetadataIndex(key, torch.Size(item.index))] = StorageInfo(f.path.name, begin, f.tell() - begin)
+                storage[MetadataIndex(item.key, torch.Size(item.index))] = StorageInfo(f.path.name, begin, f.tell() - begin)
                 written += math.prod(item.shape) * out_dtype.itemsize
             progress(written)
         none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
@@ -225,11 +230,11 @@ def finish_torch_dist(spec: ModelSpec, iter_dir: Path, layout: ParallelLayout, m
     """Once every data file is written (``storage``: where every item went): common.pt, run_config.yaml,
     metadata.json and, last, the .metadata index."""
     state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-    stacked = spec.stacked
-    for pt, key, items in planned_items(spec, layout, margs, spec_name):
-        meta = state.setdefault(key, TensorStorageMetadata(
-            TensorProperties(dtype=pt.dtype(dtype)), torch.Size(global_shape(pt, margs, stacked)), []))
-        meta.chunks.extend(ChunkStorageMetadata(torch.Size(item.index), torch.Size(item.shape)) for item in items)
+    for pt, _, items in planned_items(spec, layout, margs, spec_name):
+        for item in items:
+            meta = state.setdefault(item.key, TensorStorageMetadata(
+                TensorProperties(dtype=pt.dtype(dtype)), torch.Size(item.global_shape), []))
+            meta.chunks.append(ChunkStorageMetadata(torch.Size(item.index), torch.Size(item.shape)))
     for key, _ in _extra_items(spec, layout):
         state[key] = BytesStorageMetadata()
     planned = {MetadataIndex(k, c.offsets) for k, m in state.items() if isinstance(m, TensorStorageMetadata) for c in m.chunks}

@@ -2,7 +2,7 @@
 layer, 8 experts + a gated shared expert) round-trips HF -> MCore -> HF bit-exactly at TP1, TP2, PP2, TP2xPP2 and EP2 in
 both formats; the torch_dist keys of a delta-net layer are those megatron-core's own GatedDeltaNet.sharded_state_dict
 saves (in_proj.weight.query ... .alpha, conv1d.weight.query/.key/.value, shapes and offsets at TP2); the config
-translates both ways. Qwen3.5 is refused (mappings/qwen3_5.yaml); a hub checkpoint's MTP tensors are refused by name.
+translates both ways; a hub checkpoint's MTP tensors are refused by name. (Qwen3.5: tests/test_arch_qwen3_5.py.)
 
 The signature bug: megatron-core's GatedDeltaNet, given the in_proj/conv1d shards ckptbridge writes at TP2, computes
 what transformers' Qwen3NextGatedDeltaNet computes (per-part split), and with a mapping that splits in_proj as one
@@ -30,7 +30,7 @@ from ckptbridge.presets import build_tiny_hf, convertible_config, load_preset
 from ckptbridge.spec import ModelSpec
 from helpers import to_mcore
 from mcore_runner import run_distributed
-from refusals import assert_refused, list_architectures
+from refusals import list_architectures
 
 PRESET = "qwen3-next-80b-a3b"
 H, NK, NV, HK, HV, KERNEL = 64, 4, 8, 16, 16, 4  # the tiny preset's delta-net: 2 value heads per key head
@@ -119,17 +119,10 @@ def test_hub_mtp_tensors_are_refused_by_name(tiny: Path, tmp_path: Path) -> None
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("arch", ["Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3_5ForConditionalGeneration",
-                                  "Qwen3_5MoeForConditionalGeneration"])
-def test_qwen3_5_is_refused(arch: str) -> None:
-    raw = {**convertible_config(load_preset(PRESET)), "architectures": [arch]}
-    assert_refused(raw, r"refused \(qwen3_5\.yaml\): Qwen3\.5 is not supported yet: .*in_proj_qkv, in_proj_z")
-
-
 def test_list_architectures() -> None:
     lines = {line.split()[0]: line for line in list_architectures().splitlines()}
     assert "Qwen3NextForCausalLM" in lines["qwen3_next"] and "REFUSED" not in lines["qwen3_next"]
-    assert "REFUSED" in lines["qwen3_5"] and "vision tower" in lines["qwen3_5"]
+    assert "REFUSED" in lines["qwen3_5_vl"] and "vision tower" in lines["qwen3_5_vl"]
 
 
 # --- structure against megatron-core's own save ------------------------------------------------------------------

@@ -6,7 +6,8 @@ translates both ways; a hub checkpoint's MTP tensors are refused by name. (Qwen3
 
 The signature bug: megatron-core's GatedDeltaNet, given the in_proj/conv1d shards ckptbridge writes at TP2, computes
 what transformers' Qwen3NextGatedDeltaNet computes (per-part split), and with a mapping that splits in_proj as one
-tensor (``shard: column``) it computes nonsense while that mapping's round trip is still bit-exact.
+tensor (``shard: column``) it computes nonsense while that mapping's round trip is still bit-exact. megatron-core's
+SelfAttention with attention_output_gate splits the gated linear_qkv shards into HF's query, gate, key and value.
 
 Not checked here: megatron-core's whole GPTModel on these files (its delta-net block spec is TE-only on 0.16.1:
 zero-centred norms, the input norm fused into in_proj); tests/test_plan_check.py skips this family for that reason."""
@@ -214,3 +215,48 @@ def test_signature_bug_gated_delta_net_tp2_split_is_per_part(tiny: Path, tmp_pat
     for errors in run_distributed(_gdn_errors, 2, str(tiny), {k: str(v) for k, v in ckpts.items()}, timeout=300):
         assert errors["shipped"] <= 1e-5, errors
         assert errors["plain"] > 0.1, errors
+
+
+# --- the gated attention's fused projection, on megatron-core's real SelfAttention --------------------------------
+def _gated_qkv_errors(rank: int, world: int, hf_dir: str, ckpt: str) -> float:
+    """Max |megatron - HF| over query, gate, key and value of the tiny model's full-attention layer at TP ``world``:
+    megatron-core's SelfAttention (attention_output_gate) splitting the linear_qkv shard ckptbridge wrote, against
+    transformers' q_proj (per head [q; gate]), k_proj and v_proj, on this rank's heads."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from transformers import AutoModelForCausalLM
+
+    from ckptbridge.mcore import model as mm
+
+    mm.init_parallel(world, 1)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).model.layers[1].self_attn
+    heads, groups, dim = 8, 4, 16  # the tiny preset's attention
+    cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=heads, num_query_groups=groups,
+                            kv_channels=dim, attention_output_gate=True, add_bias_linear=False,
+                            tensor_model_parallel_size=world, use_cpu_initialization=True, params_dtype=torch.float32)
+    attn = SelfAttention(cfg, get_gpt_layer_local_spec().submodules.self_attention.submodules, layer_number=1,
+                         attn_mask_type=AttnMaskType.causal, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    state = safe_load(Path(ckpt) / "release" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt")["model"]
+    x = torch.randn(12, 2, H, generator=torch.Generator().manual_seed(5))  # [s, b, h]
+    with torch.no_grad():
+        attn.linear_qkv.weight.copy_(state["decoder.layers.1.self_attention.linear_qkv.weight"])
+        q, k, v, gate = attn.get_query_key_value_tensors(x, None, output_gate=True)
+        hq, hgate = hf.q_proj(x).view(12, 2, heads, 2 * dim).chunk(2, dim=-1)
+        hk, hv = (p(x).view(12, 2, groups, dim) for p in (hf.k_proj, hf.v_proj))
+
+        def mine(t: torch.Tensor) -> torch.Tensor:
+            n = t.shape[2] // world
+            return t[:, :, rank * n:(rank + 1) * n]
+
+        return max((a - mine(b)).abs().max().item() for a, b in ((q, hq), (gate, hgate), (k, hk), (v, hv)))
+
+
+def test_gated_attention_qkv_layout_on_megatron_tp2(tiny: Path, tmp_path: Path) -> None:
+    """q_proj's per-head [q; gate] rows reach megatron's linear_qkv as per query group [q heads; gate heads; k; v]:
+    megatron-core's own split of the TP2 shards ckptbridge writes gives HF's query, gate, key and value."""
+    convert_cli(tiny, tmp_path / "mcore", "--tp", "2", "--format", "torch")
+    for error in run_distributed(_gated_qkv_errors, 2, str(tiny), str(tmp_path / "mcore"), timeout=300):
+        assert error <= 1e-6, error

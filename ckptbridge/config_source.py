@@ -185,6 +185,7 @@ def _same(have: Any, want: Any, args: Mapping[str, Any], key: str = "") -> bool:
 PER_LAYER_FREQUENCIES = {
     "moe_layer_freq": "every k-th layer (0, k, 2k...) is MoE",
     "window_attn_skip_freq": "every k-th layer (k-1, 2k-1...) attends to the full context, the others slide",
+    "linear_attention_freq": "every k-th layer (k-1, 2k-1...) is full attention, the others linear (1 in the list)",
 }
 
 
@@ -196,7 +197,7 @@ def _per_layer(freq: Any, layers: int, key: str) -> list[Any]:
     if isinstance(freq, (list, tuple)):
         return list(freq)
     k = int(freq)
-    if key == "window_attn_skip_freq":
+    if key in ("window_attn_skip_freq", "linear_attention_freq"):
         return [0 if (i + 1) % k == 0 else 1 for i in range(layers)]
     return [1 if i % k == 0 else 0 for i in range(layers)]
 

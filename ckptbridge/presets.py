@@ -69,6 +69,10 @@ def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads:
         out["layer_types"] = cfg["layer_types"][:layers]  # window, so test sequences are longer than it
         if cfg.get("sliding_window") is not None:
             out["sliding_window"] = min(int(cfg["sliding_window"]), 5)
+    if "linear_num_key_heads" in cfg:  # gated delta-net layers: TP-2-divisible heads, 2 value heads per key head
+        out.update(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16, linear_value_head_dim=16)
+    if "full_attention_interval" in cfg:  # a hybrid keeps both kinds of layer: the last of every `layers` is full
+        out["full_attention_interval"] = min(int(cfg["full_attention_interval"]), layers)
     if "intermediate_size_mlp" in cfg:  # Llama 4's dense layers, beside its experts' intermediate_size
         out["intermediate_size_mlp"] = 2 * ffn
     for key in ("no_rope_layers",):  # other per-layer lists: the first layers' entries

@@ -8,12 +8,14 @@ checkpoint all derive from it, so a new kind is one small function.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from .errors import LayoutError
+from . import expr
+from .errors import LayoutError, MappingError
 
 Region = tuple[int, int]  # (start, length) along the shard axis
 
@@ -24,12 +26,33 @@ class ShardKind:
     axis: int | None  # None: replicated on every rank
     halves: int = 1  # >1: the axis holds that many equal parts, each split separately (GLU)
     padded: bool = False  # vocab: pad dim 0 to the padded vocab size before splitting
+    #: ``parts``: the axis holds parts of these sizes (expressions over the Megatron args), each split
+    #: separately (``glu`` with unequal parts: Qwen3-Next's in_proj [q; k; v; z; beta; alpha])
+    part_sizes: tuple[Any, ...] = ()
+    sizes: tuple[int, ...] | None = None  # part_sizes evaluated for one model (`resolved`)
+
+    def resolved(self, args: Mapping[str, Any]) -> "ShardKind":
+        """This kind with its part sizes evaluated for a model (itself when it has none)."""
+        if not self.part_sizes:
+            return self
+        sizes = tuple(expr.evaluate(p, args) for p in self.part_sizes)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes):
+            raise MappingError(f"shard parts {list(self.part_sizes)} are {list(sizes)}, not sizes")
+        return replace(self, sizes=sizes)
 
     def regions(self, shape: Sequence[int], tp: int, what: str = "tensor") -> list[list[Region]]:
         """Per rank, the global regions that make up its shard."""
         if self.axis is None:
             return [[(0, shape[0] if shape else 1)] for _ in range(tp)]
         size = shape[self.axis]
+        if self.part_sizes:
+            if self.sizes is None:
+                raise LayoutError(f"{what}: shard parts {list(self.part_sizes)} were not evaluated for the model")
+            if sum(self.sizes) != size or any(p % tp for p in self.sizes):
+                raise LayoutError(f"{what}: dimension {self.axis} of size {size} cannot be split as parts "
+                                  f"{list(self.sizes)}, each {tp} ways")
+            starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+            return [[(s + r * (p // tp), p // tp) for s, p in zip(starts, self.sizes)] for r in range(tp)]
         part = size // self.halves
         if size % self.halves or part % tp:
             raise LayoutError(
@@ -52,7 +75,12 @@ KINDS: dict[str, ShardKind] = {
 }
 
 
-def get_kind(name: str) -> ShardKind:
+def get_kind(name: Any) -> ShardKind:
+    """A kind by name, or ``{parts: [sizes]}``: each rank takes its 1/TP of every part."""
+    if isinstance(name, Mapping):
+        if set(name) != {"parts"} or not isinstance(name["parts"], (list, tuple)) or len(name["parts"]) < 2:
+            raise KeyError(name)
+        return ShardKind("parts", 0, part_sizes=tuple(name["parts"]))
     if name not in KINDS:
         raise KeyError(name)
     return KINDS[name]

@@ -383,11 +383,19 @@ def _build(name: str, params: Any, where: str) -> Op:
             return Reshape(**_kw(params, ("shape",), "shape"))
         if name == "scale":
             return Scale(**_kw(params, ("factor",), "factor"))
+        if name in ("deinterleave", "offset"):
+            from .transforms_more import Deinterleave, Offset
+            if name == "offset":
+                return Offset(**_kw(params, ("value",), "value"))
+            if not isinstance(params, Mapping) or set(params) != {"groups", "parts"}:
+                raise TypeError("expects {groups: G, parts: [sizes] or [[sizes of input 0], ...]}")
+            return Deinterleave(params["groups"], params["parts"])
     except (TypeError, ValueError) as exc:
         raise MappingError(f"{where}: operation {name!r} with parameters {params!r}: {exc}") from None
     if name in TRANSFORMS and params is None:
         return TRANSFORMS[name]
-    known = sorted({*TRANSFORMS, "split", "chunk", "interleave", "transpose", "reshape", "scale"})
+    known = sorted({*TRANSFORMS, "split", "chunk", "interleave", "deinterleave", "transpose", "reshape", "scale",
+                    "offset"})
     if name in TRANSFORMS:
         raise MappingError(f"{where}: operation {name!r} takes no parameters")
     raise MappingError(f"{where}: unknown operation {name!r}; known: {', '.join(known)}")
@@ -475,7 +483,9 @@ def check_round_trip(transform: Transform, hf_shapes: Sequence[Shape], cfg: Mapp
     values (not zeros) make a dropped or swapped slice visible.
     """
     gen = torch.Generator().manual_seed(0)
-    hf = [torch.randn(s, generator=gen) for s in hf_shapes]
+    grid = any(getattr(s, "grid_probe", False) for s in getattr(transform, "steps", ()))
+    randn = (lambda s, generator: torch.randint(-8, 9, s, generator=generator) / 8.0) if grid else torch.randn
+    hf = [randn(s, generator=gen) for s in hf_shapes]
     try:
         expected_shape = transform.mcore_shape(hf_shapes, cfg)
         mcore = transform.to_mcore(hf, cfg)
@@ -486,7 +496,7 @@ def check_round_trip(transform: Transform, hf_shapes: Sequence[Shape], cfg: Mapp
         raise MappingError(f"{where}: transform {transform.name!r} declares shape {expected_shape}, produces {tuple(mcore.shape)}")
     if len(back) != len(hf) or not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(hf, back)):
         raise MappingError(f"{where}: transform {transform.name!r} is not invertible (HF -> MCore -> HF changes the tensors)")
-    y = torch.randn(expected_shape, generator=gen)
+    y = randn(expected_shape, generator=gen)
     if not torch.equal(transform.to_mcore(transform.to_hf(y, cfg, hf_shapes), cfg), y):
         raise MappingError(f"{where}: transform {transform.name!r} is not invertible (MCore -> HF -> MCore changes the tensor)")
 

@@ -1,12 +1,16 @@
-"""Qwen3-Next / Qwen3.5 and Qwen2.5-VL are refused (mappings/qwen3_next.yaml, qwen2_5_vl.yaml), naming what is
-missing: megatron-core 0.16.1's gated delta-net needs flash-linear-attention and Transformer Engine norms on CPU and
-ckptbridge has no rule yet for its per-key-head projection layout and per-part TP split; Qwen2.5-VL's vision tower
-has no place in GPTModel and is not carried through. The real configs are refused by the spec and by ``convert``
-on a tiny model saved by transformers (nothing written); ``list-architectures`` says so.
+"""Qwen3-Next (mappings/qwen3_next.yaml): a tiny model of the real config (delta-net layer, then a gated full-attention
+layer, 8 experts + a gated shared expert) round-trips HF -> MCore -> HF bit-exactly at TP1, TP2, PP2, TP2xPP2 and EP2 in
+both formats; the torch_dist keys of a delta-net layer are those megatron-core's own GatedDeltaNet.sharded_state_dict
+saves (in_proj.weight.query ... .alpha, conv1d.weight.query/.key/.value, shapes and offsets at TP2); the config
+translates both ways; a hub checkpoint's MTP tensors are refused by name. (Qwen3.5: tests/test_arch_qwen3_5.py.)
 
-The last test proves, on megatron-core's real GatedDeltaNet and transformers' real Qwen3NextGatedDeltaNet, the
-projection layout and per-part TP split a future mapping must state, and shows the signature bug (a plain TP split
-of in_proj: right at TP1, nonsense at TP2)."""
+The signature bug: megatron-core's GatedDeltaNet, given the in_proj/conv1d shards ckptbridge writes at TP2, computes
+what transformers' Qwen3NextGatedDeltaNet computes (per-part split), and with a mapping that splits in_proj as one
+tensor (``shard: column``) it computes nonsense while that mapping's round trip is still bit-exact. megatron-core's
+SelfAttention with attention_output_gate splits the gated linear_qkv shards into HF's query, gate, key and value.
+
+Not checked here: megatron-core's whole GPTModel on these files (its delta-net block spec is TE-only on 0.16.1:
+zero-centred norms, the input norm fused into in_proj); tests/test_plan_check.py skips this family for that reason."""
 
 from __future__ import annotations
 
@@ -15,68 +19,118 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
+from arch_checks import LAYOUTS, broken_copy, round_trip
+from ckptbridge.cli import main
+from ckptbridge.formats.mcore_common import safe_load
+from ckptbridge.formats.torch_dist import read_metadata
+from ckptbridge.mapping.features import with_features
+from ckptbridge.presets import build_tiny_hf, convertible_config, load_preset
+from ckptbridge.spec import ModelSpec
+from helpers import to_mcore
 from mcore_runner import run_distributed
-from refusals import assert_convert_refuses, assert_refused, list_architectures, refused_config
+from refusals import list_architectures
 
-REASONS = {
-    "qwen3-next-80b-a3b": r"refused \(qwen3_next\.yaml\): Qwen3-Next / Qwen3\.5 hybrid gated delta-net models are not supported yet: "
-                          r".*flash-linear-attention.*in_proj_qkvz/in_proj_ba layout and its per-part TP split",
-    "qwen2.5-vl-7b": r"refused \(qwen2_5_vl\.yaml\): Qwen2\.5-VL cannot be converted: .*no vision tower.*with mrope",
-}
-
-
-@pytest.mark.parametrize("name", sorted(REASONS))
-def test_real_config_is_refused_naming_the_reason(name: str) -> None:
-    assert_refused(refused_config(name), REASONS[name])
-
-
-@pytest.mark.parametrize("arch", ["Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM"])
-def test_qwen3_5_is_refused_too(arch: str) -> None:
-    raw = {**refused_config("qwen3-next-80b-a3b"), "architectures": [arch]}
-    assert_refused(raw, "gated delta-net models are not supported yet")
+PRESET = "qwen3-next-80b-a3b"
+H, NK, NV, HK, HV, KERNEL = 64, 4, 8, 16, 16, 4  # the tiny preset's delta-net: 2 value heads per key head
+GDN = "decoder.layers.0.self_attention."
+#: the in_proj rule's TP split in mappings/qwen3_next.yaml, and the signature bug: one plain split of the tensor
+PER_PART = """      shard:
+        parts: [linear_num_key_heads * linear_key_head_dim, linear_num_key_heads * linear_key_head_dim,
+                linear_num_value_heads * linear_value_head_dim, linear_num_value_heads * linear_value_head_dim,
+                linear_num_value_heads, linear_num_value_heads]
+      dist_parts: [query, key, value, z, beta, alpha]
+"""
 
 
-def test_convert_refuses_a_real_tiny_qwen3_next(tmp_path: Path) -> None:
-    assert_convert_refuses("qwen3-next-80b-a3b", tmp_path, "gated delta-net models are not supported yet")
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_hf(PRESET, tmp_path_factory.mktemp("qwen3_next") / "hf", layers=2)
 
 
-def test_list_architectures_says_refused() -> None:
+def convert_cli(src: Path, dst: Path, *args: str, mappings: Path | None = None) -> None:
+    extra = ["--mappings", str(mappings)] if mappings else []
+    r = CliRunner().invoke(main, [*extra, "convert", "--src", "hf", "--dst", "mcore", *args, str(src), str(dst)])
+    assert r.exit_code == 0, r.output
+
+
+# --- conversion ------------------------------------------------------------------------------------------------
+def test_tiny_model_has_both_kinds_of_layer(tiny: Path) -> None:
+    spec = ModelSpec.from_hf_config(__import__("json").loads((tiny / "config.json").read_text()))
+    assert list(spec.args["linear_attention_freq"]) == [1, 0]
+    names = {pt.mcore for pt in spec.planned()}
+    assert GDN + "in_proj.layer_norm_weight" in names and "decoder.layers.1.self_attention.linear_qkv.weight" in names
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_round_trip_bit_exact(tiny: Path, tmp_path: Path, fmt: str, tp: int, pp: int) -> None:
+    round_trip(tiny, tmp_path, fmt, tp, pp)
+
+
+@pytest.mark.parametrize("fmt,tp", [("torch_dist", 1), ("torch", 2)])
+def test_round_trip_expert_parallel(tiny: Path, tmp_path: Path, fmt: str, tp: int) -> None:
+    round_trip(tiny, tmp_path, fmt, tp, 1, ep=2)
+
+
+def test_real_config_translates_both_ways() -> None:
+    spec = ModelSpec.from_hf_config(convertible_config(load_preset(PRESET)))
+    a = spec.args
+    assert list(a["linear_attention_freq"]) == [1, 1, 1, 0] * 12
+    assert a["experimental_attention_variant"] == "gated_delta_net" and a["attention_output_gate"]
+    assert a["layernorm_zero_centered_gamma"] and a["rotary_percent"] == 0.25 and a["moe_shared_expert_gate"]
+    assert (a["linear_num_key_heads"], a["linear_num_value_heads"], a["linear_key_head_dim"]) == (16, 32, 128)
+    env = with_features({**a, "padded_vocab_size": a["vocab_size"]})
+    hf = spec.mapping.synthesize_hf_config(env)
+    assert hf["full_attention_interval"] == 4 and hf["layer_types"] is None  # as the hub writes it
+    as_int = spec.mapping.synthesize_hf_config({**env, "linear_attention_freq": 4})  # Megatron-LM's --linear-attention-freq 4
+    assert as_int["full_attention_interval"] == 4 and as_int["layer_types"] is None
+    odd = spec.mapping.synthesize_hf_config({**env, "linear_attention_freq": [0] + [1] * 47})
+    assert odd["layer_types"][:2] == ["full_attention", "linear_attention"]
+    assert spec.mapping.describes(env)
+
+
+def test_offset_that_would_round_a_norm_weight_is_refused(tiny: Path, tmp_path: Path) -> None:
+    """megatron stores the delta-net output norm zero-centred (w - 1): a weight w - 1 cannot hold exactly is
+    refused naming the tensor, not rounded."""
+    src = tmp_path / "hf"
+    src.mkdir()
+    for f in tiny.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.linear_attn.norm.weight"][0] = 1e-3  # w - 1 rounds in fp32
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", str(src), str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert "model.layers.0.linear_attn.norm.weight" in r.output and "offset by -1 is not exact" in r.output
+
+
+def test_hub_mtp_tensors_are_refused_by_name(tiny: Path, tmp_path: Path) -> None:
+    src = tmp_path / "hf"
+    src.mkdir()
+    for f in tiny.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    tensors["mtp.fc.weight"] = torch.zeros(H, 2 * H)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", str(src), str(tmp_path / "out")])
+    assert r.exit_code == 2 and "unmapped source tensor 'mtp.fc.weight'" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_list_architectures() -> None:
     lines = {line.split()[0]: line for line in list_architectures().splitlines()}
-    assert "REFUSED" in lines["qwen3_next"] and "flash-linear-attention" in lines["qwen3_next"]
-    assert "REFUSED" in lines["qwen2_5_vl"] and "vision tower" in lines["qwen2_5_vl"]
+    assert "Qwen3NextForCausalLM" in lines["qwen3_next"] and "REFUSED" not in lines["qwen3_next"]
+    assert "REFUSED" in lines["qwen3_5_vl"] and "vision tower" in lines["qwen3_5_vl"]
 
 
-# --- the layout a Qwen3-Next mapping must state, proven on the real modules (no mapping yet) -----------------------
-# megatron-core's GatedDeltaNet (ssm/gated_delta_net.py) against transformers' Qwen3NextGatedDeltaNet, one layer on
-# CPU. megatron-core refuses to build it without flash-linear-attention (HAVE_FLA) though its torch kernel
-# (deterministic_mode) needs only fla's l2norm, given here in torch: x / sqrt(sum x^2 + 1e-6), fla's and HF's formula.
-H, NK, NV, HK, HV, KERNEL = 64, 4, 8, 16, 16, 4  # 2 value heads per key head
-
-
-def _hf_gated_delta_net():
-    from transformers import Qwen3NextConfig
-    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
-
-    cfg = Qwen3NextConfig(hidden_size=H, linear_num_key_heads=NK, linear_num_value_heads=NV, linear_key_head_dim=HK,
-                          linear_value_head_dim=HV, linear_conv_kernel_dim=KERNEL, num_hidden_layers=1,
-                          layer_types=["linear_attention"], rms_norm_eps=1e-6)
-    layer = Qwen3NextGatedDeltaNet(cfg, 0).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            p.copy_((1.0 if name == "norm.weight" else 0.0) + 0.1 * torch.randn(p.shape, generator=gen))
-    return layer
-
-
-def _per_key_head_parts(t, sizes):
-    """HF's per-key-head rows [part 0 of head 0; part 1 of head 0; ...; part 0 of head 1; ...] -> each part whole."""
-    return [p.reshape(-1, *t.shape[1:]) for p in t.reshape(NK, sum(sizes), *t.shape[1:]).split(sizes, dim=1)]
-
-
-def _gdn_errors(rank: int, world: int) -> dict[str, float]:
-    """Max |megatron - HF| of one gated delta-net layer at TP ``world``, with in_proj/conv1d split per part (each rank
-    its heads of q, k, v, z, beta, alpha) and with one plain row split of the whole tensor."""
+# --- structure against megatron-core's own save ------------------------------------------------------------------
+def _megatron_gdn(world: int, zero_centred: bool = False):
+    """megatron-core's GatedDeltaNet at the tiny preset's sizes, TP ``world`` (in a worker). It refuses to build
+    without flash-linear-attention (HAVE_FLA) though its torch kernel (deterministic_mode) needs only fla's l2norm,
+    given here in torch: x / sqrt(sum x^2 + 1e-6), fla's and HF's formula."""
     import megatron.core.ssm.gated_delta_net as gdn
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -94,36 +148,115 @@ def _gdn_errors(rank: int, world: int) -> dict[str, float]:
                             linear_attention_freq=1, deterministic_mode=True, tensor_model_parallel_size=world,
                             use_cpu_initialization=True, params_dtype=torch.float32)
     sub = gdn.GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=WrappedTorchNorm, out_proj=RowParallelLinear)
-    layer = gdn.GatedDeltaNet(cfg, sub, layer_number=1, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
-    hf = _hf_gated_delta_net()
-    r = NV // NK
-    in_proj = (_per_key_head_parts(hf.in_proj_qkvz.weight.data, [HK, HK, r * HV, r * HV])
-               + _per_key_head_parts(hf.in_proj_ba.weight.data, [r, r]))  # [q; k; v; z; beta; alpha]
-    conv = list(hf.conv1d.weight.data.split([NK * HK, NK * HK, NV * HV]))  # already [q; k; v]
+    return gdn.GatedDeltaNet(cfg, sub, layer_number=1, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+
+
+def _megatron_chunks(rank: int, world: int) -> set[tuple]:
+    """(key, global shape, offset, shape) of every tensor this rank's GatedDeltaNet saves as its main replica."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
+
+    sd = _megatron_gdn(world).sharded_state_dict(prefix=GDN)
+    apply_factories(sd)  # in_proj.weight and conv1d.weight become lists of per-part tensors
+    return {(t.key, tuple(t.global_shape), tuple(t.global_offset), tuple(t.local_shape))
+            for t in nested_values(sd) if isinstance(t, ShardedTensor) and is_main_replica(t.replica_id)}
+
+
+def test_torch_dist_keys_equal_megatron_gated_delta_net_save(tiny: Path, tmp_path: Path) -> None:
+    """Every key, global shape and chunk ckptbridge writes for a delta-net layer at TP2 is one megatron-core's
+    GatedDeltaNet.sharded_state_dict saves (_split_tensor_factory's per-part keys), and nothing is missing."""
+    theirs = set().union(*run_distributed(_megatron_chunks, 2, timeout=300))
+    md = read_metadata(to_mcore(tiny, tmp_path / "mcore", "torch_dist", tp=2) / "release")
+    ours = {(k, tuple(m.size), tuple(c.offsets), tuple(c.sizes)) for k, m in md.state_dict_metadata.items()
+            if k.startswith(GDN) and hasattr(m, "chunks") for c in m.chunks}
+    fused_norm = {c for c in ours if c[0] == GDN + "in_proj.layer_norm_weight"}  # the TE spec's input norm
+    assert ours - fused_norm == theirs
+    assert {c[0] for c in theirs} >= {GDN + f"in_proj.weight.{p}" for p in ("query", "key", "value", "z", "beta", "alpha")}
+
+
+# --- the signature bug, on megatron-core's real layer ------------------------------------------------------------
+def _gdn_errors(rank: int, world: int, hf_dir: str, ckpts: dict[str, str]) -> dict[str, float]:
+    """Max |megatron - HF| of the tiny model's delta-net layer at TP ``world``: in_proj and conv1d from each
+    checkpoint's legacy rank file (as ckptbridge split them), the rest from HF split by hand."""
+    from transformers import AutoModelForCausalLM
+
+    layer = _megatron_gdn(world)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).model.layers[0].linear_attn.eval()
     x = torch.randn(2, 12, H, generator=torch.Generator().manual_seed(3))
     errors = {}
-    for split in ("per_part", "plain"):
-        def shard(parts):
-            if split == "per_part":
-                return torch.cat([p.chunk(world)[rank] for p in parts])
-            return torch.cat(parts).chunk(world)[rank]
-
+    for name, ckpt in ckpts.items():
+        state = safe_load(Path(ckpt) / "release" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt")["model"]
         with torch.no_grad():
-            layer.in_proj.weight.copy_(shard(in_proj))
-            layer.conv1d.weight.copy_(shard(conv))
+            layer.in_proj.weight.copy_(state[GDN + "in_proj.weight"])
+            layer.conv1d.weight.copy_(state[GDN + "conv1d.weight"])
             layer.dt_bias.copy_(hf.dt_bias.chunk(world)[rank])
             layer.A_log.copy_(hf.A_log.chunk(world)[rank])
-            layer.out_norm.weight.copy_(hf.norm.weight)
+            layer.out_norm.weight.copy_(hf.norm.weight)  # this layer's norm is plain x * w (not zero-centred)
             layer.out_proj.weight.copy_(hf.out_proj.weight.chunk(world, dim=1)[rank])
             out, _ = layer(x.transpose(0, 1).contiguous(), None)
-            errors[split] = (out.transpose(0, 1) - hf(x)).abs().max().item()
+            errors[name] = (out.transpose(0, 1) - hf(x)).abs().max().item()
     return errors
 
 
-def test_signature_bug_gated_delta_net_tp2_split_is_per_part() -> None:
-    """Qwen3-Next's signature bug: in_proj (and conv1d) split across TP ranks as one tensor is right at TP1 and
-    nonsense at TP>1. megatron-core's layer at TP2 equals HF's only when each rank takes its heads of every part:
-    the layout a Qwen3-Next mapping has to state (per-key-head un-interleave, then a per-part TP split)."""
-    for errors in run_distributed(_gdn_errors, 2, timeout=300):
-        assert errors["per_part"] <= 1e-5, errors
+def test_signature_bug_gated_delta_net_tp2_split_is_per_part(tiny: Path, tmp_path: Path) -> None:
+    """Qwen3-Next's signature bug: in_proj split across TP ranks as one tensor is right at TP1 and nonsense at TP>1,
+    and the round trip cannot see it. megatron-core's layer at TP2 equals HF's with the shards the shipped mapping
+    writes (each rank its heads of every part), not with those of a mapping that says ``shard: column``."""
+    broken = broken_copy("qwen3_next", tmp_path / "maps", PER_PART, "      shard: column\n")
+    ckpts = {"shipped": tmp_path / "shipped", "plain": tmp_path / "plain"}
+    convert_cli(tiny, ckpts["shipped"], "--tp", "2", "--format", "torch")
+    convert_cli(tiny, ckpts["plain"], "--tp", "2", "--format", "torch", mappings=broken)
+    back = tmp_path / "plain_back"
+    r = CliRunner().invoke(main, ["--mappings", str(broken), "convert", "--src", "mcore", "--dst", "hf",
+                                  str(ckpts["plain"]), str(back)])
+    assert r.exit_code == 0, r.output
+    assert all(torch.equal(a, load_file(back / "model.safetensors")[k])
+               for k, a in load_file(tiny / "model.safetensors").items())  # the broken mapping round-trips
+    for errors in run_distributed(_gdn_errors, 2, str(tiny), {k: str(v) for k, v in ckpts.items()}, timeout=300):
+        assert errors["shipped"] <= 1e-5, errors
         assert errors["plain"] > 0.1, errors
+
+
+# --- the gated attention's fused projection, on megatron-core's real SelfAttention --------------------------------
+def _gated_qkv_errors(rank: int, world: int, hf_dir: str, ckpt: str) -> float:
+    """Max |megatron - HF| over query, gate, key and value of the tiny model's full-attention layer at TP ``world``:
+    megatron-core's SelfAttention (attention_output_gate) splitting the linear_qkv shard ckptbridge wrote, against
+    transformers' q_proj (per head [q; gate]), k_proj and v_proj, on this rank's heads."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from transformers import AutoModelForCausalLM
+
+    from ckptbridge.mcore import model as mm
+
+    mm.init_parallel(world, 1)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).model.layers[1].self_attn
+    heads, groups, dim = 8, 4, 16  # the tiny preset's attention
+    cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=heads, num_query_groups=groups,
+                            kv_channels=dim, attention_output_gate=True, add_bias_linear=False,
+                            tensor_model_parallel_size=world, use_cpu_initialization=True, params_dtype=torch.float32)
+    attn = SelfAttention(cfg, get_gpt_layer_local_spec().submodules.self_attention.submodules, layer_number=1,
+                         attn_mask_type=AttnMaskType.causal, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    state = safe_load(Path(ckpt) / "release" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt")["model"]
+    x = torch.randn(12, 2, H, generator=torch.Generator().manual_seed(5))  # [s, b, h]
+    with torch.no_grad():
+        attn.linear_qkv.weight.copy_(state["decoder.layers.1.self_attention.linear_qkv.weight"])
+        q, k, v, gate = attn.get_query_key_value_tensors(x, None, output_gate=True)
+        hq, hgate = hf.q_proj(x).view(12, 2, heads, 2 * dim).chunk(2, dim=-1)
+        hk, hv = (p(x).view(12, 2, groups, dim) for p in (hf.k_proj, hf.v_proj))
+
+        def mine(t: torch.Tensor) -> torch.Tensor:
+            n = t.shape[2] // world
+            return t[:, :, rank * n:(rank + 1) * n]
+
+        return max((a - mine(b)).abs().max().item() for a, b in ((q, hq), (gate, hgate), (k, hk), (v, hv)))
+
+
+def test_gated_attention_qkv_layout_on_megatron_tp2(tiny: Path, tmp_path: Path) -> None:
+    """q_proj's per-head [q; gate] rows reach megatron's linear_qkv as per query group [q heads; gate heads; k; v]:
+    megatron-core's own split of the TP2 shards ckptbridge writes gives HF's query, gate, key and value."""
+    convert_cli(tiny, tmp_path / "mcore", "--tp", "2", "--format", "torch")
+    for error in run_distributed(_gated_qkv_errors, 2, str(tiny), str(tmp_path / "mcore"), timeout=300):
+        assert error <= 1e-6, error

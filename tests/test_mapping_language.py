@@ -50,6 +50,8 @@ def phi3(tmp_path_factory) -> Path:
     ([{"scale": "2 ** -3"}], [(4, 4)]),
     ([{"interleave": {"groups": "num_query_groups"}}], [(4, 8), (2, 8)]),
     (["qkv_interleave"], [(12,), (6,), (6,)]),
+    ([{"deinterleave": {"groups": 2, "parts": [[4, 4, 8], [2, 2]]}}, "concat"], [(16, 8), (4, 8)]),
+    ([{"offset": -1}], [(4, 4)]),
 ])
 def test_operations_round_trip(steps, shapes):
     pipeline = parse_transform(steps, "test")
@@ -64,6 +66,21 @@ def test_split_then_interleave_is_mcore_qkv():
     assert torch.equal(phi3, parse_transform("qkv_interleave", "t").to_mcore([q, k, v], CFG))
 
 
+def test_deinterleave_takes_each_part_whole_and_parts_shard_per_part():
+    """Per group [a_g; b_g] -> [a_all; b_all]; a ``parts`` shard gives each rank its 1/TP of every part."""
+    from ckptbridge.sharding import get_kind, merge, split
+
+    per_group = torch.arange(12.0).reshape(12, 1)  # 3 groups of [a (2 rows); b (2 rows)]
+    steps = parse_transform({"deinterleave": {"groups": 3, "parts": [6, 6]}}, "t")
+    a, b = steps.steps[0].forward([per_group], CFG)
+    assert a.flatten().tolist() == [0, 1, 4, 5, 8, 9] and b.flatten().tolist() == [2, 3, 6, 7, 10, 11]
+    kind = get_kind({"parts": ["hidden_size", 4]}).resolved(CFG)  # hidden_size is 8 in CFG: parts of 8 and 4 rows
+    whole = torch.arange(12.0)
+    shards = split(whole, kind, 2)
+    assert [t.tolist() for t in shards] == [[0, 1, 2, 3, 8, 9], [4, 5, 6, 7, 10, 11]]
+    assert torch.equal(merge(shards, kind), whole)
+
+
 @pytest.mark.parametrize("steps, message", [
     ([{"scale": 0.1}], "not invertible"),
     ([{"chunk": 2}], "end in 2 tensors"),
@@ -71,6 +88,8 @@ def test_split_then_interleave_is_mcore_qkv():
     (["frobnicate"], "unknown operation 'frobnicate'"),
     ([{"identity": 3}], "takes no parameters"),
     (["identity", "take_expert"], "take_expert can only be the first"),
+    ([{"offset": 0.1}], "not exact"),
+    ([{"deinterleave": {"groups": 5, "parts": [12, 12]}}, "concat"], "not multiples of groups=5"),
 ])
 def test_bad_pipelines_refused(steps, message):
     with pytest.raises(MappingError, match=message):

@@ -60,7 +60,9 @@ def test_family_is_detected_from_args(name, raw):
     resolved = resolve(_megatron_lm_args(spec), None, "args", ConfigOptions(vocab_size=raw["vocab_size"]))
     # Mistral and Phi-3 models are Llama models in Megatron's args (no detect of their own): Llama is picked;
     # Seed-OSS's are Qwen2's (q/k/v biases, explicit head_dim): Qwen2 is picked
-    expected = {"mistral": "llama", "phi3": "llama", "seed_oss": "qwen2"}.get(spec.mapping.family, spec.mapping.family)
+    # Qwen3.5-MoE's are Qwen3-Next's (split delta-net projections are a checkpoint layout): Qwen3-Next is picked
+    expected = {"mistral": "llama", "phi3": "llama", "seed_oss": "qwen2",
+                "qwen3_5_moe": "qwen3_next"}.get(spec.mapping.family, spec.mapping.family)
     assert resolved.spec.mapping.family == expected
     assert resolved.origin == f"synthesized from Megatron args ({expected})"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, PlanError
+from ..errors import FormatError, MappingError, PlanError
 from ..fastcopy import Run, Spans, compose, hf_spans, row_moving, unit_runs
 from ..fileio import copy_file, write_text
 from ..hf_config import config_dtype, read_config, with_dtype
@@ -192,7 +192,10 @@ class HFSource:
             if not _same_bits(self.files[self.where[copy]].read(copy), tensors[0]):
                 raise PlanError(f"{copy!r} in {self.folder / self.where[copy]} is not an exact copy of {layout.names[0]!r}; "
                                 f"MCore shares one {pt.mcore} between the model and its MTP blocks")
-        return layout.transform.to_mcore(tensors, self.spec.args)
+        try:
+            return layout.transform.to_mcore(tensors, self.spec.args)
+        except MappingError as exc:  # a value-changing step (offset) that would round this tensor
+            raise PlanError(f"{layout.names[0]!r} in {self.folder}: {exc}") from None
 
     def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
         """The canonical tensor as runs of the held files' bytes, when it is only rows moved and already
@@ -323,7 +326,10 @@ def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
                         continue
                     hf, slots = [torch.stack(slots)], []
                 else:
-                    hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
+                    try:
+                        hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
+                    except MappingError as exc:  # a value-changing step (offset) that would round it
+                        raise PlanError(f"{pt.mcore} -> {pt.hf_names[0]!r}: {exc}") from None
                 for name, tensor in [*zip(pt.hf_names, hf), *((c, hf[0]) for c in pt.hf_copies)]:
                     if name in quantized:
                         assert fp8 is not None

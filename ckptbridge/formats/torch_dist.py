@@ -47,6 +47,23 @@ def storage_key(pt: PlannedTensor, stacked: bool) -> str:
     return pt.rule.dist_key(pt.layer, stacked, pt.mtp)
 
 
+def key_names(pt: PlannedTensor, stacked: bool) -> list[str]:
+    """The torch_dist key(s) of ``pt``: its storage key, or one per ``dist_parts`` name."""
+    key = storage_key(pt, stacked)
+    return [f"{key}.{name}" for name in pt.rule.dist_parts] or [key]
+
+
+def part_keys(pt: PlannedTensor, margs: dict[str, Any], stacked: bool) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(key, first row in the canonical tensor, global shape) of each tensor torch_dist stores for ``pt``: one,
+    or one per part of a rule with ``dist_parts`` (megatron's GatedDeltaNet saves ``in_proj.weight.query`` ...)."""
+    shape, keys = global_shape(pt, margs, stacked), key_names(pt, stacked)
+    if not pt.rule.dist_parts:
+        return [(keys[0], 0, shape)]
+    lead, sizes = len(shape) - len(pt.shape), pt.rule.shard.sizes or ()
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(key, start, (*shape[:lead], size, *shape[lead + 1:])) for key, start, size in zip(keys, starts, sizes)]
+
+
 def lead_index(pt: PlannedTensor, stacked: bool) -> list[int]:
     """Position of one canonical tensor on the leading axes: [layer] when stacked, then [expert]."""
     return [i for i in (pt.layer if stacked else None, pt.expert) if i is not None]
@@ -110,7 +127,7 @@ LOCAL_DIST_NAMES = {"." + local + "weight": "." + LOCAL_TO_TE_LAYER_KEYS[local] 
 def _with_spec_names(md: Metadata, spec: ModelSpec) -> Metadata:
     """``md`` with local-spec keys renamed to the TE names the mapping expects, where the TE name is
     expected, absent, and its local twin is not itself expected (in a dense layer it is the TE name)."""
-    expected = {storage_key(pt, spec.stacked) for pt in spec.planned()}
+    expected = {key for pt in spec.planned() for key in key_names(pt, spec.stacked)}
     renames = {}
     for te in expected - set(md.state_dict_metadata):
         for te_suffix, local_suffix in LOCAL_DIST_NAMES.items():
@@ -191,7 +208,7 @@ class TorchDistSource:
 
     def verify(self) -> None:
         stacked = self.spec.stacked
-        expected = {storage_key(pt, stacked): global_shape(pt, self.margs, stacked) for pt in self.spec.planned()}
+        expected = {key: shape for pt in self.spec.planned() for key, _, shape in part_keys(pt, self.margs, stacked)}
         where = self.iter_dir / ".metadata"
         for key, md in self.metadata.state_dict_metadata.items():
             if is_training_state(key) or is_extra_state(key):
@@ -259,6 +276,8 @@ class TorchDistSource:
         """The canonical tensor as runs of the held data files, when its chunks are row ranges (every chunk
         of the layer spans all but the first dimension: TP 1, or column-parallel) already in ``dtype``;
         None otherwise (row-parallel chunks, a cast, strided storage): then `read` assembles it."""
+        if pt.rule.dist_parts:
+            return None  # several keys: `read` joins them
         key = storage_key(pt, self._stacked)
         md = self.metadata.state_dict_metadata[key]
         lead = lead_index(pt, self._stacked)
@@ -289,8 +308,14 @@ class TorchDistSource:
         return spans.rows(0, pt.shape[0]) if pt.rule.shard.padded else spans
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
+        if pt.rule.dist_parts:  # megatron's parts, each its own key: joined on the split axis
+            keys = part_keys(pt, self.margs, self._stacked)
+            return pt.from_stored(torch.cat([self._read_key(pt, key) for key, _, _ in keys]))
+        return pt.from_stored(self._read_key(pt, storage_key(pt, self._stacked)))
+
+    def _read_key(self, pt: PlannedTensor, key: str) -> torch.Tensor:
+        """One stored key's tensor for ``pt``'s layer (and expert)."""
         stacked = self._stacked
-        key = storage_key(pt, stacked)
         md = self.metadata.state_dict_metadata[key]
         lead = lead_index(pt, stacked)
         start = lead + [0] * (len(md.size) - len(lead))
@@ -311,8 +336,7 @@ class TorchDistSource:
             filled += math.prod(tuple(h - l for l, h in zip(lo, hi)))
         if filled != out.numel():
             raise FormatError(f"{self.iter_dir}: chunks of {key!r} cover {filled} of {out.numel()} values of layer {pt.layer}")
-        out = out.reshape(size[len(lead):])
-        return pt.from_stored(out)
+        return out.reshape(size[len(lead):])
 
     def close(self) -> None:
         for f in self._files.values():

@@ -46,7 +46,7 @@ from .dcp_metadata import (
 )
 from .mcore_common import CHECKPOINT_VERSION, args_namespace, bridge_record
 from .safe_globals import save_with_megatron_names
-from .torch_dist import METADATA_JSON, Window, global_shape, lead_index, storage_key
+from .torch_dist import METADATA_JSON, Window, lead_index, part_keys, storage_key
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class _Item:
     index: tuple[int, ...]  # lead + offsets
     shape: tuple[int, ...]  # item shape (leading 1s on the lead axes)
     region: tuple[int, int] | None
+    key: str  # the torch_dist key it belongs to (one of a ``dist_parts`` tensor's, else the tensor's)
+    global_shape: tuple[int, ...]  # that key's global shape
 
 
 def data_file_name(rank: int, part: int = 0) -> str:
@@ -86,18 +88,21 @@ def dist_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: Paralle
         stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
         kind = pt.rule.shard_kind(spec_name)  # chunked as that spec's model saves it
         lead = lead_index(pt, stacked)
+        keys = part_keys(pt, margs, stacked)  # several for megatron's per-part keys, each from its first row
         items, sizes = [], []
         for rank, regions in enumerate(kind.regions(stored_shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
             if kind.axis is None and rank:
                 break  # replicated: stored once
             for start, length in regions:
+                key, first, key_shape = next(k for k in reversed(keys) if k[1] <= start)
                 offsets, shape = [0] * len(stored_shape), list(stored_shape)
                 if kind.axis is not None:
-                    offsets[kind.axis], shape[kind.axis] = start, length
+                    offsets[kind.axis], shape[kind.axis] = start - first, length
                 whole = kind.axis is None or length == stored_shape[kind.axis]
                 nbytes = math.prod(shape) * itemsize
                 name = data_file_name(stage * layout.tp + rank, cut.part(stage * layout.tp + rank, nbytes))
-                items.append(_Item(name, tuple(lead + offsets), tuple([1] * len(lead) + shape), None if whole else (start, length)))
+                items.append(_Item(name, tuple(lead + offsets), tuple([1] * len(lead) + shape),
+                                   None if whole else (start, length), key, tuple(key_shape)))
                 sizes.append((name, nbytes))
         steps.append(Step(pt, (storage_key(pt, stacked), items), tuple(sizes)))
     extras = _extra_items(spec, layout)
@@ -196,7 +201,7 @@ def write_dist_data(plan: WritePlan, job: WriteJob) -> dict[MetadataIndex, Stora
                     data = memoryview(piece.contiguous().view(torch.uint8).numpy()).cast("B") if piece.numel() else b""
                     fill = (lambda fd, at, data=data, f=f: pwrite_all(fd, data, at, f.path))
                 begin = put(f, item.shape, out_dtype, fill)
-                storage[MetadataIndex(key, torch.Size(item.index))] = StorageInfo(f.path.name, begin, f.tell() - begin)
+                storage[MetadataIndex(item.key, torch.Size(item.index))] = StorageInfo(f.path.name, begin, f.tell() - begin)
                 written += math.prod(item.shape) * out_dtype.itemsize
             job.progress(written)
         none_bytes = _saved([None])  # what megatron-core stores for an empty extra state
@@ -218,12 +223,12 @@ def finish_torch_dist(plan: WritePlan, iter_dir: Path, storage: dict[MetadataInd
     spec, margs, iteration = plan.spec, plan.margs, plan.iteration or 0
     assert margs is not None
     state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-    stacked = spec.stacked
     for step in plan.steps:
-        pt, (key, items) = step.pt, step.where
-        meta = state.setdefault(key, TensorStorageMetadata(
-            TensorProperties(dtype=pt.dtype(plan.dtype)), torch.Size(global_shape(pt, margs, stacked)), []))
-        meta.chunks.extend(ChunkStorageMetadata(torch.Size(item.index), torch.Size(item.shape)) for item in items)
+        pt, (_, items) = step.pt, step.where
+        for item in items:
+            meta = state.setdefault(item.key, TensorStorageMetadata(
+                TensorProperties(dtype=pt.dtype(plan.dtype)), torch.Size(item.global_shape), []))
+            meta.chunks.append(ChunkStorageMetadata(torch.Size(item.index), torch.Size(item.shape)))
     for key, _ in plan.detail:
         state[key] = BytesStorageMetadata()
     planned = {MetadataIndex(k, c.offsets) for k, m in state.items() if isinstance(m, TensorStorageMetadata) for c in m.chunks}

@@ -97,6 +97,16 @@ class TensorRule:
     dtype: torch.dtype | None = None  # kept in this dtype whatever --dtype says (e.g. a router bias in fp32)
     mtp_copies: tuple[str, ...] = ()  # HF names (one per MTP block, {L}/{M}) holding exact copies of the HF tensor
     local_shard: ShardKind | None = None  # how the local spec splits it, when not as the TE spec does
+    #: torch_dist keys of a ``parts`` tensor: megatron saves each part as its own tensor, ``<key>.<name>``
+    #: (GatedDeltaNet's in_proj.weight.query ... .alpha); legacy keeps each rank's parts in one tensor
+    dist_parts: tuple[str, ...] = ()
+
+    def resolved(self, args: Mapping[str, Any]) -> "TensorRule":
+        """The rule with its shard part sizes evaluated for one model."""
+        if not self.shard.part_sizes and not (self.local_shard and self.local_shard.part_sizes):
+            return self
+        return replace(self, shard=self.shard.resolved(args),
+                       local_shard=self.local_shard.resolved(args) if self.local_shard else None)
 
     def shard_kind(self, spec: str) -> ShardKind:
         """The TP split of the named spec: e.g. MLA's down-projections are replicated ``TELinear``s in
@@ -329,7 +339,8 @@ class ArchMapping:
     def rules_for(self, args: Mapping[str, Any]) -> list[TensorRule]:
         """The rules that apply to a model: without MTP blocks, no ``place: mtp`` rule; with them,
         also the rules derived for their transformer layer."""
-        rules = [r for r in self.tensors if r.applies(args) and (r.place != "mtp" or self.mtp_depth(args))]
+        rules = [r.resolved(args) for r in self.tensors
+                 if r.applies(args) and (r.place != "mtp" or self.mtp_depth(args))]
         if self.mtp and self.mtp_depth(args):
             rules += self.mtp.derive_rules(rules, args)
         return rules
@@ -355,7 +366,8 @@ class _Lenient(dict):
 
 
 _RULE_FIELDS = {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist", "layers",
-                "dtype", "grouped", "alternatives", "hf_fused", "hf_alt", "mtp_copies", "local_shard"}
+                "dtype", "grouped", "alternatives", "hf_fused", "hf_alt", "mtp_copies", "local_shard",
+                "dist_parts"}
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -417,6 +429,10 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
         local_shard = get_kind(raw["local_shard"]) if "local_shard" in raw else None
     except KeyError:
         raise MappingError(f"{where}: unknown shard kind {raw.get('local_shard', raw['shard'])!r}") from None
+    dist_parts = tuple(str(n) for n in raw.get("dist_parts", ()))
+    if dist_parts and len(dist_parts) != len(shard.part_sizes):
+        raise MappingError(f"{where}: dist_parts names one torch_dist key per part of a 'shard: {{parts: [...]}}' "
+                           f"({len(shard.part_sizes)} parts), not {len(dist_parts)}")
     place = raw.get("place", "layer")
     mcore, local = raw["mcore"], raw.get("local", te_to_local(raw["mcore"]))  # local: only where the table cannot say
     if place not in ("layer", "first", "last", "mtp"):
@@ -475,6 +491,7 @@ def parse_rule(raw: Mapping[str, Any], where: str) -> TensorRule:
         dtype=_DTYPES[raw["dtype"]] if "dtype" in raw else None,
         mtp_copies=copies,
         local_shard=local_shard,
+        dist_parts=dist_parts,
     )
 
 
@@ -505,7 +522,8 @@ def validate_rules(rules: Sequence[TensorRule], where: str, config_keys: set[str
         alt_names = set().union(*(a.transform.names() for a in r.alternatives),
                                 *(expr.names_in(d) for a in r.alternatives for s in a.shapes or () for d in s))
         used = set().union(*(expr.names_in(d) for s in r.shapes for d in s), expr.names_in(r.when),
-                           expr.names_in(r.layers) - {"L"}, r.transform.names(), alt_names)
+                           expr.names_in(r.layers) - {"L"}, r.transform.names(), alt_names,
+                           *(expr.names_in(p) for p in r.shard.part_sizes))
         missing = used - known - {"E"}
         if missing:
             raise MappingError(f"{at} uses unknown config field(s) {sorted(missing)}")
@@ -515,6 +533,8 @@ def validate_rules(rules: Sequence[TensorRule], where: str, config_keys: set[str
         else:
             check_round_trip(r.transform, r.hf_shapes(probe), probe, at)
             want = r.mcore_shape(probe)
+        if r.shard.part_sizes and sum(r.shard.resolved(probe).sizes or ()) != want[0]:
+            raise MappingError(f"{at}: shard parts {list(r.shard.part_sizes)} do not add up to its first dimension")
         for alt in r.alternatives:
             where_alt = f"{at}: alternative layout {list(alt.hf)}"
             shapes = alt.hf_shapes(r, probe)

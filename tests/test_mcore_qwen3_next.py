@@ -97,7 +97,8 @@ def _gdn_parts(a: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
     """in_proj as [q; k; v; z; beta; alpha] and conv1d as [q; k; v] (megatron's order, each part whole)."""
     r = NV // NK
     if "in_proj_qkvz.weight" in a:  # Qwen3-Next: per key head [q k v z], [b a]
-        in_proj = _per_key_head(a["in_proj_qkvz.weight"], [HK, HK, r * HV, r * HV]) + _per_key_head(a["in_proj_ba.weight"], [r, r])
+        in_proj = (_per_key_head(a["in_proj_qkvz.weight"], [HK, HK, r * HV, r * HV])
+                   + _per_key_head(a["in_proj_ba.weight"], [r, r]))
     else:  # Qwen3.5: qkv already [q; k; v], then z, b, a
         in_proj = [*a["in_proj_qkv.weight"].split([NK * HK, NK * HK, NV * HV]), a["in_proj_z.weight"],
                    a["in_proj_b.weight"], a["in_proj_a.weight"]]
@@ -149,11 +150,13 @@ def _load_hf(models: list[torch.nn.Module], hf: torch.nn.Module) -> None:
         for j, layer in enumerate(model.decoder.layers):
             i = layer.layer_number - 1
             p, out = f"model.layers.{i}.", f"decoder.layers.{j}."
-            a = {k[len(p):].split(".", 1)[1]: v for k, v in sd.items() if k.startswith(p + ("linear_attn." if "linear" in hf.config.layer_types[i] else "self_attn."))}
+            linear = hf.config.layer_types[i] == "linear_attention"
+            attn = p + ("linear_attn." if linear else "self_attn.")
+            a = {k.removeprefix(attn): v for k, v in sd.items() if k.startswith(attn)}
             want[out + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
             want[out + "pre_mlp_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
             s = out + "self_attention."
-            if hf.config.layer_types[i] == "linear_attention":
+            if linear:
                 in_proj, conv = _gdn_parts(a)
                 want.update({s + "in_proj.weight": parts(in_proj), s + "conv1d.weight": parts(conv),
                              s + "dt_bias": col(a["dt_bias"]), s + "A_log": col(a["A_log"]),
@@ -164,7 +167,8 @@ def _load_hf(models: list[torch.nn.Module], hf: torch.nn.Module) -> None:
                              s + "q_layernorm.weight": a["q_norm.weight"], s + "k_layernorm.weight": a["k_norm.weight"]})
             m, hm = out + "mlp.", p + "mlp."
             if hm + "gate.weight" not in sd:  # dense
-                want.update({m + k: v for k, v in mlp(*(sd[hm + f"{n}_proj.weight"] for n in ("gate", "up", "down")), tp, r).items()})
+                dense = (sd[hm + f"{n}_proj.weight"] for n in ("gate", "up", "down"))
+                want.update({m + k: v for k, v in mlp(*dense, tp, r).items()})
                 continue
             want[m + "router.weight"] = sd[hm + "gate.weight"]
             want[m + "shared_experts.gate_weight"] = sd[hm + "shared_expert_gate.weight"]
@@ -205,9 +209,8 @@ def hf_logits() -> dict[str, torch.Tensor]:
 
 
 LAYOUTS = {  # name: (model, layout)
-    "tp2": ("qwen3_next", ParallelLayout(tp=2)),
-    "pp2": ("qwen3_next", ParallelLayout(pp=2)),
-    "ep2": ("qwen3_next", ParallelLayout(ep=2)),
+    "tp2ep2": ("qwen3_next", ParallelLayout(tp=2, ep=2, etp=1)),  # TP2 x EP2 on the same 2 ranks
+    "pp2": ("qwen3_next", ParallelLayout(pp=2)),  # TP1
     "qwen3_5_moe-tp2": ("qwen3_5_moe", ParallelLayout(tp=2)),
     "qwen3_5-tp1": ("qwen3_5", ParallelLayout()),
 }
@@ -215,7 +218,7 @@ LAYOUTS = {  # name: (model, layout)
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_megatron_hybrid_equals_transformers(hf_logits, name: str) -> None:
-    """fp32 logits of megatron-core's hybrid model (TP2 / PP2 / EP2) vs transformers, short and long positions."""
+    """fp32 logits of megatron-core's hybrid model (TP2 x EP2, PP2, TP1) vs transformers, short and long positions."""
     kind, layout = LAYOUTS[name]
     world = math.lcm(layout.tp, layout.ep * layout.expert_tp) * layout.pp
     got = [x for x in run_distributed(_megatron_logits, world, kind, layout, timeout=300) if x is not None]
@@ -226,3 +229,50 @@ def test_megatron_hybrid_equals_transformers(hf_logits, name: str) -> None:
         for where in (slice(0, 16), slice(SEQ - 16, SEQ)):  # first chunk, third chunk of the delta-rule kernel
             err = (logits[:, where] - expected[:, where]).abs().max().item()
             assert err <= ATOL, (name, where, err)
+
+
+# --- the torch_dist keys a Qwen3-Next mapping must write (megatron's model on the meta device, as plan_check builds it)
+
+R = NV // NK
+GDN_KEYS = {  # layer 0: gated delta-net + MoE; in_proj / conv1d stored per part (gated_delta_net.py _split_tensor_factory)
+    "input_layernorm": ("self_attention.in_proj.layer_norm_weight", (H,)),
+    **{f"in_proj.{p}": (f"self_attention.in_proj.weight.{p}", (n, H)) for p, n in
+       (("query", NK * HK), ("key", NK * HK), ("value", NV * HV), ("z", NV * HV), ("beta", NV), ("alpha", NV))},
+    **{f"conv1d.{p}": (f"self_attention.conv1d.weight.{p}", (n, 1, 4)) for p, n in
+       (("query", NK * HK), ("key", NK * HK), ("value", NV * HV))},
+    "dt_bias": ("self_attention.dt_bias", (NV,)), "A_log": ("self_attention.A_log", (NV,)),
+    "out_norm": ("self_attention.out_norm.weight", (HV,)), "out_proj": ("self_attention.out_proj.weight", (H, NV * HV)),
+    "pre_mlp_layernorm": ("pre_mlp_layernorm.weight", (H,)), "router": ("mlp.router.weight", (EXPERTS, H)),
+    "experts_fc1": ("mlp.experts.experts.linear_fc1.weight", (EXPERTS, 2 * MOE_FFN, H)),
+    "experts_fc2": ("mlp.experts.experts.linear_fc2.weight", (EXPERTS, H, MOE_FFN)),
+    "shared_fc1": ("mlp.shared_experts.linear_fc1.weight", (2 * SHARED_FFN, H)),
+    "shared_fc2": ("mlp.shared_experts.linear_fc2.weight", (H, SHARED_FFN)),
+    "shared_gate": ("mlp.shared_experts.gate_weight", (1, H)),
+}
+ATTENTION_KEYS = {  # layer 1: gated attention (q, gate, k, v rows per group), zero-centred q/k norms
+    "input_layernorm": ("self_attention.linear_qkv.layer_norm_weight", (H,)),
+    "linear_qkv": ("self_attention.linear_qkv.weight", ((2 * HEADS + 2 * GROUPS) * HEAD_DIM, H)),
+    "q_layernorm": ("self_attention.q_layernorm.weight", (HEAD_DIM,)),
+    "k_layernorm": ("self_attention.k_layernorm.weight", (HEAD_DIM,)),
+    "linear_proj": ("self_attention.linear_proj.weight", (H, HEADS * HEAD_DIM)),
+}
+
+
+@pytest.mark.parametrize("layout", [ParallelLayout(tp=2), ParallelLayout(tp=2, pp=2, ep=2)], ids=["tp2", "tp2pp2ep2"])
+def test_sharded_keys_on_meta(layout: ParallelLayout) -> None:
+    """plan_check's meta-device build of the hybrid model: per-layer keys (linear_attention_freq > 1 makes megatron's
+    layers non-homogeneous, transformer_block.py:835-839), TE names, global shapes independent of the layout."""
+    from ckptbridge.mcore.plan_check import _megatron_stage
+
+    args = full_megatron_lm_args(_margs(_hf_model("qwen3_next"), layout))
+    world = math.lcm(layout.tp * layout.pp, layout.expert_tp * layout.ep * layout.pp)
+    keys: dict[str, tuple[int, ...]] = {}
+    for stage in range(layout.pp):
+        keys.update(_megatron_stage(args, layout, stage, world, torch.float32, None)[0])
+    for i, expected in ((0, GDN_KEYS), (1, ATTENTION_KEYS)):
+        layer = {k.removeprefix(f"decoder.layers.{i}."): v for k, v in keys.items() if k.startswith(f"decoder.layers.{i}.")}
+        want = dict(expected.values())
+        if i == 1:
+            want.update({k: v for k, v in GDN_KEYS.values() if k.startswith(("pre_mlp", "mlp."))})
+        assert layer == want
+    assert keys["decoder.layers.2.mlp.linear_fc1.layer_norm_weight"] == (H,)  # the dense layer fuses its pre-MLP norm

@@ -261,10 +261,11 @@ ATTENTION_KEYS = {  # layer 1: gated attention (q, gate, k, v rows per group), z
 @pytest.mark.parametrize("layout", [ParallelLayout(tp=2), ParallelLayout(tp=2, pp=2, ep=2)], ids=["tp2", "tp2pp2ep2"])
 def test_sharded_keys_on_meta(layout: ParallelLayout) -> None:
     """plan_check's meta-device build of the hybrid model: per-layer keys (linear_attention_freq > 1 makes megatron's
-    layers non-homogeneous, transformer_block.py:835-839), TE names, global shapes independent of the layout."""
+    layers non-homogeneous, transformer_block.py:835-839), TE names, global shapes independent of the layout; an MTP
+    block (Qwen3-Next's ``mtp.*``) on the last stage, its transformer layer the last decoder layer's kind."""
     from ckptbridge.mcore.plan_check import _megatron_stage
 
-    args = full_megatron_lm_args(_margs(_hf_model("qwen3_next"), layout))
+    args = full_megatron_lm_args({**_margs(_hf_model("qwen3_next"), layout), "mtp_num_layers": 1})
     world = math.lcm(layout.tp * layout.pp, layout.expert_tp * layout.ep * layout.pp)
     keys: dict[str, tuple[int, ...]] = {}
     for stage in range(layout.pp):
@@ -276,3 +277,37 @@ def test_sharded_keys_on_meta(layout: ParallelLayout) -> None:
             want.update({k: v for k, v in GDN_KEYS.values() if k.startswith(("pre_mlp", "mlp."))})
         assert layer == want
     assert keys["decoder.layers.2.mlp.linear_fc1.layer_norm_weight"] == (H,)  # the dense layer fuses its pre-MLP norm
+    mtp = {k.removeprefix("mtp.layers.0."): v for k, v in keys.items() if k.startswith("mtp.")}
+    layer = {"transformer_layer." + k: v for k, v in ATTENTION_KEYS.values()}
+    layer.update({"transformer_layer." + k: v for k, v in GDN_KEYS.values() if k.startswith(("pre_mlp", "mlp."))})
+    assert mtp == {"enorm.weight": (H,), "hnorm.weight": (H,), "eh_proj.weight": (H, 2 * H), "final_layernorm.weight": (H,),
+                   **layer}
+
+
+def test_zero_centred_norms_match_transformers() -> None:
+    """The local norm megatron's TENorm stands for: zero-centred ``x * (1 + w)`` = transformers' Qwen3NextRMSNorm with
+    the same ``w``; the delta-net's gated ``out_norm`` (zero-centred in megatron) = HF's plain ``linear_attn.norm``
+    (``x * w``) only with ``w - 1`` (the mapping's one arithmetic step); without the setting, megatron's own norm."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm, Qwen3NextRMSNormGated
+
+    from ckptbridge.mcore.hybrid import LocalNorm, ZeroCenteredRMSNorm
+
+    def config(zero_centred: bool) -> TransformerConfig:
+        return TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=HEADS, normalization="RMSNorm",
+                                 layernorm_zero_centered_gamma=zero_centred, use_cpu_initialization=True)
+
+    gen = torch.Generator().manual_seed(5)
+    x, gate, w = (torch.randn(*shape, generator=gen) for shape in ((3, HV), (3, HV), (HV,)))
+    ours = LocalNorm(config(True), HV, eps=1e-6)
+    assert isinstance(ours, ZeroCenteredRMSNorm)
+    hf, hf_gated = Qwen3NextRMSNorm(HV, eps=1e-6), Qwen3NextRMSNormGated(HV, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        hf.weight.copy_(w)
+        hf_gated.weight.copy_(w)
+        torch.testing.assert_close(ours(x), hf(x), rtol=0, atol=1e-6)
+        ours.weight.copy_(w - 1.0)
+        torch.testing.assert_close(ours(x) * F.silu(gate), hf_gated(x, gate), rtol=0, atol=1e-6)
+    assert isinstance(LocalNorm(config(False), HV, eps=1e-6), torch.nn.RMSNorm)

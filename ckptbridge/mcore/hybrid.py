@@ -31,12 +31,14 @@ from megatron.core.models.gpt.experimental_attention_variant_module_specs import
     get_linear_attention_pattern,
     get_moe_layer_pattern,
 )
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.models.backends import LocalSpecProvider  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec_for_backend  # noqa: E402
 from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules  # noqa: E402
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.enums import LayerType  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlockSubmodules  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.torch_norm import L2Norm, WrappedTorchNorm  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build  # noqa: E402
@@ -46,7 +48,7 @@ from megatron.core.transformer.transformer_layer import (  # noqa: E402
     get_transformer_layer_offset,
 )
 
-__all__ = ["ZeroCenteredRMSNorm", "LocalNorm", "is_hybrid", "hybrid_block_spec"]
+__all__ = ["ZeroCenteredRMSNorm", "LocalNorm", "is_hybrid", "hybrid_block_spec", "hybrid_mtp_block_spec"]
 
 
 class ZeroCenteredRMSNorm(torch.nn.Module):
@@ -133,3 +135,18 @@ def hybrid_block_spec(config: TransformerConfig, vp_stage: int | None = None) ->
         offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
         ids = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage))
     return TransformerBlockSubmodules(layer_specs=[specs[i] for i in ids], layer_norm=LocalNorm)
+
+
+class _LocalNormBackend(LocalSpecProvider):
+    """megatron's local backend with :class:`LocalNorm` for its norms (an MTP block's ``enorm``, ``hnorm`` and
+    ``final_layernorm``: ``TENorm`` in the TE backend, zero-centred with the config)."""
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return LocalNorm
+
+
+def hybrid_mtp_block_spec(config: TransformerConfig, block: TransformerBlockSubmodules,
+                          vp_stage: int | None = None) -> MultiTokenPredictionBlockSubmodules | None:
+    """megatron's MTP block spec (gpt_layer_specs.py ``get_gpt_mtp_block_spec_for_backend``: the transformer layer
+    is the stage's last decoder layer, as with TE) with :class:`LocalNorm` norms; None off the MTP stage."""
+    return get_gpt_mtp_block_spec_for_backend(config=config, spec=block, backend=_LocalNormBackend(), vp_stage=vp_stage)

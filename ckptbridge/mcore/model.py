@@ -45,7 +45,7 @@ from ckptbridge.mcore.config import ARGS_ATTR, gpt_model_kwargs, te_usable, tran
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
-from ckptbridge.mcore.hybrid import hybrid_block_spec, is_hybrid  # noqa: E402
+from ckptbridge.mcore.hybrid import hybrid_block_spec, hybrid_mtp_block_spec, is_hybrid  # noqa: E402
 
 __all__ = [
     "init_parallel",
@@ -308,7 +308,10 @@ def build_gpt_model(
             mtp_spec = None
             if getattr(config, "mtp_num_layers", None):
                 # MTP blocks on the last stage, their transformer layer built like the last decoder layer
-                mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=stage)
+                if is_hybrid(config):
+                    mtp_spec = hybrid_mtp_block_spec(config, spec, stage)
+                else:
+                    mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=stage)
             model = GPTModel(
                 config=config,
                 transformer_layer_spec=spec,

@@ -3,8 +3,11 @@ shared expert, zero-centred norms, partial rotary) runs on CPU and equals transf
 
 ckptbridge builds it from local modules (mcore/hybrid.py; compat P14 for the gated delta-net kernel). Until the
 qwen3_next mapping converts, the HF weights reach megatron through the test-local :func:`_load_hf` (the layouts
-mappings/qwen3_next.yaml describes); with a mapping, ``_megatron_logits`` takes its args and weights from a
-converted torch_dist folder instead (``checkpoint_args`` + ``mm.load_torch_dist``), nothing else changes.
+mappings/qwen3_next.yaml describes). With a mapping, ``_megatron_logits`` reads a converted folder instead -- the
+HF model saved (``_hf_model(kind).save_pretrained(d)``), ``iter_dir = helpers.to_mcore(d, tmp, "torch_dist",
+**written_layout) / "release"`` -- with ``args = checkpoint_args(iter_dir, tp, pp, ep, etp)`` in place of
+``full_megatron_lm_args(_margs(...))`` and ``mm.load_torch_dist(models, iter_dir)`` in place of ``_load_hf``
+(as tests/test_mcore_moe.py does); the comparison stays.
 """
 
 from __future__ import annotations

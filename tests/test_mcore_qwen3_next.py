@@ -31,8 +31,8 @@ EXPERTS, TOPK, MOE_FFN, SHARED_FFN, FFN = 4, 2, 32, 48, 96
 DENSE_LAYER = 2  # layers: 0 GDN+MoE, 1 attention+MoE, 2 GDN+dense MLP, 3 attention+MoE
 
 
-def _common() -> dict[str, Any]:
-    return dict(vocab_size=500, hidden_size=H, num_hidden_layers=4, num_attention_heads=HEADS, num_key_value_heads=GROUPS,
+def _common(groups: int) -> dict[str, Any]:
+    return dict(vocab_size=500, hidden_size=H, num_hidden_layers=4, num_attention_heads=HEADS, num_key_value_heads=groups,
                 head_dim=HEAD_DIM, intermediate_size=FFN, linear_num_key_heads=NK, linear_num_value_heads=NV,
                 linear_key_head_dim=HK, linear_value_head_dim=HV, linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
                 layer_types=["linear_attention", "full_attention"] * 2, tie_word_embeddings=False,
@@ -40,19 +40,19 @@ def _common() -> dict[str, Any]:
                                                               "partial_rotary_factor": 0.25})
 
 
-def _hf_model(kind: str) -> torch.nn.Module:
+def _hf_model(kind: str, groups: int = GROUPS) -> torch.nn.Module:
     """A seeded tiny model of the real transformers classes; every weight random (norms around their identity)."""
     import transformers as tf
 
     moe = dict(num_experts=EXPERTS, num_experts_per_tok=TOPK, moe_intermediate_size=MOE_FFN,
                shared_expert_intermediate_size=SHARED_FFN, norm_topk_prob=True, mlp_only_layers=[DENSE_LAYER])
     if kind == "qwen3_next":
-        model = tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(**_common(), **moe))
+        model = tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(**_common(groups), **moe))
     elif kind == "qwen3_5_moe":
-        model = tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**_common(), **{k: v for k, v in moe.items()
+        model = tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**_common(groups), **{k: v for k, v in moe.items()
                                                                                  if k != "mlp_only_layers"}))
     else:
-        model = tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**_common()))
+        model = tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**_common(groups)))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -67,7 +67,7 @@ def _margs(hf: torch.nn.Module, layout: ParallelLayout) -> dict[str, Any]:
     moe_layers = [0 if t == "dense" else 1 for t in _mlp_types(hf)]
     model: dict[str, Any] = dict(
         num_layers=c.num_hidden_layers, hidden_size=H, ffn_hidden_size=FFN, num_attention_heads=HEADS,
-        group_query_attention=True, num_query_groups=GROUPS, kv_channels=HEAD_DIM, normalization="RMSNorm",
+        group_query_attention=True, num_query_groups=c.num_key_value_heads, kv_channels=HEAD_DIM, normalization="RMSNorm",
         norm_epsilon=c.rms_norm_eps, swiglu=True, add_bias_linear=False, add_qkv_bias=False, qk_layernorm=True,
         position_embedding_type="rope", rotary_percent=0.25, rotary_base=10000, untie_embeddings_and_output_weights=True,
         vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings,
@@ -112,9 +112,9 @@ def _gated_qkv(a: dict[str, torch.Tensor]) -> torch.Tensor:
     """linear_qkv with attention_output_gate: per query group [q heads; gate heads; k; v] (attention.py:1409-1430);
     HF's q_proj holds per head [q_h; gate_h]."""
     q_gate = a["q_proj.weight"].reshape(HEADS, 2, HEAD_DIM, H)
-    per = HEADS // GROUPS
-    q, g = (q_gate[:, i].reshape(GROUPS, per * HEAD_DIM, H) for i in (0, 1))
-    k, v = (a[f"{n}.weight"].reshape(GROUPS, HEAD_DIM, H) for n in ("k_proj", "v_proj"))
+    groups = a["k_proj.weight"].shape[0] // HEAD_DIM
+    q, g = (q_gate[:, i].reshape(groups, HEADS // groups * HEAD_DIM, H) for i in (0, 1))
+    k, v = (a[f"{n}.weight"].reshape(groups, HEAD_DIM, H) for n in ("k_proj", "v_proj"))
     return torch.cat([q, g, k, v], dim=1).reshape(-1, H)
 
 
@@ -190,11 +190,11 @@ def _load_hf(models: list[torch.nn.Module], hf: torch.nn.Module) -> None:
                 v.copy_(want[k])
 
 
-def _megatron_logits(rank: int, world: int, kind: str, layout: ParallelLayout) -> torch.Tensor | None:
+def _megatron_logits(rank: int, world: int, kind: str, layout: ParallelLayout, groups: int) -> torch.Tensor | None:
     from ckptbridge.mcore import model as mm
 
     torch.set_num_threads(1)
-    hf = _hf_model(kind)
+    hf = _hf_model(kind, groups)
     args = full_megatron_lm_args(_margs(hf, layout))
     mm.init_parallel(layout.tp, layout.pp, seed=100 + rank, ep=layout.ep, etp=layout.etp)
     models = mm.build_gpt_model(args, dtype=torch.float32)
@@ -202,31 +202,32 @@ def _megatron_logits(rank: int, world: int, kind: str, layout: ParallelLayout) -
     return mm.forward_logits(models, TOKENS, vocab_size=hf.config.vocab_size)
 
 
+LAYOUTS = {  # name: (model, layout, KV groups)
+    "tp2ep2": ("qwen3_next", ParallelLayout(tp=2, ep=2, etp=1), GROUPS),  # TP2 x EP2 on the same 2 ranks
+    "pp2": ("qwen3_next", ParallelLayout(pp=2), GROUPS),  # TP1
+    "qwen3_5_moe-tp2-1group": ("qwen3_5_moe", ParallelLayout(tp=2), 1),  # fewer KV groups than TP ranks: compat P15
+    "qwen3_5-tp1": ("qwen3_5", ParallelLayout(), GROUPS),
+}
+
+
 @pytest.fixture(scope="module")
-def hf_logits() -> dict[str, torch.Tensor]:
+def hf_logits() -> dict[tuple[str, int], torch.Tensor]:
     out = {}
     with torch.no_grad():
-        for kind in ("qwen3_next", "qwen3_5_moe", "qwen3_5"):
-            out[kind] = _hf_model(kind)(TOKENS).logits
+        for kind, _, groups in LAYOUTS.values():
+            out[kind, groups] = _hf_model(kind, groups)(TOKENS).logits
     return out
-
-
-LAYOUTS = {  # name: (model, layout)
-    "tp2ep2": ("qwen3_next", ParallelLayout(tp=2, ep=2, etp=1)),  # TP2 x EP2 on the same 2 ranks
-    "pp2": ("qwen3_next", ParallelLayout(pp=2)),  # TP1
-    "qwen3_5_moe-tp2": ("qwen3_5_moe", ParallelLayout(tp=2)),
-    "qwen3_5-tp1": ("qwen3_5", ParallelLayout()),
-}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_megatron_hybrid_equals_transformers(hf_logits, name: str) -> None:
-    """fp32 logits of megatron-core's hybrid model (TP2 x EP2, PP2, TP1) vs transformers, short and long positions."""
-    kind, layout = LAYOUTS[name]
+    """fp32 logits of megatron-core's hybrid model (TP2 x EP2, PP2, TP1; TP2 with one KV group) vs transformers, at
+    short and long positions."""
+    kind, layout, groups = LAYOUTS[name]
     world = math.lcm(layout.tp, layout.ep * layout.expert_tp) * layout.pp
-    got = [x for x in run_distributed(_megatron_logits, world, kind, layout, timeout=300) if x is not None]
+    got = [x for x in run_distributed(_megatron_logits, world, kind, layout, groups, timeout=300) if x is not None]
     assert got
-    expected = hf_logits[kind]
+    expected = hf_logits[kind, groups]
     for logits in got:
         assert logits.shape == expected.shape
         for where in (slice(0, 16), slice(SEQ - 16, SEQ)):  # first chunk, third chunk of the delta-rule kernel

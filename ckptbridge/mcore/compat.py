@@ -84,6 +84,11 @@ Gated delta-net layers (Qwen3-Next / Qwen3.5) need one more:
   whatever ``deterministic_mode`` says) and ``l2norm`` to fla's formula in torch,
   ``x / sqrt(sum(x^2) + 1e-6)`` (transformers' Qwen3-Next ``l2norm`` is the same). The causal
   convolution already falls back to ``nn.Conv1d`` without ``causal_conv1d`` (:326).
+* P15 with ``attention_output_gate`` and fewer query groups than TP ranks (Qwen3-Next / Qwen3.5: 2 KV heads, TP
+  4 or 8) ``SelfAttention.get_query_key_value_tensors`` narrows the gathered query to this rank's heads
+  (transformer/attention.py:1465-1475) but not the gate (:1486-1489), so ``_apply_output_gate``'s
+  ``gate.view(*x.shape)`` (:1221) raises (a bug, not CPU-specific, like P5; fixed upstream by
+  NVIDIA/Megatron-LM#3575) -> the same narrowing applied to the gate after the original method.
 """
 
 from __future__ import annotations
@@ -329,6 +334,11 @@ def apply_cpu_patches() -> bool:
         gated_delta_net.l2norm = _l2norm
         gated_delta_net.chunk_gated_delta_rule = gated_delta_net.torch_chunk_gated_delta_rule
 
+    # P15: the output gate narrowed to this rank's heads like the query.
+    from megatron.core.transformer.attention import SelfAttention
+
+    SelfAttention.get_query_key_value_tensors = _gate_narrowed(SelfAttention.get_query_key_value_tensors)
+
     _APPLIED = True
     return True
 
@@ -380,6 +390,25 @@ def _host_dtoh_and_synchronize(
 def _l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
     """P14: fla's ``l2norm`` (fla/modules/l2norm.py) in torch: ``x / sqrt(sum(x^2) + eps)`` over ``dim``."""
     return x * torch.rsqrt((x * x).sum(dim=dim, keepdim=True) + eps)
+
+
+def _gate_narrowed(original: Callable[..., Any]) -> Callable[..., Any]:
+    """P15: ``SelfAttention.get_query_key_value_tensors`` whose gate holds this rank's heads, as its query does."""
+
+    def get_query_key_value_tensors(self: Any, hidden_states: torch.Tensor, key_value_states: Any = None,
+                                    output_gate: bool = False, split_qkv: bool = True) -> Any:
+        out = original(self, hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv)
+        if not (output_gate and self.config.num_query_groups < self.world_size):
+            return out
+        from megatron.core.parallel_state import get_tensor_model_parallel_rank
+
+        query, key, value, gate = out
+        ranks_per_group = self.world_size // self.config.num_query_groups
+        size = self.num_attention_heads_per_partition // ranks_per_group
+        first = get_tensor_model_parallel_rank() % ranks_per_group * size
+        return query, key, value, gate[:, :, first:first + size]
+
+    return get_query_key_value_tensors
 
 
 def _update_fp32_params_by_new_state(self: Any) -> None:

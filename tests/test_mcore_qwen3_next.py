@@ -81,7 +81,8 @@ def _margs(hf: torch.nn.Module, layout: ParallelLayout) -> dict[str, Any]:
                      moe_token_dispatcher_type="alltoall", moe_layer_freq=moe_layers)
     return {**model, **layout.to_args(), "make_vocab_size_divisible_by": 128,
             "padded_vocab_size": padded_vocab_size(c.vocab_size, 128, layout.tp), "transformer_impl": "transformer_engine",
-            "params_dtype": torch.float32, "bf16": False, "fp16": False, "ckpt_format": "torch_dist", "seq_length": SEQ}
+            "params_dtype": torch.float32, "bf16": False, "fp16": False, "ckpt_format": "torch_dist", "seq_length": SEQ,
+            "num_layers_per_virtual_pipeline_stage": c.num_hidden_layers // (layout.pp * layout.vpp) if layout.vpp else None}
 
 
 def _mlp_types(hf: torch.nn.Module) -> list[str]:
@@ -196,7 +197,7 @@ def _megatron_logits(rank: int, world: int, kind: str, layout: ParallelLayout, g
     torch.set_num_threads(1)
     hf = _hf_model(kind, groups)
     args = full_megatron_lm_args(_margs(hf, layout))
-    mm.init_parallel(layout.tp, layout.pp, seed=100 + rank, ep=layout.ep, etp=layout.etp)
+    mm.init_parallel(layout.tp, layout.pp, layout.vpp, seed=100 + rank, ep=layout.ep, etp=layout.etp)
     models = mm.build_gpt_model(args, dtype=torch.float32)
     _load_hf(models, hf)
     return mm.forward_logits(models, TOKENS, vocab_size=hf.config.vocab_size)
@@ -204,7 +205,7 @@ def _megatron_logits(rank: int, world: int, kind: str, layout: ParallelLayout, g
 
 LAYOUTS = {  # name: (model, layout, KV groups)
     "tp2ep2": ("qwen3_next", ParallelLayout(tp=2, ep=2, etp=1), GROUPS),  # TP2 x EP2 on the same 2 ranks
-    "pp2": ("qwen3_next", ParallelLayout(pp=2), GROUPS),  # TP1
+    "pp2vpp2": ("qwen3_next", ParallelLayout(pp=2, vpp=2), GROUPS),  # TP1, one layer per virtual chunk
     "qwen3_5_moe-tp2-1group": ("qwen3_5_moe", ParallelLayout(tp=2), 1),  # fewer KV groups than TP ranks: compat P15
     "qwen3_5-tp1": ("qwen3_5", ParallelLayout(), GROUPS),
 }
@@ -221,7 +222,7 @@ def hf_logits() -> dict[tuple[str, int], torch.Tensor]:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_megatron_hybrid_equals_transformers(hf_logits, name: str) -> None:
-    """fp32 logits of megatron-core's hybrid model (TP2 x EP2, PP2, TP1; TP2 with one KV group) vs transformers, at
+    """fp32 logits of megatron-core's hybrid model (TP2 x EP2, PP2 x VPP2, TP1; TP2 with one KV group) vs transformers, at
     short and long positions."""
     kind, layout, groups = LAYOUTS[name]
     world = math.lcm(layout.tp, layout.ep * layout.expert_tp) * layout.pp
@@ -262,7 +263,7 @@ ATTENTION_KEYS = {  # layer 1: gated attention (q, gate, k, v rows per group), z
 }
 
 
-@pytest.mark.parametrize("layout", [ParallelLayout(tp=2), ParallelLayout(tp=2, pp=2, ep=2)], ids=["tp2", "tp2pp2ep2"])
+@pytest.mark.parametrize("layout", [ParallelLayout(tp=2), ParallelLayout(tp=2, pp=2, vpp=2, ep=2)], ids=["tp2", "tp2pp2vpp2ep2"])
 def test_sharded_keys_on_meta(layout: ParallelLayout) -> None:
     """plan_check's meta-device build of the hybrid model: per-layer keys (linear_attention_freq > 1 makes megatron's
     layers non-homogeneous, transformer_block.py:835-839), TE names, global shapes independent of the layout; an MTP

@@ -17,8 +17,10 @@ FUSED_NORMS: dict[str, str] = {
     "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
     "self_attention.linear_q_up_proj.layer_norm_": "self_attention.q_layernorm.",  # multi-latent attention
     "self_attention.linear_kv_up_proj.layer_norm_": "self_attention.kv_layernorm.",  # multi-latent attention
+    "self_attention.in_proj.layer_norm_": "input_layernorm.",  # gated delta-net (Qwen3-Next)
 }
-_LOCAL = {local: te for te, local in FUSED_NORMS.items()}
+#: local -> TE; where two TE names share a local one (the input norm) the first, attention's, answers
+_LOCAL = {local: te for te, local in reversed(FUSED_NORMS.items())}
 
 #: local prefix -> TE prefix (``sharded_state_dict_keys_map``) of a dense layer (the local spec's own map)
 LOCAL_TO_TE_LAYER_KEYS: dict[str, str] = {k: _LOCAL[k] for k in ("input_layernorm.", "pre_mlp_layernorm.")}
@@ -26,6 +28,8 @@ LOCAL_TO_TE_LAYER_KEYS: dict[str, str] = {k: _LOCAL[k] for k in ("input_layernor
 LOCAL_TO_TE_MOE_LAYER_KEYS: dict[str, str] = {k: _LOCAL[k] for k in ("input_layernorm.",)}
 #: ... the norms of multi-latent attention with q/k norms (its input norm stays a module in both specs)
 LOCAL_TO_TE_MLA_KEYS: dict[str, str] = {k: _LOCAL[k] for k in ("self_attention.q_layernorm.", "self_attention.kv_layernorm.")}
+#: ... of a gated delta-net layer: its input norm is fused into ``in_proj`` (experimental_attention_variant_module_specs.py:56-73)
+LOCAL_TO_TE_GDN_KEYS: dict[str, str] = {"input_layernorm.": "self_attention.in_proj.layer_norm_"}
 
 
 def te_to_local(name: str) -> str:

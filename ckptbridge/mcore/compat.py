@@ -72,6 +72,23 @@ Training (``ckptbridge converge``) needs three more:
 * P11 ``torch.cuda.current_stream()`` (hybrid_optimizer.py:162,217) -> a host stream whose
   waits, events and synchronisation are no-ops (``torch.cuda.stream()`` of it is already a no-op
   without a CUDA device).
+
+Gated delta-net layers (Qwen3-Next / Qwen3.5) need one more:
+
+* P14 ``GatedDeltaNet.__init__`` raises ``ImportError`` when flash-linear-attention (fla, Triton
+  kernels: CUDA only) does not import (ssm/gated_delta_net.py:39-47 sets ``HAVE_FLA``, :103-106
+  raises), though the module carries a torch kernel, ``torch_chunk_gated_delta_rule`` (used there
+  only under ``deterministic_mode``, :370), with the same signature as fla's
+  ``chunk_gated_delta_rule`` (:382). The forward also calls fla's ``l2norm`` (:349-350) ->
+  ``HAVE_FLA`` True, ``chunk_gated_delta_rule`` bound to the torch kernel (so the torch path runs
+  whatever ``deterministic_mode`` says) and ``l2norm`` to fla's formula in torch,
+  ``x / sqrt(sum(x^2) + 1e-6)`` (transformers' Qwen3-Next ``l2norm`` is the same). The causal
+  convolution already falls back to ``nn.Conv1d`` without ``causal_conv1d`` (:326).
+* P15 with ``attention_output_gate`` and fewer query groups than TP ranks (Qwen3-Next / Qwen3.5: 2 KV heads, TP
+  4 or 8) ``SelfAttention.get_query_key_value_tensors`` narrows the gathered query to this rank's heads
+  (transformer/attention.py:1465-1475) but not the gate (:1486-1489), so ``_apply_output_gate``'s
+  ``gate.view(*x.shape)`` (:1221) raises (a bug, not CPU-specific, like P5; fixed upstream by
+  NVIDIA/Megatron-LM#3575) -> the same narrowing applied to the gate after the original method.
 """
 
 from __future__ import annotations
@@ -309,6 +326,19 @@ def apply_cpu_patches() -> bool:
 
     HybridDeviceOptimizer._update_fp32_params_by_new_state = _update_fp32_params_by_new_state
 
+    # P14: gated delta-net on its own torch kernel when fla (CUDA-only) is absent.
+    from megatron.core.ssm import gated_delta_net
+
+    if not gated_delta_net.HAVE_FLA:
+        gated_delta_net.HAVE_FLA = True
+        gated_delta_net.l2norm = _l2norm
+        gated_delta_net.chunk_gated_delta_rule = gated_delta_net.torch_chunk_gated_delta_rule
+
+    # P15: the output gate narrowed to this rank's heads like the query.
+    from megatron.core.transformer.attention import SelfAttention
+
+    SelfAttention.get_query_key_value_tensors = _gate_narrowed(SelfAttention.get_query_key_value_tensors)
+
     _APPLIED = True
     return True
 
@@ -355,6 +385,30 @@ def _host_dtoh_and_synchronize(
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.numpy())
     return tokens_per_expert
+
+
+def _l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
+    """P14: fla's ``l2norm`` (fla/modules/l2norm.py) in torch: ``x / sqrt(sum(x^2) + eps)`` over ``dim``."""
+    return x * torch.rsqrt((x * x).sum(dim=dim, keepdim=True) + eps)
+
+
+def _gate_narrowed(original: Callable[..., Any]) -> Callable[..., Any]:
+    """P15: ``SelfAttention.get_query_key_value_tensors`` whose gate holds this rank's heads, as its query does."""
+
+    def get_query_key_value_tensors(self: Any, hidden_states: torch.Tensor, key_value_states: Any = None,
+                                    output_gate: bool = False, split_qkv: bool = True) -> Any:
+        out = original(self, hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv)
+        if not (output_gate and self.config.num_query_groups < self.world_size):
+            return out
+        from megatron.core.parallel_state import get_tensor_model_parallel_rank
+
+        query, key, value, gate = out
+        ranks_per_group = self.world_size // self.config.num_query_groups
+        size = self.num_attention_heads_per_partition // ranks_per_group
+        first = get_tensor_model_parallel_rank() % ranks_per_group * size
+        return query, key, value, gate[:, :, first:first + size]
+
+    return get_query_key_value_tensors
 
 
 def _update_fp32_params_by_new_state(self: Any) -> None:

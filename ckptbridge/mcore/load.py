@@ -13,7 +13,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptbridge.mcore.compat import apply_cpu_patches, cuda_to_cpu
-from ckptbridge.spec_names import LOCAL_TO_TE_LAYER_KEYS
+from ckptbridge.spec_names import FUSED_NORMS
 
 apply_cpu_patches()
 
@@ -159,7 +159,7 @@ def _te_to_local(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> dict[
     out: dict[str, Any] = {}
     for k, v in state_dict.items():
         if k not in own:
-            for local, te in LOCAL_TO_TE_LAYER_KEYS.items():
+            for te, local in FUSED_NORMS.items():
                 if te in k and k.replace(te, local) in own:
                     k = k.replace(te, local)
                     break
@@ -197,7 +197,8 @@ def load_legacy_rank(models: Sequence[GPTModel], state_dict: Mapping[str, Any]) 
     ``output_layer.weight`` (untied; or tied with PP>1, where the last stage keeps its own copy
     of the embedding -- with tied embeddings and PP=1 there is no ``output_layer.weight``).  TE-spec names for the pre-norms
     (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``)
-    are accepted and renamed (see ``LOCAL_TO_TE_LAYER_KEYS``).
+    are accepted and renamed (see ``spec_names.FUSED_NORMS``; a gated delta-net layer's
+    ``self_attention.in_proj.layer_norm_weight`` too).
 
     MoE layers (``SequentialMLP`` experts; ``e`` is the *local* expert index on this EP rank,
     global expert ``ep_rank * num_local_experts + e``) have instead of ``mlp.linear_fc1/2``::

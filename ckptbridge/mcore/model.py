@@ -45,6 +45,7 @@ from ckptbridge.mcore.config import ARGS_ATTR, gpt_model_kwargs, te_usable, tran
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
+from ckptbridge.mcore.hybrid import hybrid_block_spec, hybrid_mtp_block_spec, is_hybrid  # noqa: E402
 
 __all__ = [
     "init_parallel",
@@ -218,13 +219,16 @@ def decoder_spec_from_config(
     config: TransformerConfig, args: argparse.Namespace, vp_stage: int | None
 ) -> ModuleSpec | TransformerBlockSubmodules:
     """The decoder spec for this rank's chunk: one layer spec when every layer is alike, else
-    megatron's per-layer block spec (first-k-dense MoE, MLA), local modules only.
+    megatron's per-layer block spec (first-k-dense MoE, MLA), local modules only; gated delta-net
+    hybrids (``experimental_attention_variant``) get :func:`ckptbridge.mcore.hybrid.hybrid_block_spec`.
 
     Block specs come from ``get_gpt_decoder_block_spec(use_transformer_engine=False)`` (the
     layers of this pipeline stage / virtual chunk).  MLA layers get :class:`_LocalMLACoreAttention`
     and their keys map is set to request TE-spec names (:data:`LOCAL_TO_TE_MLA_KEYS`, plus the
     fused fc1 norm in dense layers); non-MLA MoE layers get :data:`LOCAL_TO_TE_MOE_LAYER_KEYS`.
     """
+    if is_hybrid(config):
+        return hybrid_block_spec(config, vp_stage)
     mla = bool(getattr(config, "multi_latent_attention", False))
     if not mla and getattr(config, "moe_layer_freq", 1) == 1:
         return layer_spec_from_args(args, use_te=False)
@@ -292,7 +296,8 @@ def build_gpt_model(
         )
 
     config = transformer_config_from_args(args, dtype=dtype, **config_overrides)
-    per_layer = bool(getattr(config, "multi_latent_attention", False)) or getattr(config, "moe_layer_freq", 1) != 1
+    per_layer = (bool(getattr(config, "multi_latent_attention", False)) or getattr(config, "moe_layer_freq", 1) != 1
+                 or is_hybrid(config))
     models: list[GPTModel] = []
     with cuda_to_cpu():
         for vp_stage in range(vpp or 1):
@@ -304,7 +309,10 @@ def build_gpt_model(
             mtp_spec = None
             if getattr(config, "mtp_num_layers", None):
                 # MTP blocks on the last stage, their transformer layer built like the last decoder layer
-                mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=stage)
+                if is_hybrid(config):
+                    mtp_spec = hybrid_mtp_block_spec(config, spec, stage)
+                else:
+                    mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=stage)
             model = GPTModel(
                 config=config,
                 transformer_layer_spec=spec,

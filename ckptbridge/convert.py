@@ -15,6 +15,7 @@ import torch
 
 from .errors import OptionError
 from .config_source import ConfigOptions, refuse_unused
+from .formats.carried import resolve_carried
 from .formats.detect import Source, open_source, source_assets, source_notes
 from .formats.hf import DEFAULT_MAX_SHARD_BYTES, INDEX, HFSource, fp8_export
 from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout
@@ -119,9 +120,11 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)
     source = open_source(src, src_kind, config, iteration)
+    held: list = []  # files held for carried tensors taken from the --hf-config folder
     try:
         refuse_unused(config, iteration, {src: source})
         source.verify()
+        carried, held = resolve_carried(src, source, target.kind == "hf", config.asset_folder() if config else None)
         spec = source.spec
         if not spec.args.get("num_moe_experts"):  # expert options on a dense model would do nothing
             for flag, given in (("--moe-grouped-gemm", target.grouped_gemm), ("--etp", target.layout.etp is not None)):
@@ -141,14 +144,16 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         assets = source_assets(src, source, config)
         notes = source_notes(source)
-        with _staging(team, src, dst, force, clean, total) as stage:
+        if carried is not None and carried.tensors:
+            notes = (*notes, f"carried: {carried.describe()}; from {carried.origin}")
+        with _staging(team, src, dst, force, clean, total + (carried.nbytes if carried else 0)) as stage:
             if launch is not None:  # the workers write; this process holds the lock and moves the result
                 launch(stage.folder)
                 source.check_unchanged()
             else:
                 output = output_for(spec, stage.folder, target.kind, target.ckpt_format, target.layout, margs, dtype,
                                     target.spec_name, target.iteration, assets, shard_limit(source, target, dtype),
-                                    fp8, target.fast_copy)
+                                    fp8, target.fast_copy, carried)
                 share = None if team.size == 1 else assign(output.plan.sizes, team.size)[team.rank]
                 mine = planned if share is None else [pt for pt in planned if pt.mcore in output.plan.tensors_for(share)]
                 size = total if share is None else sum(output.plan.sizes[f] for f in share)
@@ -158,9 +163,13 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
                                        stage.progress(progress, size))
                 if team.rank == 0:
                     output.finish(reports)
+                    for f in ([source] + held) if carried is not None else []:  # carried bytes copied while finishing
+                        f.check_unchanged()
                 notes = (*notes, *values.notes())
     finally:
         source.close()
+        for f in held:
+            f.close()
     return ConversionResult(
         src=src, dst=dst, src_format=source.format, dst_format=target.format_name, family=spec.mapping.family,
         layout=target.layout.describe() if target.kind == "mcore" else "-", dtype=dtype, tensors=len(planned),

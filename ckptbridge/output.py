@@ -17,6 +17,7 @@ import torch
 
 from .fastcopy import Spans
 from .fileio import copy_file
+from .formats.carried import CARRIED_FILE, Carried
 from .formats.fp8_block import BlockFP8
 from .formats.hf import hf_file_plan, write_hf
 from .formats.legacy import legacy_file_plan, write_legacy
@@ -39,17 +40,19 @@ class Output:
 
 def output_for(spec: ModelSpec, folder: Path, kind: str, ckpt_format: str, layout, margs: dict[str, Any] | None,  # noqa: ANN001
                dtype: torch.dtype, spec_name: str, iteration: int | None, assets: list[Path],
-               max_shard_bytes: int, fp8: BlockFP8 | None, kernel_copy: bool) -> Output:
-    """How the output in ``folder`` (the staging folder) is written."""
+               max_shard_bytes: int, fp8: BlockFP8 | None, kernel_copy: bool, carried: Carried | None = None) -> Output:
+    """How the output in ``folder`` (the staging folder) is written. ``carried``: the tensors the mapping
+    carries unchanged (see `formats.carried`), written when the output is finished."""
     if kind == "hf":
         def write_hf_data(read: Read, fast: Fast, progress: Progress, files: Collection[str] | None) -> None:
             write_hf(spec, read, folder, dtype, assets, progress, max_shard_bytes, fp8=fp8, fast=fast,
-                     kernel_copy=kernel_copy, files=files, finish=False)
+                     kernel_copy=kernel_copy, files=files, finish=False, carried=carried)
 
         def finish_hf(_: list[Any]) -> None:
-            write_hf(spec, _unread, folder, dtype, assets, _no_progress, max_shard_bytes, fp8=fp8, files=(), finish=True)
+            write_hf(spec, _unread, folder, dtype, assets, _no_progress, max_shard_bytes, fp8=fp8, files=(), finish=True,
+                     kernel_copy=kernel_copy, carried=carried)
 
-        return Output(hf_file_plan(spec, dtype, max_shard_bytes, fp8), write_hf_data, finish_hf)
+        return Output(hf_file_plan(spec, dtype, max_shard_bytes, fp8, carried), write_hf_data, finish_hf)
 
     assert margs is not None
     iter_dir = folder / iteration_name(iteration)
@@ -58,6 +61,9 @@ def output_for(spec: ModelSpec, folder: Path, kind: str, ckpt_format: str, layou
         if ckpt_format == "torch_dist":
             storage = {k: v for report in reports for k, v in report.items()}
             finish_torch_dist(spec, iter_dir, layout, margs, dtype, spec_name, storage, iteration or 0)
+        if carried is not None:  # beside the model's files: megatron's loaders read only those their metadata names
+            iter_dir.mkdir(parents=True, exist_ok=True)
+            carried.write_file(iter_dir / CARRIED_FILE, kernel_copy)
         if assets:
             (folder / ASSETS_DIR).mkdir()
             for a in assets:

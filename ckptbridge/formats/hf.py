@@ -24,6 +24,8 @@ from ..workshare import FilePlan
 from .fp8_block import BlockFP8, check_pair, dequantize, export_layout, parse_quantization, quantize, quantized_names, scale_name
 from .fp8_block import E4M3, SCALE_SUFFIX
 from .hf_ignored import planned_ignores, verify_ignored
+from .carried import Carried, from_hf_files
+from ..mapping.ignore import carried_name
 from ..transforms import TRANSFORMS, Pipeline, Shape
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 
@@ -105,6 +107,7 @@ class HFSource:
         self.layouts: dict[str, _Layout] = {}  # planned MCore name -> the HF layout this folder holds
         self.scaled: set[str] = set()  # FP8 weights stored with a block-scale tensor, dequantized when read
         self.notes: tuple[str, ...] = ()
+        self.carried: Carried | None = None  # what the mapping's carry names (set by verify; None: no carry)
 
     def _layout(self, pt: PlannedTensor) -> "_Layout":
         """The rule's own HF layout, or the first of its ``alternatives`` whose tensors this folder holds
@@ -128,9 +131,14 @@ class HFSource:
                 expected[name] = pt.hf_shapes[0]
         ignored = planned_ignores(self.spec)
         self.scaled = self._check_scales(expected)
+        carry = self.spec.mapping.carry
+        carried = sorted(t for t in self.where if t not in expected and carried_name(t, carry))
+        self.carried = from_hf_files(self.files, self.where, carried, str(self.folder)) if carry else None
         for tensor, fname in sorted(self.where.items()):
             entry = self.files[fname].entries[tensor]
             if tensor in ignored or (tensor.endswith(SCALE_SUFFIX) and tensor[: -len(SCALE_SUFFIX)] in self.scaled):
+                continue
+            if self.carried is not None and tensor in self.carried.tensors:
                 continue
             if entry.dtype.is_floating_point and entry.dtype.itemsize == 1 and tensor not in self.scaled:
                 raise PlanError(f"tensor {tensor!r} in {self.folder / fname} is {entry.dtype}, but " + (
@@ -254,9 +262,10 @@ HFEntry = tuple[str, torch.dtype, tuple[int, ...]]
 
 
 def hf_shards(spec: ModelSpec, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-              fp8: BlockFP8 | None = None) -> list[tuple[str, list[tuple[PlannedTensor, list[HFEntry]]]]]:
+              fp8: BlockFP8 | None = None, carried: Carried | None = None) -> list[tuple[str, list[tuple[PlannedTensor, list[HFEntry]]]]]:
     """The safetensors files an HF output has, in order, with each planned tensor's HF entries (name,
-    dtype, shape; an FP8 weight brings its scale): from shapes alone, so workers agree on it."""
+    dtype, shape; an FP8 weight brings its scale): from shapes alone, so workers agree on it. Carried
+    tensors (a vision tower) fill one more file, the last (`carried_shard`), not listed here."""
     quantized = quantized_names(spec, fp8) if fp8 is not None else set()
 
     def layout(pt: PlannedTensor) -> list[HFEntry]:
@@ -281,14 +290,27 @@ def hf_shards(spec: ModelSpec, dtype: torch.dtype, max_shard_bytes: int = DEFAUL
             size = 0
         groups[-1].append((pt, entries))
         size += nbytes
-    names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    return list(zip(names, groups))
+    return list(zip(shard_names(len(groups) + _has(carried)), groups))
+
+
+def shard_names(count: int) -> list[str]:
+    return [SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _has(carried: Carried | None) -> bool:
+    return bool(carried is not None and carried.tensors)
+
+
+def carried_shard(shards: list, carried: Carried | None) -> str | None:
+    """The file that holds the carried tensors after ``shards`` (None: nothing is carried)."""
+    return shard_names(len(shards) + 1)[-1] if _has(carried) else None
 
 
 def hf_file_plan(spec: ModelSpec, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 fp8: BlockFP8 | None = None) -> FilePlan:
-    """The shards an HF output has, their tensor bytes, and which shard holds each planned tensor."""
-    shards = hf_shards(spec, dtype, max_shard_bytes, fp8)
+                 fp8: BlockFP8 | None = None, carried: Carried | None = None) -> FilePlan:
+    """The shards an HF output has, their tensor bytes, and which shard holds each planned tensor
+    (the carried tensors' file is written when the output is finished)."""
+    shards = hf_shards(spec, dtype, max_shard_bytes, fp8, carried)
     sizes = {name: sum(math.prod(shape) * dt.itemsize for _, entries in group for _, dt, shape in entries)
              for name, group in shards}
     return FilePlan(sizes, {pt.mcore: frozenset([name]) for name, group in shards for pt, _ in group})
@@ -307,15 +329,17 @@ def write_hf(
     kernel_copy: bool = True,
     files: Collection[str] | None = None,
     finish: bool = True,
+    carried: Carried | None = None,
 ) -> None:
     """Write safetensors shards (+ index), config.json and the assets. With ``fp8`` (``--hf-dtype
     fp8-block``) the weights `fp8_block.quantized_names` picks are stored as e4m3 + fp32 block scales
     and the config declares that layout; without it, any quantization_config the model carried is
     dropped (the weights written are not quantized). A tied model's head is never written, as
     transformers' ``save_pretrained`` does not write it. Workers: ``files`` names the shards to write
-    (None: all); ``finish`` writes the rest (index, assets, config.json) once every shard is there."""
+    (None: all); ``finish`` writes the rest (carried tensors, index, assets, config.json) once every shard
+    is there. ``carried``: tensors written as the source held them, in one more shard (`carried_shard`)."""
     quantized = quantized_names(spec, fp8) if fp8 is not None else set()
-    shards = hf_shards(spec, dtype, max_shard_bytes, fp8)
+    shards = hf_shards(spec, dtype, max_shard_bytes, fp8, carried)
     for fname, group in shards:
         if files is not None and fname not in files:
             continue
@@ -348,17 +372,27 @@ def write_hf(
                         writer.write(part, data)
                 progress(canonical.numel() * canonical.element_size())
     if finish:
-        _finish_hf(spec, out, dtype, assets, shards, fp8)
+        extra = carried_shard(shards, carried)
+        if extra is not None:
+            assert carried is not None
+            carried.write_file(out / extra, kernel_copy)
+        _finish_hf(spec, out, dtype, assets, shards, fp8, carried)
 
 
 def _finish_hf(spec: ModelSpec, out: Path, dtype: torch.dtype, assets: list[Path],
-               shards: list[tuple[str, list[tuple[PlannedTensor, list[HFEntry]]]]], fp8: BlockFP8 | None) -> None:
+               shards: list[tuple[str, list[tuple[PlannedTensor, list[HFEntry]]]]], fp8: BlockFP8 | None,
+               carried: Carried | None = None) -> None:
     """The assets, the index (when sharded) and config.json, last."""
     for asset in assets:
         copy_file(asset, out / asset.name)
-    if len(shards) > 1:
+    extra = carried_shard(shards, carried)
+    if len(shards) > 1 or extra is not None:
         weight_map = {name: fname for fname, group in shards for _, entries in group for name, _, _ in entries}
         total = sum(math.prod(shape) * dt.itemsize for _, group in shards for _, entries in group for _, dt, shape in entries)
+        if extra is not None:
+            assert carried is not None
+            weight_map.update({name: extra for name, _, _ in carried.entries()})
+            total += carried.nbytes
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         write_text(out / INDEX, json.dumps(index, indent=2) + "\n")
     config = spec.hf_config if config_dtype(spec.hf_config) in (None, dtype) else with_dtype(spec.hf_config, dtype)

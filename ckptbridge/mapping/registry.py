@@ -23,7 +23,7 @@ from ..errors import MappingError, UnsupportedArchitectureError
 from .. import expr
 from ..megatron_settings import check_config_keys
 from .features import FEATURES_OFF
-from .ignore import check_against_rules, parse_fp8_keep, parse_ignores
+from .ignore import check_against_rules, check_carry, parse_carry, parse_fp8_keep, parse_ignores
 from .schema import ArchMapping, ConfigCheck, parse_extra_state, parse_mtp, parse_rule, validate_rules
 
 
@@ -81,6 +81,8 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         raise MappingError(f"{where}: place: mtp rules need an mtp section")
     ignore, fp8_keep = parse_ignores(raw.get("ignore"), where, set(config)), parse_fp8_keep(raw.get("fp8_keep"), where)
     check_against_rules(ignore, fp8_keep, {n for r in rules for n in r.hf}, where)
+    carry = parse_carry(raw.get("carry"), where)
+    check_carry(carry, {n for r in rules for n in (*r.hf, *(n for a in r.alternatives for n in a.hf))}, where)
     hf_config = dict(raw.get("hf_config") or {})
     detect = raw.get("detect")
     known = set(config) | set(FEATURES_OFF) | {"padded_vocab_size"}
@@ -103,6 +105,7 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         warnings=notes,
         ignore=ignore,
         fp8_keep=fp8_keep,
+        carry=carry,
         hf_defaults=dict(raw.get("hf_defaults") or {}),
     )
 

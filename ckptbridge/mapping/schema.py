@@ -267,6 +267,7 @@ class ArchMapping:
     ignore: tuple[IgnoreRule, ...] = ()  # HF tensors that are not weights, dropped once proven redundant
     fp8_keep: tuple[str, ...] = ()  # 2-D per-layer HF weights that block-scaled FP8 checkpoints keep unquantized
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # values an HF config of this class may omit
+    carry: tuple[str, ...] = ()  # HF name patterns GPTModel has no place for, carried unchanged (a vision tower)
 
     def mtp_depth(self, args: Mapping[str, Any]) -> int:
         return self.mtp.count(args) if self.mtp else 0

@@ -55,7 +55,7 @@ def normalise(raw: dict[str, Any], defaults: dict[str, Any] | None = None) -> di
 
     A multimodal config (transformers 5 saves a VLM's language model under ``text_config``) is read
     as its language model's: the ``text_config`` fields over the top-level ones."""
-    top, raw = raw, {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
+    top, raw = raw, language_model(raw)
     cfg = dict(raw)
     cfg.setdefault("max_window_layers", cfg.get("num_hidden_layers"))
     for a, b in _ALIASES:
@@ -88,6 +88,12 @@ def normalise(raw: dict[str, Any], defaults: dict[str, Any] | None = None) -> di
     cfg["sliding_layers"] = [int(t == "sliding_attention") for t in types] if isinstance(types, list) else None
     cfg["architecture"] = architecture(top)
     return cfg
+
+
+def language_model(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config as its language model's: a VLM's ``text_config`` fields (transformers 5 nests them there)
+    over the top-level ones; any other config as it is."""
+    return {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
 
 
 def architecture(raw: dict[str, Any]) -> str | None:

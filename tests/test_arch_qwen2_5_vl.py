@@ -21,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from arch_checks import ATOL, LAYOUTS, broken_copy, round_trip
+from arch_checks import ATOL, LAYOUTS, assert_align_gate_passes, broken_copy, round_trip
 from ckptbridge.cli import main
 from ckptbridge.config_source import ConfigOptions
 from ckptbridge.convert import Target, convert
@@ -200,3 +200,9 @@ def test_list_architectures_shows_it() -> None:
              if line.strip()}
     assert "REFUSED" not in lines["qwen2_5_vl"] and "REFUSED" in lines["qwen3_vl"]
     assert not MappingRegistry([mappings_dir()]).broken
+
+
+def test_align_gate_passes(tmp_path: Path) -> None:
+    """``align --model qwen2.5-vl-7b --random-init --layers 2 --shrink``: the HF side is the VLM class the config
+    names, run on text only; every point and the long-position probes within the gate."""
+    assert_align_gate_passes("qwen2.5-vl-7b", tmp_path / "align")

@@ -28,8 +28,12 @@ def preset_names() -> list[str]:
 
 def convertible_config(preset: dict[str, Any]) -> dict[str, Any]:
     """The preset's real HF config with its ``overrides`` applied: what ckptbridge can convert when the
-    real one has a feature megatron-core lacks (Phi-3-mini's 2047-token sliding window)."""
-    return {**preset["hf_config"], **preset.get("overrides", {})}
+    real one has a feature megatron-core lacks (Phi-3-mini's 2047-token sliding window). A VLM whose config
+    nests its language model (``text_config``) takes the overrides there."""
+    cfg, overrides = preset["hf_config"], preset.get("overrides", {})
+    if isinstance(cfg.get("text_config"), dict):
+        return {**cfg, "text_config": {**cfg["text_config"], **overrides}}
+    return {**cfg, **overrides}
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -42,7 +46,12 @@ def load_preset(name: str) -> dict[str, Any]:
 def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads: int = 8, groups: int = 4,
                   ffn: int = 128, vocab: int = 1001, experts: int = 8, topk: int = 2) -> dict[str, Any]:
     """Small widths, same structure. An explicit ``head_dim`` stays explicit and is made to differ
-    from hidden/heads, so the ``kv_channels`` path is exercised."""
+    from hidden/heads, so the ``kv_channels`` path is exercised. A VLM's nested ``text_config`` is shrunk
+    so, and its vision tower to two small blocks."""
+    if isinstance(cfg.get("text_config"), dict):
+        text = shrink_config(cfg["text_config"], layers, hidden, heads, groups, ffn, vocab, experts, topk)
+        return {**cfg, "text_config": text, **({"vision_config": shrink_vision(cfg["vision_config"], hidden)}
+                                               if isinstance(cfg.get("vision_config"), dict) else {})}
     out = dict(cfg)
     out.update(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=groups,
                intermediate_size=ffn, vocab_size=vocab)
@@ -108,14 +117,14 @@ def shrink_vision(vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:
 
 
 def model_class(config: Any, architecture: str | None) -> Any:
-    """The transformers class a preset's model is: AutoModelForCausalLM's, else (a VLM, which that auto class
-    does not map) the class the config's ``architectures`` names."""
+    """The transformers class a model is: the one its config's ``architectures`` names (a VLM's, which
+    AutoModelForCausalLM maps to another class or none), else AutoModelForCausalLM's."""
     import transformers
     from transformers import AutoModelForCausalLM
 
-    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
-    if cls is None and architecture is not None:
-        cls = getattr(transformers, architecture, None)
+    cls = getattr(transformers, architecture, None) if architecture else None
+    if cls is None:
+        cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
     if cls is None:
         raise CkptBridgeError(f"transformers has no model class for {type(config).__name__} ({architecture})")
     return cls

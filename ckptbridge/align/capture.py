@@ -81,9 +81,11 @@ def hf_mlp(layer: torch.nn.Module) -> torch.nn.Module:
 
 def hf_decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack (``model.model``) of an HF ``*ForCausalLM``; of a VLM, its language model's
-    (``model.model.language_model``, Qwen2.5-VL's)."""
+    (Qwen2.5-VL's ``model.model.language_model``, Llama 4's ``model.language_model.model``)."""
     inner = getattr(model, "model", None)
-    if inner is not None and not hasattr(inner, "layers"):
+    if inner is None:
+        inner = getattr(getattr(model, "language_model", None), "model", None)
+    elif not hasattr(inner, "layers"):
         inner = getattr(inner, "language_model", None)
     if inner is None or not hasattr(inner, "layers"):
         raise TypeError(f"{type(model).__name__} has no .model.layers; not a decoder-only HF model")

@@ -62,11 +62,39 @@ def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], whe
     return out
 
 
+def with_hf_prefix(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``hf_prefix: P``: every HF name the tensor rules, their alternatives and the ``ignore``/``fp8_keep``
+    sections give is read and written as ``P + name`` -- a VLM whose language model's tensors sit under a
+    prefix (Llama 4's ``language_model.``) includes the text family's rules unchanged. (``carry`` patterns are
+    the checkpoint's own names.)"""
+    prefix = raw.get("hf_prefix")
+    if prefix is None:
+        return raw
+    if not isinstance(prefix, str) or not prefix:
+        raise MappingError(f"{where}: hf_prefix must be a non-empty string")
+
+    def names(value: Any) -> Any:
+        return prefix + value if isinstance(value, str) else [prefix + v for v in value]
+
+    def rule(r: dict[str, Any]) -> dict[str, Any]:
+        out = {k: names(v) if k in ("hf", "hf_alt", "hf_fused", "mtp_copies") else v for k, v in r.items()}
+        if "alternatives" in r:
+            out["alternatives"] = [{**a, "hf": names(a["hf"])} if "hf" in a else a for a in r["alternatives"]]
+        return out
+
+    out = copy.deepcopy(raw)
+    out["tensors"] = [rule(r) for r in raw["tensors"]]
+    out["ignore"] = [{k: names(v) if k in ("hf", "of") else v for k, v in r.items()} for r in raw.get("ignore") or []]
+    out["fp8_keep"] = names(raw.get("fp8_keep") or [])
+    return out
+
+
 def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
     """Validate a resolved mapping dict; raises `MappingError` on anything it cannot prove sound."""
     for key in ("family", "architectures", "config", "tensors"):
         if key not in raw:
             raise MappingError(f"{where}: missing top-level {key!r}")
+    raw = with_hf_prefix(raw, where)
     config = dict(raw["config"])
     check_config_keys(config, where)
     rules = tuple(parse_rule(r, f"{where}: tensors[{i}]") for i, r in enumerate(raw["tensors"]))

@@ -38,7 +38,8 @@ FAMILY_PRESETS = {"llama": "llama3.1-8b", "mistral": "mistral-7b", "ministral": 
                   "qwen3": "qwen3-8b", "mixtral": "mixtral-8x7b", "qwen3_moe": "qwen3-30b-a3b",
                   "qwen2_moe": "qwen1.5-moe-a2.7b", "deepseek_v3": "deepseek-v3", "phi3": "phi3-mini",
                   "seed_oss": "seed-oss-36b", "ernie4_5": "ernie4.5-0.3b", "gpt_oss": "gpt-oss-20b",
-                  "llama4": "llama4-maverick", "deepseek_v2": "deepseek-v2-lite", "glm4_moe": "glm-4.5"}
+                  "llama4": "llama4-maverick", "deepseek_v2": "deepseek-v2-lite", "glm4_moe": "glm-4.5",
+                  "qwen2_5_vl": "qwen2.5-vl-7b", "llama4_vl": "llama4-maverick-vl"}
 
 
 def tiny_spec(preset: str, registry: MappingRegistry | None = None) -> ModelSpec:

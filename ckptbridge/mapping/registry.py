@@ -114,7 +114,12 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
     hf_config = dict(raw.get("hf_config") or {})
     detect = raw.get("detect")
     known = set(config) | set(FEATURES_OFF) | {"padded_vocab_size"}
-    for key, source in [*hf_config.items(), ("detect", detect)]:
+    nest = raw.get("hf_config_nest")
+    if nest is not None and (not isinstance(nest, dict) or set(nest) != {"under", "top"} or not isinstance(nest["under"], str)
+                             or not isinstance(nest["top"], dict)):
+        raise MappingError(f"{where}: hf_config_nest needs under (the key hf_config's fields go under) and top "
+                           "(fields beside it, as expressions)")
+    for key, source in [*hf_config.items(), *(nest["top"].items() if nest else ()), ("detect", detect)]:
         if expr.names_in(source) - known:
             raise MappingError(f"{where}: hf_config {key} uses {sorted(expr.names_in(source) - known)}, "
                                "which the config section does not define")
@@ -134,6 +139,7 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         ignore=ignore,
         fp8_keep=fp8_keep,
         carry=carry,
+        hf_config_nest=nest,
         hf_defaults=dict(raw.get("hf_defaults") or {}),
     )
 

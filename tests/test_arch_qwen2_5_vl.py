@@ -198,11 +198,26 @@ def test_inspect_shows_the_carried_tensors(vl: Path, dist: Path) -> None:
 def test_list_architectures_shows_it() -> None:
     lines = {line.split()[0]: line for line in CliRunner().invoke(main, ["list-architectures"]).output.splitlines()
              if line.strip()}
-    assert "REFUSED" not in lines["qwen2_5_vl"] and "REFUSED" in lines["qwen3_vl"]
-    assert not MappingRegistry([mappings_dir()]).broken
+    assert "REFUSED" not in lines["qwen2_5_vl"] and "REFUSED" not in lines["llama4_vl"] and "REFUSED" in lines["qwen3_vl"]
 
 
 def test_align_gate_passes(tmp_path: Path) -> None:
     """``align --model qwen2.5-vl-7b --random-init --layers 2 --shrink``: the HF side is the VLM class the config
     names, run on text only; every point and the long-position probes within the gate."""
     assert_align_gate_passes("qwen2.5-vl-7b", tmp_path / "align")
+
+
+@pytest.mark.parametrize("old, new, says", [
+    ("  - visual.*\n", "  - model.layers.*\n", "carry pattern 'model.layers.*' names 'model.layers.{L}."),
+    ("  - visual.*\n", "  visual: all\n", "carry must be a list of HF tensor name patterns"),
+    ("carry:\n", "hf_prefix: 7\ncarry:\n", "hf_prefix must be a non-empty string"),
+])
+def test_a_carry_or_prefix_that_cannot_be_right_is_refused_when_the_file_loads(tmp_path: Path, old: str, new: str,
+                                                                                says: str) -> None:
+    for family in ("llama", "qwen2"):  # what it includes, and nothing else (each file's proofs take time)
+        shutil.copy(mappings_dir() / f"{family}.yaml", tmp_path)
+    text = (mappings_dir() / "qwen2_5_vl.yaml").read_text()
+    assert text.count(old) == 1
+    (tmp_path / "qwen2_5_vl.yaml").write_text(text.replace(old, new))
+    broken = MappingRegistry(tmp_path).broken
+    assert len(broken) == 1 and says in broken[0].error, broken

@@ -252,7 +252,7 @@ def inspect(as_json, tensors, path, iteration, config):
     lay = "-" if not layout else f"{layout['summary']} ({layout['spec']} spec)"
     console.print(f"[bold]{info['path']}[/]: {info['format']}  {info['architecture']} ({info['family']})  "
                   f"{info['num_layers']} layers  {info['parameters'] / 1e6:.1f}M parameters  {info['dtype']}  layout {lay}")
-    for key in ("producer", "iteration", "hf_config", "training_state"):
+    for key in ("producer", "iteration", "hf_config", "training_state", "carried"):
         if info.get(key) is not None:
             console.print(f"  {key.replace('_', ' ')}: {info[key]}", highlight=False)
     for note in info.get("notes", []):

@@ -16,6 +16,7 @@ import torch
 
 from .errors import OptionError
 from .config_source import ConfigOptions, refuse_unused
+from .formats.carried import resolve_carried
 from .formats.detect import Source, open_source, source_assets, source_notes
 from .formats.hf import DEFAULT_MAX_SHARD_BYTES, INDEX, HFSource, fp8_export
 from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout
@@ -121,9 +122,11 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)
     source = open_source(src, src_kind, config, iteration)
+    held: list = []  # files held for carried tensors taken from the --hf-config folder
     try:
         refuse_unused(config, iteration, {src: source})
         source.verify()
+        carried, held = resolve_carried(src, source, target.kind == "hf", config.asset_folder() if config else None)
         spec = source.spec
         if not spec.args.get("num_moe_experts"):  # expert options on a dense model would do nothing
             for flag, given in (("--moe-grouped-gemm", target.grouped_gemm), ("--etp", target.layout.etp is not None)):
@@ -143,11 +146,13 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         assets = source_assets(src, source, config)
         notes = source_notes(source)
+        if carried is not None and carried.tensors:
+            notes = (*notes, f"carried: {carried.describe()}; from {carried.origin}")
         plan = None
         if launch is None:  # the one plan this process's writer, prefetcher and share follow
             plan = plan_output(spec, planned, target.format_name, dtype, target.layout, margs, target.spec_name,
-                               target.iteration, shard_limit(source, target, dtype), fp8, team.size)
-        with _staging(team, src, dst, force, clean, total) as stage:
+                               target.iteration, shard_limit(source, target, dtype), fp8, team.size, carried)
+        with _staging(team, src, dst, force, clean, total + (carried.nbytes if carried else 0)) as stage:
             if plan is None:  # the workers write; this process holds the lock and moves the result
                 launch(stage.folder)
                 source.check_unchanged()
@@ -163,10 +168,14 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
                 notes = _merged(notes, worker_notes)
                 if team.rank == 0:
                     output.finish(reports)
+                    for f in ([source] + held) if carried is not None else []:  # carried bytes copied while finishing
+                        f.check_unchanged()
                     if given_staging() is not None:  # the --workers launcher reports them
                         write_text(stage.folder / NOTES, json.dumps(notes))
     finally:
         source.close()
+        for f in held:
+            f.close()
     return ConversionResult(
         src=src, dst=dst, src_format=source.format, dst_format=target.format_name, family=spec.mapping.family,
         layout=target.layout.describe() if target.kind == "mcore" else "-", dtype=dtype, tensors=len(planned),

@@ -51,7 +51,11 @@ def normalise(raw: dict[str, Any], defaults: dict[str, Any] | None = None) -> di
     Per-layer-type rope settings (transformers 5's ``rope_parameters`` keyed by layer type, next to
     ``layer_types``) are not flattened: ``rope_parameters`` stays a dict the mapping reads by type
     (``rope_parameters['full_attention']['rope_theta']``), and ``rope_theta``/``rope_type`` are
-    absent unless the config holds them at top level."""
+    absent unless the config holds them at top level.
+
+    A multimodal config (transformers 5 saves a VLM's language model under ``text_config``) is read
+    as its language model's: the ``text_config`` fields over the top-level ones."""
+    top, raw = raw, language_model(raw)
     cfg = dict(raw)
     cfg.setdefault("max_window_layers", cfg.get("num_hidden_layers"))
     for a, b in _ALIASES:
@@ -82,8 +86,14 @@ def normalise(raw: dict[str, Any], defaults: dict[str, Any] | None = None) -> di
     # per-layer attention kinds (Ministral, Gemma 2/3...) as megatron's per-layer window list: 1 = sliding
     types = cfg.get("layer_types")
     cfg["sliding_layers"] = [int(t == "sliding_attention") for t in types] if isinstance(types, list) else None
-    cfg["architecture"] = architecture(raw)
+    cfg["architecture"] = architecture(top)
     return cfg
+
+
+def language_model(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config as its language model's: a VLM's ``text_config`` fields (transformers 5 nests them there)
+    over the top-level ones; any other config as it is."""
+    return {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
 
 
 def architecture(raw: dict[str, Any]) -> str | None:

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .config_source import ConfigOptions, refuse_unused
+from .formats.carried import CARRIED_FILE, from_hf_files
 from .formats.dcp_metadata import TensorStorageMetadata
 from .formats.detect import detect_format, open_source
 from .formats.hf import HFSource
 from .formats.legacy import LegacySource
 from .formats.mcore_common import is_extra_state
 from .formats.torch_dist import TorchDistSource
+from .mapping.ignore import carried_name
 
 
 def describe(path: Path, config: ConfigOptions | None = None, iteration: int | None = None) -> dict[str, Any]:
@@ -36,6 +38,7 @@ def describe(path: Path, config: ConfigOptions | None = None, iteration: int | N
             "num_layers": spec.num_layers,
             "parameters": sum(math.prod(s) for pt in spec.planned() for s in pt.hf_shapes),
         }
+        info["carried"] = _carried(source)
         if isinstance(source, HFSource):
             info["layout"] = None
             info["tensors"] = [
@@ -57,6 +60,21 @@ def describe(path: Path, config: ConfigOptions | None = None, iteration: int | N
         return info
     finally:
         source.close()
+
+
+def _carried(source: Any) -> str | None:
+    """What the mapping's ``carry`` patterns name in this checkpoint (None: the family carries nothing)."""
+    patterns = source.spec.mapping.carry
+    if not patterns:
+        return None
+    if isinstance(source, HFSource):
+        carried = from_hf_files(source.files, source.where, [n for n in source.where if carried_name(n, patterns)],
+                                str(source.folder))
+    else:
+        carried = source.carried
+    if carried is None:
+        return f"none: no {CARRIED_FILE} (not written by ckptbridge from an HF folder); {list(patterns)} are absent"
+    return carried.describe()
 
 
 def _extra_state(names: list[str]) -> dict[str, Any] | None:

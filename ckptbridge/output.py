@@ -9,13 +9,14 @@ its items went, for the ``.metadata`` index).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .fileio import copy_file
+from .formats.carried import CARRIED_FILE, Carried
 from .formats.fp8_block import BlockFP8
 from .formats.hf import finish_hf, hf_plan, write_hf_data
 from .formats.legacy import legacy_plan, write_legacy
@@ -28,14 +29,17 @@ from .write_plan import Fast, Progress, Read, WriteJob, WritePlan
 
 def plan_output(spec: ModelSpec, planned: Sequence[PlannedTensor], fmt: str, dtype: torch.dtype,
                 layout: ParallelLayout, margs: dict[str, Any] | None, spec_name: str, iteration: int | None,
-                max_shard_bytes: int, fp8: BlockFP8 | None, workers: int = 1) -> WritePlan:
-    """The write plan of a ``fmt`` ("hf", "torch_dist", "torch") output, for ``workers`` writers."""
+                max_shard_bytes: int, fp8: BlockFP8 | None, workers: int = 1, carried: Carried | None = None) -> WritePlan:
+    """The write plan of a ``fmt`` ("hf", "torch_dist", "torch") output, for ``workers`` writers.
+    ``carried``: the tensors the mapping carries unchanged (see `formats.carried`), written when finishing."""
     if fmt == "hf":
-        return hf_plan(spec, planned, dtype, max_shard_bytes, fp8)
+        return hf_plan(spec, planned, dtype, max_shard_bytes, fp8, carried)
     assert margs is not None
     if fmt == "torch_dist":
-        return dist_plan(spec, planned, layout, margs, dtype, spec_name, iteration, workers)
-    return legacy_plan(spec, planned, layout, margs, dtype, spec_name, iteration)
+        plan = dist_plan(spec, planned, layout, margs, dtype, spec_name, iteration, workers)
+    else:
+        plan = legacy_plan(spec, planned, layout, margs, dtype, spec_name, iteration)
+    return plan if carried is None else replace(plan, carried=carried)
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,14 @@ class Output:
     def finish(self, reports: list[Any]) -> None:
         """Every rank's report -> the rest of the output (index files last)."""
         if self.plan.format == "hf":
-            finish_hf(self.plan, self.folder, self.assets)
+            finish_hf(self.plan, self.folder, self.assets, self.kernel_copy)
             return
         if self.plan.format == "torch_dist":
             storage = {k: v for report in reports for k, v in report.items()}
             finish_torch_dist(self.plan, self.data_folder, storage)
+        if self.plan.carried is not None:  # beside the model's files: megatron's loaders read only those their metadata names
+            self.data_folder.mkdir(parents=True, exist_ok=True)
+            self.plan.carried.write_file(self.data_folder / CARRIED_FILE, self.kernel_copy)
         if self.assets:
             (self.folder / ASSETS_DIR).mkdir()
             for a in self.assets:

@@ -28,8 +28,12 @@ def preset_names() -> list[str]:
 
 def convertible_config(preset: dict[str, Any]) -> dict[str, Any]:
     """The preset's real HF config with its ``overrides`` applied: what ckptbridge can convert when the
-    real one has a feature megatron-core lacks (Phi-3-mini's 2047-token sliding window)."""
-    return {**preset["hf_config"], **preset.get("overrides", {})}
+    real one has a feature megatron-core lacks (Phi-3-mini's 2047-token sliding window). A VLM whose config
+    nests its language model (``text_config``) takes the overrides there."""
+    cfg, overrides = preset["hf_config"], preset.get("overrides", {})
+    if isinstance(cfg.get("text_config"), dict):
+        return {**cfg, "text_config": {**cfg["text_config"], **overrides}}
+    return {**cfg, **overrides}
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -42,7 +46,12 @@ def load_preset(name: str) -> dict[str, Any]:
 def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads: int = 8, groups: int = 4,
                   ffn: int = 128, vocab: int = 1001, experts: int = 8, topk: int = 2) -> dict[str, Any]:
     """Small widths, same structure. An explicit ``head_dim`` stays explicit and is made to differ
-    from hidden/heads, so the ``kv_channels`` path is exercised."""
+    from hidden/heads, so the ``kv_channels`` path is exercised. A VLM's nested ``text_config`` is shrunk
+    so, and its vision tower to two small blocks."""
+    if isinstance(cfg.get("text_config"), dict):
+        text = shrink_config(cfg["text_config"], layers, hidden, heads, groups, ffn, vocab, experts, topk)
+        return {**cfg, "text_config": text, **({"vision_config": shrink_vision(cfg["vision_config"], hidden)}
+                                               if isinstance(cfg.get("vision_config"), dict) else {})}
     out = dict(cfg)
     out.update(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=groups,
                intermediate_size=ffn, vocab_size=vocab)
@@ -80,6 +89,14 @@ def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads:
             out[key] = cfg[key][:layers]
     if isinstance(cfg.get("moe_layers"), list):  # layer indices: those that remain
         out["moe_layers"] = [i for i in cfg["moe_layers"] if i < layers]
+    rope = out.get("rope_scaling") or out.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list):  # multimodal rope: same proportions
+        half, section = out.get("head_dim", hidden // heads) // 2, rope["mrope_section"]  # of the smaller head
+        small = [max(1, s * half // sum(section)) for s in section]
+        small[-1] += half - sum(small)
+        out["rope_scaling" if "rope_scaling" in out else "rope_parameters"] = {**rope, "mrope_section": small}
+    if isinstance(cfg.get("vision_config"), dict):  # a VLM's vision tower: tiny, carried through unchanged
+        out["vision_config"] = shrink_vision(cfg["vision_config"], hidden)
     if out.get("max_window_layers") is not None:
         out["max_window_layers"] = layers
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -88,17 +105,46 @@ def shrink_config(cfg: dict[str, Any], layers: int = 2, hidden: int = 64, heads:
     return out
 
 
+def shrink_vision(vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:
+    """A vision tower of two blocks and small widths, projecting into the shrunk language model."""
+    out = dict(vision)
+    for key, value in (("depth", 2), ("num_hidden_layers", 2), ("hidden_size", 32), ("intermediate_size", 64),
+                       ("num_heads", 2), ("num_attention_heads", 2)):
+        if key in out:
+            out[key] = value
+    for key in ("out_hidden_size", "vision_output_dim", "projector_input_dim", "projector_output_dim"):
+        if key in out:
+            out[key] = text_hidden
+    if isinstance(out.get("fullatt_block_indexes"), list):
+        out["fullatt_block_indexes"] = [1]
+    return out
+
+
+def model_class(config: Any, architecture: str | None) -> Any:
+    """The transformers class a model is: the one its config's ``architectures`` names (a VLM's, which
+    AutoModelForCausalLM maps to another class or none), else AutoModelForCausalLM's."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls = getattr(transformers, architecture, None) if architecture else None
+    if cls is None:
+        cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if cls is None:
+        raise CkptBridgeError(f"transformers has no model class for {type(config).__name__} ({architecture})")
+    return cls
+
+
 def build_tiny_hf(preset: str, out: Path, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
                   **shrink: int) -> Path:
     """Save a seeded random HF model of ``preset``'s architecture to ``out``; returns ``out``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     raw = shrink_config(convertible_config(load_preset(preset)), layers=layers, **shrink)
     model_type = raw.pop("model_type")
-    raw.pop("architectures", None)
+    architecture = (raw.pop("architectures", None) or [None])[0]
     config = AutoConfig.for_model(model_type, **raw)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class(config, architecture)._from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

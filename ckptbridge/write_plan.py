@@ -56,6 +56,7 @@ class WritePlan:
     spec_name: str = "te"
     iteration: int | None = None
     detail: Any = None  # the format's own rest: HF BlockFP8 export layout, torch_dist extra-state items
+    carried: Any = None  # formats.carried.Carried: tensors the mapping carries unchanged, written when finishing
 
     def mine(self, share: Collection[str] | None) -> list[Step]:
         """The steps a worker writing the data files ``share`` (None: all) takes, in order."""

@@ -1,6 +1,6 @@
 """Architectures megatron-core 0.16.1 cannot compute are refused with the reason, never converted: the real
 public configs (tests/data/refused/) and tiny models saved by the real transformers classes; ``list-architectures``
-says REFUSED and why. (Qwen3-Next, Qwen2.5-VL, MiMo, ERNIE-4.5 MoE and MiniMax-M2 have their own test files: they
+says REFUSED and why. (Qwen3-Next, Qwen3-VL, MiMo, ERNIE-4.5 MoE and MiniMax-M2 have their own test files: they
 also prove what megatron-core lacks on the real modules.)"""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 from ckptbridge.config_source import TRAINING_CHOICES, ConfigOptions, check_agrees, checkpoint_args, resolve
 from ckptbridge.errors import PlanError, UnsupportedArchitectureError
-from ckptbridge.hf_config import normalise
+from ckptbridge.hf_config import language_model, normalise
 from ckptbridge.mapping import default_registry
 from ckptbridge.megatron_args import to_megatron_lm
 from ckptbridge.presets import convertible_config, load_preset, preset_names
@@ -38,7 +38,7 @@ def _megatron_lm_args(spec: ModelSpec) -> dict:
 def test_hf_megatron_hf_reproduces_architectural_fields(name, raw):
     spec = ModelSpec.from_hf_config(raw)
     arch = raw["architectures"][0]
-    options = ConfigOptions(arch=arch, vocab_size=raw["vocab_size"])
+    options = ConfigOptions(arch=arch, vocab_size=language_model(raw)["vocab_size"])
     back = resolve(_megatron_lm_args(spec), None, "args", options).spec
     assert back.mapping.family == spec.mapping.family
     assert back.hf_config["architectures"] == [arch]
@@ -46,7 +46,8 @@ def test_hf_megatron_hf_reproduces_architectural_fields(name, raw):
     assert back.args == spec.args
     # ... and each field it writes is the original's (both read through the same normaliser)
     orig, synth = normalise(raw), normalise(back.hf_config)
-    for key in set(back.hf_config) - _NOT_COMPARED:
+    nested = back.hf_config.get("text_config", {})  # a VLM's language model (Llama 4): its fields, not the dict
+    for key in (set(back.hf_config) | set(nested)) - _NOT_COMPARED - {"text_config"}:
         if key in ("rope_scaling",):
             continue  # compared through the flattened rope_* fields below
         assert synth[key] == orig.get(key, synth[key]), key
@@ -57,12 +58,13 @@ def test_hf_megatron_hf_reproduces_architectural_fields(name, raw):
 @pytest.mark.parametrize("name,raw", _configs(), ids=[n for n, _ in _configs()])
 def test_family_is_detected_from_args(name, raw):
     spec = ModelSpec.from_hf_config(raw)
-    resolved = resolve(_megatron_lm_args(spec), None, "args", ConfigOptions(vocab_size=raw["vocab_size"]))
+    resolved = resolve(_megatron_lm_args(spec), None, "args", ConfigOptions(vocab_size=language_model(raw)["vocab_size"]))
     # Mistral and Phi-3 models are Llama models in Megatron's args (no detect of their own): Llama is picked;
     # Seed-OSS's are Qwen2's (q/k/v biases, explicit head_dim): Qwen2 is picked
     # Qwen3.5-MoE's are Qwen3-Next's (split delta-net projections are a checkpoint layout): Qwen3-Next is picked
-    expected = {"mistral": "llama", "phi3": "llama", "seed_oss": "qwen2",
-                "qwen3_5_moe": "qwen3_next"}.get(spec.mapping.family, spec.mapping.family)
+    # Llama 4 with its vision model (llama4_vl) is Llama 4 text's args: llama4 is picked
+    expected = {"mistral": "llama", "phi3": "llama", "seed_oss": "qwen2", "qwen3_5_moe": "qwen3_next",
+                "llama4_vl": "llama4"}.get(spec.mapping.family, spec.mapping.family)
     assert resolved.spec.mapping.family == expected
     assert resolved.origin == f"synthesized from Megatron args ({expected})"
 

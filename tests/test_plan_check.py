@@ -39,7 +39,8 @@ FAMILY_PRESETS = {"llama": "llama3.1-8b", "mistral": "mistral-7b", "ministral": 
                   "qwen2_moe": "qwen1.5-moe-a2.7b", "deepseek_v3": "deepseek-v3", "phi3": "phi3-mini",
                   "seed_oss": "seed-oss-36b", "ernie4_5": "ernie4.5-0.3b", "gpt_oss": "gpt-oss-20b",
                   "llama4": "llama4-maverick", "deepseek_v2": "deepseek-v2-lite", "glm4_moe": "glm-4.5",
-                  "qwen3_next": "qwen3-next-80b-a3b", "qwen3_5": "qwen3.5-text", "qwen3_5_moe": "qwen3.5-moe-text"}
+                  "qwen3_next": "qwen3-next-80b-a3b", "qwen3_5": "qwen3.5-text", "qwen3_5_moe": "qwen3.5-moe-text",
+                  "qwen2_5_vl": "qwen2.5-vl-7b", "llama4_vl": "llama4-maverick-vl"}
 #: families whose model ckptbridge cannot yet build on the meta device, and why (their layouts are proven elsewhere)
 _GDN = ("megatron-core's gated delta-net block spec is TE-only (zero-centred norms, fused in_proj norm); "
         "tests/test_arch_qwen3_next.py compares its keys with GatedDeltaNet's own save")

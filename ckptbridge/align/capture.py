@@ -80,8 +80,13 @@ def hf_mlp(layer: torch.nn.Module) -> torch.nn.Module:
 
 
 def hf_decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack (``model.model``) of an HF ``*ForCausalLM``."""
+    """The decoder stack (``model.model``) of an HF ``*ForCausalLM``; of a VLM, its language model's
+    (Qwen2.5-VL's ``model.model.language_model``, Llama 4's ``model.language_model.model``)."""
     inner = getattr(model, "model", None)
+    if inner is None:
+        inner = getattr(getattr(model, "language_model", None), "model", None)
+    elif not hasattr(inner, "layers"):
+        inner = getattr(inner, "language_model", None)
     if inner is None or not hasattr(inner, "layers"):
         raise TypeError(f"{type(model).__name__} has no .model.layers; not a decoder-only HF model")
     return inner
@@ -172,6 +177,15 @@ class MCoreRecorder(_Hooks):
 
     def _rope_positions(self, rope: torch.nn.Module, positions: list[int]) -> None:
         index = torch.tensor(positions, dtype=torch.long)
+        if type(rope).__name__ == "MultimodalRotaryEmbedding":  # takes the [3, b, s] position ids: give these
+            def pre(m: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+                ids = args[0]
+                if ids.shape[-1] != len(positions):
+                    raise ValueError(f"RoPE covers {ids.shape[-1]} tokens, {len(positions)} positions were given")
+                return (index.to(ids.device).expand_as(ids), *args[1:]), kwargs
+
+            self.handles.append(rope.register_forward_pre_hook(pre, with_kwargs=True))
+            return
 
         def hook(m: torch.nn.Module, _args: Any, out: Any) -> Any:
             angles = _first(out)  # YarnRotaryEmbedding returns (angles, mscale): mscale is position-free

@@ -25,20 +25,26 @@ def attention_implementation(path: Path) -> tuple[str, str]:
 
     Decided from the class's ``_supports_sdpa`` before loading (``from_pretrained`` would raise
     half-way through a run); the reason goes into report.md."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from ..presets import model_class
 
     config = AutoConfig.from_pretrained(path)
-    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
-    if cls is None or getattr(cls, "_supports_sdpa", False):
+    cls = model_class(config, (getattr(config, "architectures", None) or [None])[0])
+    if getattr(cls, "_supports_sdpa", False):
         return BASELINE_ATTENTION, ""
     return FALLBACK_ATTENTION, f"{cls.__name__} does not support SDPA, so HF runs {FALLBACK_ATTENTION} attention"
 
 
 def load_hf(path: Path, dtype: torch.dtype, device: str, attention: str = BASELINE_ATTENTION) -> torch.nn.Module:
     """``from_pretrained`` in ``dtype`` with ``attention`` (see :func:`attention_implementation`), in eval mode."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
+    from ..presets import model_class
+
+    config = AutoConfig.from_pretrained(path)
+    cls = model_class(config, (getattr(config, "architectures", None) or [None])[0])  # a VLM: the class it names
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     return model.to(device).eval()
 
 
@@ -84,5 +90,6 @@ def run_hf(model: torch.nn.Module, tokens: torch.Tensor, ctx: VariantContext, va
     with torch.no_grad(), applied(variants, "hf", model, ctx, registry), HFRecorder(model) as rec:
         out = model(input_ids=tokens.to(device), use_cache=False, **kwargs)
     caps = dict(rec.tensors)
-    caps[P.LOGITS] = out.logits[..., : model.config.vocab_size].detach().cpu()
+    vocab = model.config.get_text_config().vocab_size  # a VLM's: its language model's
+    caps[P.LOGITS] = out.logits[..., :vocab].detach().cpu()
     return caps

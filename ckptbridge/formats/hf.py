@@ -25,6 +25,8 @@ from ..write_plan import Step, WriteJob, WritePlan, file_plan
 from .fp8_block import BlockFP8, check_pair, dequantize, export_layout, parse_quantization, quantize, quantized_names, scale_name
 from .fp8_block import E4M3, SCALE_SUFFIX
 from .hf_ignored import planned_ignores, verify_ignored
+from .carried import Carried, from_hf_files
+from ..mapping.ignore import carried_name
 from ..transforms import TRANSFORMS, Pipeline, Shape
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 
@@ -106,6 +108,7 @@ class HFSource:
         self.layouts: dict[str, _Layout] = {}  # planned MCore name -> the HF layout this folder holds
         self.scaled: set[str] = set()  # FP8 weights stored with a block-scale tensor, dequantized when read
         self.notes: tuple[str, ...] = ()
+        self.carried: Carried | None = None  # what the mapping's carry names (set by verify; None: no carry)
 
     def _layout(self, pt: PlannedTensor) -> "_Layout":
         """The rule's own HF layout, or the first of its ``alternatives`` whose tensors this folder holds
@@ -130,9 +133,14 @@ class HFSource:
                 expected[name] = pt.hf_shapes[0]
         ignored = planned_ignores(self.spec)
         self.scaled = self._check_scales(expected)
+        carry = self.spec.mapping.carry
+        carried = sorted(t for t in self.where if t not in expected and carried_name(t, carry))
+        self.carried = from_hf_files(self.files, self.where, carried, str(self.folder)) if carry else None
         for tensor, fname in sorted(self.where.items()):
             entry = self.files[fname].entries[tensor]
             if tensor in ignored or (tensor.endswith(SCALE_SUFFIX) and tensor[: -len(SCALE_SUFFIX)] in self.scaled):
+                continue
+            if self.carried is not None and tensor in self.carried.tensors:
                 continue
             if entry.dtype.is_floating_point and entry.dtype.itemsize == 1 and tensor not in self.scaled:
                 raise PlanError(f"tensor {tensor!r} in {self.folder / fname} is {entry.dtype}, but " + (
@@ -259,10 +267,11 @@ HFEntry = tuple[str, torch.dtype, tuple[int, ...]]
 
 
 def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtype,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fp8: BlockFP8 | None = None) -> WritePlan:
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fp8: BlockFP8 | None = None, carried: Carried | None = None) -> WritePlan:
     """The safetensors files an HF output has, in order, with each planned tensor's HF entries (name,
     dtype, shape; an FP8 weight brings its scale) as its step's ``where`` = (shard, entries): from shapes
-    alone, so workers agree on it."""
+    alone, so workers agree on it. Carried tensors (a vision tower) fill one more file, the last
+    (`carried_shard`), written when the output is finished."""
     quantized = quantized_names(spec, fp8) if fp8 is not None else set()
 
     def layout(pt: PlannedTensor) -> list[HFEntry]:
@@ -287,10 +296,23 @@ def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtyp
             size = 0
         groups[-1].append((pt, entries, nbytes))
         size += nbytes
-    names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    names = shard_names(len(groups) + _has(carried))[:len(groups)]
     steps = tuple(Step(pt, (name, entries), ((name, nbytes),)) for name, group in zip(names, groups)
                   for pt, entries, nbytes in group)
-    return WritePlan("hf", spec, dtype, steps, file_plan(steps, names), detail=fp8)
+    return WritePlan("hf", spec, dtype, steps, file_plan(steps, names), detail=fp8, carried=carried)
+
+
+def shard_names(count: int) -> list[str]:
+    return [SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _has(carried: Carried | None) -> bool:
+    return bool(carried is not None and carried.tensors)
+
+
+def carried_shard(plan: WritePlan) -> str | None:
+    """The file that holds the carried tensors after the plan's shards (None: nothing is carried)."""
+    return shard_names(len(plan.files.sizes) + 1)[-1] if _has(plan.carried) else None
 
 
 def _shards(steps: Sequence[Step]) -> list[tuple[str, list[Step]]]:
@@ -341,15 +363,24 @@ def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
                 job.progress(canonical.numel() * canonical.element_size())
 
 
-def finish_hf(plan: WritePlan, out: Path, assets: list[Path]) -> None:
+def finish_hf(plan: WritePlan, out: Path, assets: list[Path], kernel_copy: bool = True) -> None:
     """Once every shard is written: the assets, the index (when sharded) and config.json, last. Without
     an FP8 layout, any quantization_config the model carried is dropped (the weights are not quantized)."""
     spec, dtype, fp8 = plan.spec, plan.dtype, plan.detail
     for asset in assets:
         copy_file(asset, out / asset.name)
-    if len(plan.files.sizes) > 1:
+    extra = carried_shard(plan)
+    if extra is not None:
+        assert plan.carried is not None
+        plan.carried.write_file(out / extra, kernel_copy)
+    if len(plan.files.sizes) > 1 or extra is not None:
         weight_map = {name: s.where[0] for s in plan.steps for name, _, _ in s.where[1]}
-        index = {"metadata": {"total_size": sum(plan.files.sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+        total = sum(plan.files.sizes.values())
+        if extra is not None:
+            assert plan.carried is not None
+            weight_map.update({name: extra for name, _, _ in plan.carried.entries()})
+            total += plan.carried.nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         write_text(out / INDEX, json.dumps(index, indent=2) + "\n")
     config = spec.hf_config if config_dtype(spec.hf_config) in (None, dtype) else with_dtype(spec.hf_config, dtype)
     if config_dtype(config) is None:

@@ -32,6 +32,7 @@ from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
 from ..write_plan import Step, WriteJob, WritePlan, file_plan
 from .held_file import HeldFile
+from .carried import open_sidecar
 from .safe_globals import save_with_megatron_names
 from .mcore_common import (
     CHECKPOINT_VERSION,
@@ -314,6 +315,7 @@ class LegacySource:
     """Canonical tensors read from a legacy checkpoint (strictly inventoried first)."""
 
     format = "torch"
+    _carried_file = None  # the held CARRIED_FILE, once opened
 
     def __init__(self, iter_dir: Path, options: ConfigOptions | None = None):
         self.iter_dir = Path(iter_dir)
@@ -345,6 +347,8 @@ class LegacySource:
                      for rank, path in self.paths.items()}
         self.dtype = self._dtype()
         self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")))
+        # tensors the mapping carries unchanged (a vision tower; see `carried`), None when the folder has none
+        self.carried, self._carried_file = open_sidecar(self.iter_dir, self.spec.mapping.carry)
 
     def training_state(self) -> SkippedState:
         """Optimizer and RNG state in the rank files and the distributed optimizer's files beside them
@@ -407,6 +411,8 @@ class LegacySource:
     def check_unchanged(self) -> None:
         for f in self._files.values():
             f.check_unchanged()
+        if self._carried_file is not None:
+            self._carried_file.check_unchanged()
 
     def _read_slot(self, pt: PlannedTensor, slot: Slot) -> torch.Tensor:
         """The global tensor from one EP rank's TP shards; a dense weight must be identical on every EP rank."""
@@ -478,4 +484,6 @@ class LegacySource:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+        if self._carried_file is not None:
+            self._carried_file.close()
         self._files.clear()

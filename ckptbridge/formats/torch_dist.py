@@ -31,6 +31,7 @@ from ..spec_names import LOCAL_TO_TE_LAYER_KEYS
 from . import dcp_metadata
 from .dcp_metadata import BytesStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata
 from .held_file import HeldFile
+from .carried import open_sidecar
 from .mcore_common import (
     is_extra_state,
     is_training_state,
@@ -168,6 +169,7 @@ class TorchDistSource:
     """Canonical tensors read from a torch_dist checkpoint."""
 
     format = "torch_dist"
+    _carried_file = None  # the held CARRIED_FILE, once opened
 
     def __init__(self, iter_dir: Path, options: ConfigOptions | None = None):
         self.iter_dir = Path(iter_dir)
@@ -198,6 +200,8 @@ class TorchDistSource:
                   if isinstance(md, TensorStorageMetadata) and not is_training_state(k)}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else self.margs.get("params_dtype", torch.float32)
         self._files: dict[str, HeldFile] = {}  # data files, held open from verify() to close()
+        # tensors the mapping carries unchanged (a vision tower; see `carried`), None when the folder has none
+        self.carried, self._carried_file = open_sidecar(self.iter_dir, self.spec.mapping.carry)
 
     def training_state(self) -> SkippedState:
         """The optimizer / RNG entries in the data files: never read, only counted."""
@@ -247,6 +251,8 @@ class TorchDistSource:
     def check_unchanged(self) -> None:
         for f in self._files.values():
             f.check_unchanged()
+        if self._carried_file is not None:
+            self._carried_file.check_unchanged()
 
     def _chunk_meta(self, chunk: _Chunk, key: str) -> tuple[int, torch.Tensor, str]:
         """The held descriptor of a chunk's data file, the chunk's tensor on the meta device (its bytes
@@ -341,5 +347,7 @@ class TorchDistSource:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+        if self._carried_file is not None:
+            self._carried_file.close()
         self._files.clear()
 

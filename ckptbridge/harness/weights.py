@@ -21,7 +21,7 @@ import torch
 
 from ..errors import CkptBridgeError
 from ..formats.mcore_common import iteration_dir
-from ..hf_config import read_config
+from ..hf_config import language_model, read_config
 from ..presets import build_tiny_hf, load_preset
 
 
@@ -119,7 +119,7 @@ def resolve_weights(preset: str | None, hf: Path | None, mcore: Path | None, ran
         if info is None:
             raise CkptBridgeError("--random-init needs --model PRESET")
         hf_path = build_random_hf(preset, work / "hf-random", layers, seed, dtype, shrink, matrix_std)
-        cfg = read_config(hf_path)
+        cfg = language_model(read_config(hf_path))  # a VLM: its language model's sizes
         hf_source = (f"random init (seed {seed}) of the {preset} architecture: {cfg['num_hidden_layers']} layers, "
                      f"hidden {cfg['hidden_size']}, ffn {cfg['intermediate_size']}, vocab {cfg['vocab_size']}"
                      + (" (widths shrunk)" if shrink else " (real widths)"))
@@ -142,4 +142,4 @@ def resolve_weights(preset: str | None, hf: Path | None, mcore: Path | None, ran
         mcore_iter, mcore_source = iteration_dir(dst), f"converted from the HF weights by ckptbridge (torch_dist, tp1, {str(dtype).replace('torch.', '')})"
     if not (mcore_iter / "metadata.json").exists():
         raise CkptBridgeError(f"{mcore_iter}: align loads MCore torch_dist checkpoints (metadata.json missing)")
-    return Weights(hf_path, mcore_iter, hf_source, mcore_source, random, read_config(hf_path), tmp)
+    return Weights(hf_path, mcore_iter, hf_source, mcore_source, random, language_model(read_config(hf_path)), tmp)

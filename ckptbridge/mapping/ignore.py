@@ -10,7 +10,8 @@ lists the 2-D per-layer weights that block-scaled FP8 checkpoints keep unquantiz
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,3 +91,26 @@ def check_against_rules(ignores: Sequence[IgnoreRule], fp8_keep: Sequence[str], 
     for name in fp8_keep:
         if name not in hf_names:
             raise MappingError(f"{where}: fp8_keep names {name!r}, which no tensor rule maps")
+
+
+def parse_carry(raw: Any, where: str) -> tuple[str, ...]:
+    """``carry:`` -- a list of HF name patterns (``*`` matches any run of characters, dots included)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Sequence) or isinstance(raw, str) or not all(isinstance(n, str) and n for n in raw):
+        raise MappingError(f"{where}: carry must be a list of HF tensor name patterns (e.g. 'visual.*')")
+    return tuple(raw)
+
+
+def carried_name(name: str, patterns: Iterable[str]) -> bool:
+    """Whether an HF tensor name is one a mapping's ``carry`` patterns name."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def check_carry(patterns: Sequence[str], hf_names: Iterable[str], where: str) -> None:
+    """A carried tensor is never a weight too: no pattern may name a tensor rule's HF name (``{L}`` read as 0)."""
+    for name in hf_names:
+        concrete = name.replace("{L}", "0").replace("{E}", "0").replace("{M}", "0")
+        hit = [p for p in patterns if fnmatch.fnmatchcase(concrete, p)]
+        if hit:
+            raise MappingError(f"{where}: carry pattern {hit[0]!r} names {name!r}, which a tensor rule maps")

@@ -23,7 +23,7 @@ from ..errors import MappingError, UnsupportedArchitectureError
 from .. import expr
 from ..megatron_settings import check_config_keys
 from .features import FEATURES_OFF
-from .ignore import check_against_rules, parse_fp8_keep, parse_ignores
+from .ignore import check_against_rules, check_carry, parse_carry, parse_fp8_keep, parse_ignores
 from .schema import ArchMapping, ConfigCheck, parse_extra_state, parse_mtp, parse_rule, validate_rules
 
 
@@ -62,11 +62,39 @@ def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], whe
     return out
 
 
+def with_hf_prefix(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``hf_prefix: P``: every HF name the tensor rules, their alternatives and the ``ignore``/``fp8_keep``
+    sections give is read and written as ``P + name`` -- a VLM whose language model's tensors sit under a
+    prefix (Llama 4's ``language_model.``) includes the text family's rules unchanged. (``carry`` patterns are
+    the checkpoint's own names.)"""
+    prefix = raw.get("hf_prefix")
+    if prefix is None:
+        return raw
+    if not isinstance(prefix, str) or not prefix:
+        raise MappingError(f"{where}: hf_prefix must be a non-empty string")
+
+    def names(value: Any) -> Any:
+        return prefix + value if isinstance(value, str) else [prefix + v for v in value]
+
+    def rule(r: dict[str, Any]) -> dict[str, Any]:
+        out = {k: names(v) if k in ("hf", "hf_alt", "hf_fused", "mtp_copies") else v for k, v in r.items()}
+        if "alternatives" in r:
+            out["alternatives"] = [{**a, "hf": names(a["hf"])} if "hf" in a else a for a in r["alternatives"]]
+        return out
+
+    out = copy.deepcopy(raw)
+    out["tensors"] = [rule(r) for r in raw["tensors"]]
+    out["ignore"] = [{k: names(v) if k in ("hf", "of") else v for k, v in r.items()} for r in raw.get("ignore") or []]
+    out["fp8_keep"] = names(raw.get("fp8_keep") or [])
+    return out
+
+
 def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
     """Validate a resolved mapping dict; raises `MappingError` on anything it cannot prove sound."""
     for key in ("family", "architectures", "config", "tensors"):
         if key not in raw:
             raise MappingError(f"{where}: missing top-level {key!r}")
+    raw = with_hf_prefix(raw, where)
     config = dict(raw["config"])
     check_config_keys(config, where)
     rules = tuple(parse_rule(r, f"{where}: tensors[{i}]") for i, r in enumerate(raw["tensors"]))
@@ -81,10 +109,17 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         raise MappingError(f"{where}: place: mtp rules need an mtp section")
     ignore, fp8_keep = parse_ignores(raw.get("ignore"), where, set(config)), parse_fp8_keep(raw.get("fp8_keep"), where)
     check_against_rules(ignore, fp8_keep, {n for r in rules for n in r.hf}, where)
+    carry = parse_carry(raw.get("carry"), where)
+    check_carry(carry, {n for r in rules for n in (*r.hf, *(n for a in r.alternatives for n in a.hf))}, where)
     hf_config = dict(raw.get("hf_config") or {})
     detect = raw.get("detect")
     known = set(config) | set(FEATURES_OFF) | {"padded_vocab_size"}
-    for key, source in [*hf_config.items(), ("detect", detect)]:
+    nest = raw.get("hf_config_nest")
+    if nest is not None and (not isinstance(nest, dict) or set(nest) != {"under", "top"} or not isinstance(nest["under"], str)
+                             or not isinstance(nest["top"], dict)):
+        raise MappingError(f"{where}: hf_config_nest needs under (the key hf_config's fields go under) and top "
+                           "(fields beside it, as expressions)")
+    for key, source in [*hf_config.items(), *(nest["top"].items() if nest else ()), ("detect", detect)]:
         if expr.names_in(source) - known:
             raise MappingError(f"{where}: hf_config {key} uses {sorted(expr.names_in(source) - known)}, "
                                "which the config section does not define")
@@ -103,6 +138,8 @@ def build_mapping(raw: dict[str, Any], where: str) -> ArchMapping:
         warnings=notes,
         ignore=ignore,
         fp8_keep=fp8_keep,
+        carry=carry,
+        hf_config_nest=nest,
         hf_defaults=dict(raw.get("hf_defaults") or {}),
     )
 

@@ -277,6 +277,8 @@ class ArchMapping:
     ignore: tuple[IgnoreRule, ...] = ()  # HF tensors that are not weights, dropped once proven redundant
     fp8_keep: tuple[str, ...] = ()  # 2-D per-layer HF weights that block-scaled FP8 checkpoints keep unquantized
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # values an HF config of this class may omit
+    carry: tuple[str, ...] = ()  # HF name patterns GPTModel has no place for, carried unchanged (a vision tower)
+    hf_config_nest: dict[str, Any] | None = None  # {under: key, top: {field: expr}}: hf_config nested (a VLM's)
 
     def mtp_depth(self, args: Mapping[str, Any]) -> int:
         return self.mtp.count(args) if self.mtp else 0
@@ -325,8 +327,15 @@ class ArchMapping:
         ``null`` (not the expression ``None``) is left out: an included family's field this one lacks."""
         if not self.hf_config:
             raise UnsupportedArchitectureError(f"{self.family}: the mapping has no hf_config section (Megatron -> HF)")
+        out = self._fields(self.hf_config, args)
+        nest = self.hf_config_nest
+        if nest is not None:  # a VLM's config: the language model's fields under one key, a few beside it
+            return {**self._fields(nest["top"], args), nest["under"]: out}
+        return out
+
+    def _fields(self, fields: Mapping[str, Any], args: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key, source in self.hf_config.items():
+        for key, source in fields.items():
             if source is None:
                 continue
             try:

@@ -84,12 +84,10 @@ def _run_schedule(models: Sequence[GPTModel], tokens: torch.Tensor, *, labels: b
 
     def forward_step(data_iterator: Any, model: GPTModel) -> tuple[torch.Tensor, Any]:
         mb = next(data_iterator)
-        out = model(
-            input_ids=mb,
-            position_ids=position_ids.expand(mb.shape[0], -1),
-            attention_mask=mask,
-            labels=mb if labels else None,
-        )
+        pos = position_ids.expand(mb.shape[0], -1)
+        if model.position_embedding_type == "mrope":  # [3, b, s]: text only, so the three rows are equal
+            pos = pos.expand(3, -1, -1)
+        out = model(input_ids=mb, position_ids=pos, attention_mask=mask, labels=mb if labels else None)
         return out, loss_func
 
     if vpp is not None:

@@ -8,7 +8,7 @@ produce it and writers consume it, so any source pairs with any destination.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -118,15 +118,16 @@ class ModelSpec:
         overrides = {**self.overrides, MTP_ARG: None}
         return ModelSpec(self.mapping, self.hf_config, {**self.args, **overrides}, self.mapping_data, overrides)
 
-    def for_source(self, present: set[str]) -> "ModelSpec":
+    def for_source(self, present: set[str], planned: Sequence[PlannedTensor] | None = None) -> "ModelSpec":
         """This spec, or `without_mtp` when the mapping makes MTP optional and ``present`` (the
         source's tensor names) holds none of the MTP blocks' HF tensors. Partly present MTP blocks
-        stay expected, so the strict checks name what is missing."""
+        stay expected, so the strict checks name what is missing. ``planned``: this spec's planned
+        tensors, when the caller has them (they are then the source's, unless MTP is dropped)."""
         mtp = self.mapping.mtp
         if not (mtp and mtp.optional and self.mtp_depth):
             return self
         names: set[str] = set()
-        for pt in self.planned():
+        for pt in self.planned() if planned is None else planned:
             if pt.mtp is not None:
                 names.update(pt.hf_names)
                 for alt in pt.rule.alternatives:

@@ -62,3 +62,28 @@ def test_torch_dist_parts(tiny_hf, layout, workers):
         assert [(i.index, i.shape) for i in step.where[1]] == [(i.index, i.shape) for i in same.where[1]]
     shares = assign(plan.files.sizes, workers)
     assert all(shares) and set().union(*(plan.files.tensors_for(s) for s in shares)) == {pt.mcore for pt in spec.planned()}
+
+
+def test_a_conversion_plans_its_tensors_once(tiny_hf, tmp_path, monkeypatch):
+    """The source plans the tensor list when it is opened; its checks, the FP8 export, the write plan
+    and the readers all take that one list (a planning pass costs seconds on a 671B config)."""
+    from ckptbridge.convert import Target, convert
+
+    calls = []
+    planned = ModelSpec.planned
+
+    def counted(spec: ModelSpec):  # noqa: ANN202
+        calls.append(spec.mapping.family)
+        return planned(spec)
+
+    monkeypatch.setattr(ModelSpec, "planned", counted)
+    src = tiny_hf["llama3.2-1b"]
+    for name, source, target in [
+        ("dist", src, Target("mcore", ParallelLayout(tp=2), "torch_dist")),
+        ("legacy", src, Target("mcore", ParallelLayout(tp=2, pp=2), "torch")),
+        ("fp8", tmp_path / "dist", Target("hf", hf_fp8=True)),
+        ("hf", tmp_path / "legacy", Target("hf")),
+    ]:
+        calls.clear()
+        convert(source, tmp_path / name, None, target)
+        assert len(calls) == 1, (name, calls)

@@ -97,13 +97,18 @@ class HFSource:
             hint = f" (found {others}: convert them to safetensors first)" if others else ""
             raise FormatError(f"{self.folder}: no {SINGLE} or {INDEX}{hint}")
         # optional tensor groups (MTP blocks) that the folder lacks entirely are not part of the model
-        self.spec = ModelSpec.from_hf_config(self.raw_config).for_source(set(self.where))
+        full = ModelSpec.from_hf_config(self.raw_config)
+        planned = full.planned()
+        self.spec = full.for_source(set(self.where), planned)
+        # the conversion's planned tensors, computed once: verification, the write plan and the readers use them
+        self.planned: tuple[PlannedTensor, ...] = tuple(planned if self.spec is full else self.spec.planned())
         dtypes = {e.dtype for f in self.files.values() for e in f.entries.values()}
         self.dtype = config_dtype(self.raw_config) if len(dtypes) != 1 else dtypes.pop()
         self.dtype = self.dtype or torch.float32
         if self.fp8 is not None:  # dequantized weights: the config's dtype (that of the unquantized tensors)
             self.dtype = config_dtype(self.raw_config) or torch.bfloat16
-        self.layouts: dict[str, _Layout] = {}  # planned MCore name -> the HF layout this folder holds
+        # planned MCore name -> the HF entries this folder holds for it (what `read` and `spans` read)
+        self.layouts: dict[str, _Layout] = {pt.mcore: self._layout(pt) for pt in self.planned}
         self.scaled: set[str] = set()  # FP8 weights stored with a block-scale tensor, dequantized when read
         self.notes: tuple[str, ...] = ()
 
@@ -121,14 +126,12 @@ class HFSource:
 
     def verify(self) -> None:
         expected: dict[str, tuple[int, ...]] = {}
-        planned = self.spec.planned()
-        self.layouts = {pt.mcore: self._layout(pt) for pt in planned}
-        for pt in planned:
+        for pt in self.planned:
             layout = self.layouts[pt.mcore]
             expected.update(zip(layout.names, layout.shapes))
             for name in pt.hf_copies:
                 expected[name] = pt.hf_shapes[0]
-        ignored = planned_ignores(self.spec)
+        ignored = planned_ignores(self.spec, self.planned)
         self.scaled = self._check_scales(expected)
         for tensor, fname in sorted(self.where.items()):
             entry = self.files[fname].entries[tensor]
@@ -172,7 +175,7 @@ class HFSource:
         """What an ``--hf-dtype fp8-block`` export of this model would quantize differently from this folder."""
         assert self.fp8 is not None
         source = set(self.scaled)
-        policy = set(quantized_names(self.spec, self.fp8))
+        policy = set(quantized_names(self.spec, self.fp8, self.planned))
         out = [f"FP8 block-scaled source (block {list(self.fp8.block)}): {len(self.scaled)} weights dequantized"]
         if source != policy:
             extra, kept = sorted(policy - source), sorted(source - policy)
@@ -255,12 +258,21 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 HFEntry = tuple[str, torch.dtype, tuple[int, ...]]
 
 
+@dataclass(frozen=True)
+class FP8Export:
+    """An ``--hf-dtype fp8-block`` output's part of its write plan: the block layout and the HF
+    tensors stored as e4m3 + scales (decided once, with the plan)."""
+
+    fmt: BlockFP8
+    quantized: frozenset[str]
+
+
 def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtype,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fp8: BlockFP8 | None = None) -> WritePlan:
     """The safetensors files an HF output has, in order, with each planned tensor's HF entries (name,
     dtype, shape; an FP8 weight brings its scale) as its step's ``where`` = (shard, entries): from shapes
-    alone, so workers agree on it."""
-    quantized = quantized_names(spec, fp8) if fp8 is not None else set()
+    alone, so workers agree on it. The plan's ``detail``: the FP8 export (layout, quantized names) or None."""
+    quantized = frozenset(quantized_names(spec, fp8, planned)) if fp8 is not None else frozenset()
 
     def layout(pt: PlannedTensor) -> list[HFEntry]:
         out: list[HFEntry] = []
@@ -287,7 +299,7 @@ def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtyp
     names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     steps = tuple(Step(pt, (name, entries), ((name, nbytes),)) for name, group in zip(names, groups)
                   for pt, entries, nbytes in group)
-    return WritePlan("hf", spec, dtype, steps, file_plan(steps, names), detail=fp8)
+    return WritePlan("hf", spec, dtype, steps, file_plan(steps, names), detail=FP8Export(fp8, quantized) if fp8 else None)
 
 
 def _shards(steps: Sequence[Step]) -> list[tuple[str, list[Step]]]:
@@ -299,8 +311,8 @@ def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
     """Write the safetensors shards of ``job.share``. With an FP8 layout in the plan (``--hf-dtype
     fp8-block``) the weights `fp8_block.quantized_names` picks are stored as e4m3 + fp32 block scales.
     A tied model's head is never written, as transformers' ``save_pretrained`` does not write it."""
-    spec, fp8 = plan.spec, plan.detail
-    quantized = quantized_names(spec, fp8) if fp8 is not None else set()
+    spec, export = plan.spec, plan.detail
+    fp8, quantized = (export.fmt, export.quantized) if export is not None else (None, frozenset())
     for fname, group in _shards(plan.mine(job.share)):
         with SafetensorsWriter(job.folder / fname, [e for s in group for e in s.where[1]], {"format": "pt"}) as writer:
             slots: list[torch.Tensor] = []  # a fused-experts tensor's slots so far (one layer of one rule)
@@ -338,7 +350,7 @@ def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
 def finish_hf(plan: WritePlan, out: Path, assets: list[Path]) -> None:
     """Once every shard is written: the assets, the index (when sharded) and config.json, last. Without
     an FP8 layout, any quantization_config the model carried is dropped (the weights are not quantized)."""
-    spec, dtype, fp8 = plan.spec, plan.dtype, plan.detail
+    spec, dtype, fp8 = plan.spec, plan.dtype, plan.detail.fmt if plan.detail is not None else None
     for asset in assets:
         copy_file(asset, out / asset.name)
     if len(plan.files.sizes) > 1:
@@ -362,9 +374,9 @@ def _expert_slot(pt: PlannedTensor, canonical: torch.Tensor, args: dict) -> torc
     return Pipeline(steps).to_hf(canonical, args, [tuple(pt.hf_shapes[0][1:])])[0]
 
 
-def fp8_export(spec: ModelSpec) -> tuple[BlockFP8, set[str]]:
-    """``--hf-dtype fp8-block``: the layout written (the model's own, else 128 x 128) and the planned
+def fp8_export(spec: ModelSpec, planned: Sequence[PlannedTensor]) -> tuple[BlockFP8, set[str]]:
+    """``--hf-dtype fp8-block``: the layout written (the model's own, else 128 x 128) and the ``planned``
     MCore tensors that must reach `write_hf` in full precision (one of their HF tensors is quantized)."""
     fmt = export_layout(spec.hf_config)
-    quantized = quantized_names(spec, fmt)
-    return fmt, {pt.mcore for pt in spec.planned() if quantized & {*pt.hf_names, *pt.hf_copies}}
+    quantized = quantized_names(spec, fmt, planned)
+    return fmt, {pt.mcore for pt in planned if quantized & {*pt.hf_names, *pt.hf_copies}}

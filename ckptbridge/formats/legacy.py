@@ -344,7 +344,9 @@ class LegacySource:
         self.meta = {rank: (head if path == first_path else safe_load(path, map_location="meta"))
                      for rank, path in self.paths.items()}
         self.dtype = self._dtype()
-        self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")))
+        # the conversion's planned tensors, computed once: verification, the write plan and `read` use them
+        self.planned: tuple[PlannedTensor, ...] = tuple(self.spec.planned())
+        self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")), self.planned)
 
     def training_state(self) -> SkippedState:
         """Optimizer and RNG state in the rank files and the distributed optimizer's files beside them

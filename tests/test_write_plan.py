@@ -87,3 +87,31 @@ def test_a_conversion_plans_its_tensors_once(tiny_hf, tmp_path, monkeypatch):
         calls.clear()
         convert(source, tmp_path / name, None, target)
         assert len(calls) == 1, (name, calls)
+
+
+def test_plans_place_every_tensor_byte(tiny_hf, tmp_path):
+    """HF and torch_dist plans say where each tensor's bytes go (``Step.at``, torch_dist items): the
+    written files hold them exactly there."""
+    from ckptbridge.convert import Target, convert
+    from ckptbridge.formats.safetensors_io import SafetensorsFile
+    from ckptbridge.formats.torch_dist import read_metadata
+    from ckptbridge.formats.torch_dist_writer import planned_storage
+
+    src = tiny_hf["qwen2.5-0.5b"]
+    spec, layout = _spec(src), ParallelLayout(tp=2, pp=2)
+    convert(src, tmp_path / "mc", None, Target("mcore", layout, "torch_dist"))
+    plan = _plan(spec, "torch_dist", layout)
+    assert read_metadata(tmp_path / "mc" / "release").storage_data == planned_storage(plan)
+    assert all(r.length for s in plan.steps for r in s.at)
+    convert(tmp_path / "mc", tmp_path / "hf", None, Target("hf", max_shard_bytes=200_000))
+    plan = plan_output(spec, spec.planned(), "hf", torch.float32, ParallelLayout(), None, "te", None, 200_000, None)
+    assert len(plan.files.sizes) > 1
+    files = {name: SafetensorsFile(tmp_path / "hf" / name) for name in plan.files.sizes}
+    try:
+        for step in plan.steps:
+            shard, entries = step.where
+            assert [(shard, files[shard].entries[n].start, files[shard].entries[n].nbytes) for n, _, _ in entries] \
+                == [tuple(r) for r in step.at]
+    finally:
+        for f in files.values():
+            f.close()

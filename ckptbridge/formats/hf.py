@@ -21,17 +21,18 @@ from ..fastcopy import Run, Spans, compose, hf_spans, row_moving, unit_runs
 from ..fileio import copy_file, write_text
 from ..hf_config import config_dtype, read_config, with_dtype
 from ..spec import ModelSpec, PlannedTensor
-from ..write_plan import Step, WriteJob, WritePlan, file_plan
+from ..write_plan import Region, Step, WriteJob, WritePlan, file_plan
 from .fp8_block import BlockFP8, check_pair, dequantize, export_layout, parse_quantization, quantize, quantized_names, scale_name
 from .fp8_block import E4M3, SCALE_SUFFIX
 from .hf_ignored import planned_ignores, verify_ignored
 from ..transforms import TRANSFORMS, Pipeline, Shape
-from .safetensors_io import SafetensorsFile, SafetensorsWriter
+from .safetensors_io import SafetensorsFile, SafetensorsWriter, lay_out
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+METADATA = {"format": "pt"}  # every shard's __metadata__, as transformers writes it
 
 
 def asset_files(folder: Path) -> list[Path]:
@@ -297,9 +298,13 @@ def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtyp
         groups[-1].append((pt, entries, nbytes))
         size += nbytes
     names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    steps = tuple(Step(pt, (name, entries), ((name, nbytes),)) for name, group in zip(names, groups)
-                  for pt, entries, nbytes in group)
-    return WritePlan("hf", spec, dtype, steps, file_plan(steps, names), detail=FP8Export(fp8, quantized) if fp8 else None)
+    steps = []
+    for name, group in zip(names, groups):  # each shard's header from its entries: every tensor's offset known now
+        offsets = iter(lay_out([e for _, entries, _ in group for e in entries], METADATA).offsets)
+        for pt, entries, nbytes in group:
+            at = tuple(Region(name, next(offsets), math.prod(shape) * dt.itemsize) for _, dt, shape in entries)
+            steps.append(Step(pt, (name, entries), ((name, nbytes),), at))
+    return WritePlan("hf", spec, dtype, tuple(steps), file_plan(steps, names), detail=FP8Export(fp8, quantized) if fp8 else None)
 
 
 def _shards(steps: Sequence[Step]) -> list[tuple[str, list[Step]]]:
@@ -314,7 +319,9 @@ def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
     spec, export = plan.spec, plan.detail
     fp8, quantized = (export.fmt, export.quantized) if export is not None else (None, frozenset())
     for fname, group in _shards(plan.mine(job.share)):
-        with SafetensorsWriter(job.folder / fname, [e for s in group for e in s.where[1]], {"format": "pt"}) as writer:
+        with SafetensorsWriter(job.folder / fname, [e for s in group for e in s.where[1]], METADATA) as writer:
+            if writer.layout.offsets != tuple(r.offset for s in group for r in s.at):
+                raise PlanError(f"{job.folder / fname}: laid out otherwise than its write plan")
             slots: list[torch.Tensor] = []  # a fused-experts tensor's slots so far (one layer of one rule)
             for step in group:
                 pt = step.pt

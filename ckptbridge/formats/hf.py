@@ -269,11 +269,11 @@ class FP8Export:
 
 
 def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtype,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fp8: BlockFP8 | None = None) -> WritePlan:
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fp8: FP8Export | None = None) -> WritePlan:
     """The safetensors files an HF output has, in order, with each planned tensor's HF entries (name,
     dtype, shape; an FP8 weight brings its scale) as its step's ``where`` = (shard, entries): from shapes
-    alone, so workers agree on it. The plan's ``detail``: the FP8 export (layout, quantized names) or None."""
-    quantized = frozenset(quantized_names(spec, fp8, planned)) if fp8 is not None else frozenset()
+    alone, so workers agree on it. ``fp8`` (`fp8_export`), the plan's ``detail``: the FP8 layout written."""
+    quantized = fp8.quantized if fp8 is not None else frozenset()
 
     def layout(pt: PlannedTensor) -> list[HFEntry]:
         out: list[HFEntry] = []
@@ -282,7 +282,7 @@ def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtyp
         for name, shape in [*zip(pt.hf_names, pt.hf_shapes), *((c, pt.hf_shapes[0]) for c in pt.hf_copies)]:
             if name in quantized:
                 assert fp8 is not None
-                out += [(name, E4M3, shape), (scale_name(name), torch.float32, fp8.scale_shape(shape))]
+                out += [(name, E4M3, shape), (scale_name(name), torch.float32, fp8.fmt.scale_shape(shape))]
             else:
                 out.append((name, pt.dtype(dtype), shape))
         return out
@@ -304,7 +304,7 @@ def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtyp
         for pt, entries, nbytes in group:
             at = tuple(Region(name, next(offsets), math.prod(shape) * dt.itemsize) for _, dt, shape in entries)
             steps.append(Step(pt, (name, entries), ((name, nbytes),), at))
-    return WritePlan("hf", spec, dtype, tuple(steps), file_plan(steps, names), detail=FP8Export(fp8, quantized) if fp8 else None)
+    return WritePlan("hf", spec, dtype, tuple(steps), file_plan(steps, names), detail=fp8)
 
 
 def _shards(steps: Sequence[Step]) -> list[tuple[str, list[Step]]]:
@@ -381,9 +381,10 @@ def _expert_slot(pt: PlannedTensor, canonical: torch.Tensor, args: dict) -> torc
     return Pipeline(steps).to_hf(canonical, args, [tuple(pt.hf_shapes[0][1:])])[0]
 
 
-def fp8_export(spec: ModelSpec, planned: Sequence[PlannedTensor]) -> tuple[BlockFP8, set[str]]:
-    """``--hf-dtype fp8-block``: the layout written (the model's own, else 128 x 128) and the ``planned``
-    MCore tensors that must reach `write_hf` in full precision (one of their HF tensors is quantized)."""
+def fp8_export(spec: ModelSpec, planned: Sequence[PlannedTensor]) -> tuple[FP8Export, set[str]]:
+    """``--hf-dtype fp8-block``: the layout written (the model's own, else 128 x 128, and the HF tensors
+    it quantizes) and the ``planned`` MCore tensors that must reach `write_hf` in full precision (one of
+    their HF tensors is quantized)."""
     fmt = export_layout(spec.hf_config)
-    quantized = quantized_names(spec, fmt, planned)
-    return fmt, {pt.mcore for pt in planned if quantized & {*pt.hf_names, *pt.hf_copies}}
+    quantized = frozenset(quantized_names(spec, fmt, planned))
+    return FP8Export(fmt, quantized), {pt.mcore for pt in planned if quantized & {*pt.hf_names, *pt.hf_copies}}

@@ -66,7 +66,7 @@ def test_torch_dist_parts(tiny_hf, layout, workers):
 
 def test_a_conversion_plans_its_tensors_once(tiny_hf, tmp_path, monkeypatch):
     """The source plans the tensor list when it is opened; its checks, the FP8 export, the write plan
-    and the readers all take that one list (a planning pass costs seconds on a 671B config)."""
+    and the readers all take that one list (each pass walks every tensor of the model)."""
     from ckptbridge.convert import Target, convert
 
     calls = []

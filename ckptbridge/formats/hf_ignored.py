@@ -24,15 +24,15 @@ from .safetensors_io import SafetensorsFile, read_into
 CHUNK_BYTES = 64 * 2**20
 
 
-def planned_ignores(spec: ModelSpec, planned: Sequence[PlannedTensor] | None = None) -> dict[str, tuple[IgnoreRule, int | None]]:
+def planned_ignores(spec: ModelSpec, planned: Sequence[PlannedTensor]) -> dict[str, tuple[IgnoreRule, int | None]]:
     """Concrete droppable names of this model -> (rule, layer). A name that is also a planned weight
     (conflicting rules) is a mapping error, not something to guess about. ``planned``: the spec's
-    planned tensors, when the caller has them."""
+    planned tensors (the source's, planned once)."""
     out: dict[str, tuple[IgnoreRule, int | None]] = {}
     for rule in spec.mapping.ignore:
         if rule.applies(spec.args):
             out.update({name: (rule, layer) for name, layer in rule.names(spec.num_layers)})
-    weights = {n for pt in (spec.planned() if planned is None else planned) for n in (*pt.hf_names, *pt.hf_copies)}
+    weights = {n for pt in planned for n in (*pt.hf_names, *pt.hf_copies)}
     both = sorted(set(out) & weights)
     if both:
         raise PlanError(f"{spec.mapping.source}: {both[0]!r} is both ignored and a weight under this config")

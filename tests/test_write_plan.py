@@ -17,6 +17,12 @@ from ckptbridge.spec import ModelSpec
 from ckptbridge.workshare import assign
 
 
+def _keys(mcore) -> list[str]:  # noqa: ANN001
+    from ckptbridge.formats.torch_dist import read_metadata
+
+    return list(read_metadata(mcore / "release").state_dict_metadata)
+
+
 def _spec(folder) -> ModelSpec:  # noqa: ANN001
     return ModelSpec.from_hf_config(json.loads((folder / "config.json").read_text()))
 
@@ -64,12 +70,8 @@ def test_torch_dist_parts(tiny_hf, layout, workers):
     assert all(shares) and set().union(*(plan.files.tensors_for(s) for s in shares)) == {pt.mcore for pt in spec.planned()}
 
 
-def test_a_conversion_plans_its_tensors_once(tiny_hf, tmp_path, monkeypatch):
-    """The source plans the tensor list when it is opened; its checks, the FP8 export, the write plan
-    and the readers all take that one list (each pass walks every tensor of the model)."""
-    from ckptbridge.convert import Target, convert
-
-    calls = []
+def _count_plans(monkeypatch) -> list[str]:  # noqa: ANN001
+    calls: list[str] = []
     planned = ModelSpec.planned
 
     def counted(spec: ModelSpec):  # noqa: ANN202
@@ -77,6 +79,15 @@ def test_a_conversion_plans_its_tensors_once(tiny_hf, tmp_path, monkeypatch):
         return planned(spec)
 
     monkeypatch.setattr(ModelSpec, "planned", counted)
+    return calls
+
+
+def test_a_conversion_plans_its_tensors_once(tiny_hf, tmp_path, monkeypatch):
+    """The source plans the tensor list when it is opened; its checks, the FP8 export, the write plan
+    and the readers all take that one list (each pass walks every tensor of the model)."""
+    from ckptbridge.convert import Target, convert
+
+    calls = _count_plans(monkeypatch)
     src = tiny_hf["llama3.2-1b"]
     for name, source, target in [
         ("dist", src, Target("mcore", ParallelLayout(tp=2), "torch_dist")),
@@ -87,6 +98,22 @@ def test_a_conversion_plans_its_tensors_once(tiny_hf, tmp_path, monkeypatch):
         calls.clear()
         convert(source, tmp_path / name, None, target)
         assert len(calls) == 1, (name, calls)
+
+
+def test_optional_mtp_plans_once(tiny_moe, tmp_path, monkeypatch):
+    """A folder that declares MTP blocks it lacks (transformers' save_pretrained) is planned once too:
+    whether to drop them is decided from the MTP blocks alone."""
+    from ckptbridge.convert import Target, convert
+
+    from helpers import add_mtp_blocks
+
+    with_mtp = add_mtp_blocks(tiny_moe["deepseek-v3"], tmp_path / "mtp")
+    calls = _count_plans(monkeypatch)
+    for name, src in [("without", tiny_moe["deepseek-v3"]), ("with", with_mtp)]:
+        calls.clear()
+        convert(src, tmp_path / name, None, Target("mcore", ParallelLayout(), "torch_dist"))
+        assert len(calls) == 1, (name, calls)
+        assert any(k.startswith("mtp.") for k in _keys(tmp_path / name)) == (name == "with")
 
 
 def test_plans_place_every_tensor_byte(tiny_hf, tmp_path):

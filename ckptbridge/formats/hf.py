@@ -98,11 +98,9 @@ class HFSource:
             hint = f" (found {others}: convert them to safetensors first)" if others else ""
             raise FormatError(f"{self.folder}: no {SINGLE} or {INDEX}{hint}")
         # optional tensor groups (MTP blocks) that the folder lacks entirely are not part of the model
-        full = ModelSpec.from_hf_config(self.raw_config)
-        planned = full.planned()
-        self.spec = full.for_source(set(self.where), planned)
+        self.spec = ModelSpec.from_hf_config(self.raw_config).for_source(set(self.where))
         # the conversion's planned tensors, computed once: verification, the write plan and the readers use them
-        self.planned: tuple[PlannedTensor, ...] = tuple(planned if self.spec is full else self.spec.planned())
+        self.planned: tuple[PlannedTensor, ...] = tuple(self.spec.planned())
         dtypes = {e.dtype for f in self.files.values() for e in f.entries.values()}
         self.dtype = config_dtype(self.raw_config) if len(dtypes) != 1 else dtypes.pop()
         self.dtype = self.dtype or torch.float32

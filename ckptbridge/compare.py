@@ -53,7 +53,7 @@ def compare(a: Path, b: Path, config: ConfigOptions | None = None, iteration: in
         refuse_unused(config, iteration, {a: sa, b: sb})
         sa.verify()
         sb.verify()
-        pa, pb = sa.spec.planned(), sb.spec.planned()
+        pa, pb = sa.planned, sb.planned
         if [p.mcore for p in pa] != [p.mcore for p in pb] or [p.shape for p in pa] != [p.shape for p in pb]:
             raise CkptBridgeError(f"{a} and {b} are not the same model (tensor names or shapes differ)")
         # An MCore read may briefly hold a second copy (a chunk being assembled); an HF read of the

@@ -141,8 +141,8 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
             from .mcore.plan_check import check_plan_isolated  # imports megatron-core: only when asked
 
             check_plan_isolated(spec, margs, target.ckpt_format, target.spec_name)
-        planned = spec.planned()
-        fp8, full_precision = fp8_export(spec) if target.kind == "hf" and target.hf_fp8 else (None, set())
+        planned = source.planned  # planned once, by the source: its checks, readers and the write plan share it
+        fp8, full_precision = fp8_export(spec, planned) if target.kind == "hf" and target.hf_fp8 else (None, set())
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
         assets = source_assets(src, source, config)
         notes = source_notes(source)

@@ -36,7 +36,7 @@ def describe(path: Path, config: ConfigOptions | None = None, iteration: int | N
             "architecture": (spec.hf_config.get("architectures") or [None])[0],
             "dtype": str(source.dtype).replace("torch.", ""),
             "num_layers": spec.num_layers,
-            "parameters": sum(math.prod(s) for pt in spec.planned() for s in pt.hf_shapes),
+            "parameters": sum(math.prod(s) for pt in source.planned for s in pt.hf_shapes),
         }
         info["carried"] = _carried(source)
         if isinstance(source, HFSource):

@@ -17,8 +17,7 @@ import torch
 
 from .fileio import copy_file
 from .formats.carried import CARRIED_FILE, Carried
-from .formats.fp8_block import BlockFP8
-from .formats.hf import finish_hf, hf_plan, write_hf_data
+from .formats.hf import FP8Export, finish_hf, hf_plan, write_hf_data
 from .formats.legacy import legacy_plan, write_legacy
 from .formats.mcore_common import ASSETS_DIR, iteration_name, write_tracker
 from .formats.torch_dist_writer import dist_plan, finish_torch_dist, write_dist_data
@@ -29,8 +28,9 @@ from .write_plan import Fast, Progress, Read, WriteJob, WritePlan
 
 def plan_output(spec: ModelSpec, planned: Sequence[PlannedTensor], fmt: str, dtype: torch.dtype,
                 layout: ParallelLayout, margs: dict[str, Any] | None, spec_name: str, iteration: int | None,
-                max_shard_bytes: int, fp8: BlockFP8 | None, workers: int = 1, carried: Carried | None = None) -> WritePlan:
-    """The write plan of a ``fmt`` ("hf", "torch_dist", "torch") output, for ``workers`` writers.
+                max_shard_bytes: int, fp8: FP8Export | None, workers: int = 1, carried: Carried | None = None) -> WritePlan:
+    """The write plan of a ``fmt`` ("hf", "torch_dist", "torch") output, for ``workers`` writers (``fp8``:
+    an HF output's FP8 export, `formats.hf.fp8_export`).
     ``carried``: the tensors the mapping carries unchanged (see `formats.carried`), written when finishing."""
     if fmt == "hf":
         return hf_plan(spec, planned, dtype, max_shard_bytes, fp8, carried)

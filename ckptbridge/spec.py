@@ -121,17 +121,19 @@ class ModelSpec:
     def for_source(self, present: set[str]) -> "ModelSpec":
         """This spec, or `without_mtp` when the mapping makes MTP optional and ``present`` (the
         source's tensor names) holds none of the MTP blocks' HF tensors. Partly present MTP blocks
-        stay expected, so the strict checks name what is missing."""
+        stay expected, so the strict checks name what is missing. Only the MTP blocks are planned
+        here: the source plans the whole model once, with the spec this returns."""
         mtp = self.mapping.mtp
         if not (mtp and mtp.optional and self.mtp_depth):
             return self
+        rules = self.rules()
         names: set[str] = set()
-        for pt in self.planned():
-            if pt.mtp is not None:
-                names.update(pt.hf_names)
-                for alt in pt.rule.alternatives:
-                    names.update(alt.hf_names(pt.hf_layer, pt.expert, pt.mtp))
-            names.update(pt.hf_copies)
+        for pt in self._mtp_blocks(rules):
+            names.update(pt.hf_names)
+            for alt in pt.rule.alternatives:
+                names.update(alt.hf_names(pt.hf_layer, pt.expert, pt.mtp))
+        for r in rules:  # the copies first/last tensors keep in each MTP block (mtp_copies: first/last rules only)
+            names.update(self._copies(r))
         return self if names & present else self.without_mtp()
 
     def rules(self) -> list[TensorRule]:
@@ -150,11 +152,7 @@ class ModelSpec:
                     out += [self._plan(r, layer, e) for e in range(experts)]
                 else:
                     out.append(self._plan(r, layer))
-        for depth in range(self.mtp_depth):  # megatron keeps MTP blocks after the decoder, on the last stage
-            for r in rules:
-                if r.place == "mtp":
-                    out += ([self._plan(r, None, e, depth) for e in range(experts)] if r.per_expert
-                            else [self._plan(r, None, None, depth)])
+        out += self._mtp_blocks(rules)  # megatron keeps MTP blocks after the decoder, on the last stage
         out += [self._plan(r, None) for r in rules if r.place == "last"]
         if not self.stacked or self.mtp_depth:
             hf_all = [n for pt in out if not pt.rule.shared or not pt.expert  # a fused-experts tensor: once
@@ -164,6 +162,22 @@ class ModelSpec:
                     dup = next(n for n in names if names.count(n) > 1)
                     raise MappingError(f"{self.mapping.source}: {side} tensor {dup!r} is produced by two rules")
         return out
+
+    def _mtp_blocks(self, rules: list[TensorRule]) -> list[PlannedTensor]:
+        """The MTP blocks' tensors, block by block."""
+        experts = int(self.args.get("num_moe_experts") or 0)
+        out: list[PlannedTensor] = []
+        for depth in range(self.mtp_depth):
+            for r in rules:
+                if r.place == "mtp":
+                    out += ([self._plan(r, None, e, depth) for e in range(experts)] if r.per_expert
+                            else [self._plan(r, None, None, depth)])
+        return out
+
+    def _copies(self, rule: TensorRule) -> tuple[str, ...]:
+        """The HF names of ``rule``'s copies in the MTP blocks (``mtp_copies``, one per block)."""
+        return tuple(c.replace("{L}", str(self.num_layers + d)).replace("{M}", str(d))
+                     for d in range(self.mtp_depth) for c in rule.mtp_copies)
 
     def extra_states(self) -> list[ExtraStateAt]:
         """Every (module, global layer, global expert, MTP depth) whose empty ``_extra_state`` MCore saves."""
@@ -188,8 +202,7 @@ class ModelSpec:
     def _plan(self, rule: TensorRule, layer: int | None, expert: int | None = None, mtp: int | None = None) -> PlannedTensor:
         shapes = tuple(rule.hf_shapes(self.args))
         hf_layer = self.num_layers + mtp if mtp is not None else layer
-        copies = tuple(c.replace("{L}", str(self.num_layers + d)).replace("{M}", str(d))
-                       for d in range(self.mtp_depth) for c in rule.mtp_copies)
+        copies = self._copies(rule)
         return PlannedTensor(
             rule=rule,
             layer=layer,

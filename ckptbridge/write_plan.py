@@ -6,6 +6,23 @@ and then used by everything that must agree on it: the split of the data files a
 writer will ask for), the writer (which walks ``steps``) and the finishing step (index files). A
 writer is a storage back-end of this plan: it lays out and fills the files the plan names, and never
 decides placement or order itself.
+
+Byte placement (``Step.at``: each tensor byte region's data file, offset, length) is in the plan where
+shapes decide it: HF (each shard's safetensors header is laid out from its entries,
+`safetensors_io.lay_out`) and torch_dist (items follow each other in plan order, each framed by the
+``torch.save`` record of its shape and dtype, which does not depend on where the item sits; the
+``.metadata`` index is the plan's, `torch_dist_writer.planned_storage`, and the writers check they
+put every item there). The legacy format's offsets are not in the plan: a rank file is one
+``torch.save`` of the whole state (model chunks, the Megatron ``args`` namespace, extra states), so
+each tensor's offset follows from pickling that file's whole structure; the writer does that, data
+skipped, when it opens the file (`legacy._lay_out`), so each worker lays out only its own files.
+
+The source side is not in this plan, which is computed from shapes alone so that every worker agrees
+on it without opening the source: the planned tensors come from the source (``source.planned``,
+planned once when it is opened, with the per-tensor resolution its readers use: HF entries,
+torch_dist storage keys, legacy slots), and the source byte runs of tensors whose bytes move
+unchanged (`fastcopy.Spans`, runs of this process's held descriptors) are worked out once per worker
+for its share (`convert.fast_plan`) and reach the writer as ``WriteJob.fast``.
 """
 
 from __future__ import annotations
@@ -13,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,15 +44,25 @@ Fast = Callable[[PlannedTensor], Spans | None]
 Progress = Callable[[int], None]
 
 
+class Region(NamedTuple):
+    """``length`` tensor bytes at ``offset`` of the data file ``file`` (relative to the writer's folder)."""
+
+    file: str
+    offset: int
+    length: int
+
+
 @dataclass(frozen=True)
 class Step:
     """One planned tensor as the writer takes it: the format's placement (``where``: HF entries, torch_dist
-    chunks, a legacy slot) and the tensor bytes it puts in each data file. A tensor written to two places
-    that the writer fills at different times (a legacy replica on another stage) has two steps."""
+    chunks, a legacy slot), the tensor bytes it puts in each data file and, where the format's layout is
+    known from shapes (HF, torch_dist), the byte regions they fill (``at``). A tensor written to two
+    places that the writer fills at different times (a legacy replica on another stage) has two steps."""
 
     pt: PlannedTensor
     where: Any
     sizes: tuple[tuple[str, int], ...]  # (data file, tensor bytes this step puts there)
+    at: tuple[Region, ...] = ()  # where those bytes go, in writing order (legacy: decided by torch, see WritePlan)
 
     @property
     def files(self) -> frozenset[str]:

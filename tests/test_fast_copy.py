@@ -68,7 +68,7 @@ def byte_runs(mcore: Path) -> int:
     source = open_source(mcore, "mcore", None, None)
     try:
         source.verify()
-        return len(fast_plan(source, Target("hf"), source.spec.planned(), source.dtype, None))
+        return len(fast_plan(source, Target("hf"), list(source.planned), source.dtype, None))
     finally:
         source.close()
 

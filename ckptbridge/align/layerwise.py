@@ -105,7 +105,7 @@ class McoreTensors:
 
         self.source = open_source(iter_dir, "mcore")
         self.by_name = {pt.rule.mcore_name(pt.layer, "local", getattr(pt, "expert", None)): pt
-                        for pt in self.source.spec.planned()}
+                        for pt in self.source.planned}
 
     def __call__(self, name: str) -> torch.Tensor:
         return self.source.read(self.by_name[name])

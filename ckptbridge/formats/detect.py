@@ -21,6 +21,8 @@ class Source(Protocol):
     format: str
     spec: ModelSpec
     dtype: torch.dtype
+    planned: tuple[PlannedTensor, ...]  # ``spec.planned()``, computed once when the source is opened
+
 
     def verify(self) -> None: ...
     def read(self, pt: PlannedTensor) -> torch.Tensor: ...

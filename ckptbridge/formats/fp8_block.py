@@ -26,7 +26,7 @@ import torch
 from ..errors import FormatError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
-    from ..spec import ModelSpec
+    from ..spec import ModelSpec, PlannedTensor
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -179,14 +179,15 @@ def _not_converted(module: str, patterns: Sequence[str]) -> bool:
                for p in patterns)
 
 
-def quantized_names(spec: "ModelSpec", fmt: BlockFP8) -> set[str]:
+def quantized_names(spec: "ModelSpec", fmt: BlockFP8, planned: Sequence[PlannedTensor]) -> set[str]:
     """HF tensors an FP8 export stores as e4m3 + scales: every 2-D ``*.weight`` of a decoder layer or
     MTP block (what DeepSeek's and Qwen's FP8 checkpoints quantize), except the mapping's ``fp8_keep``
-    (routers) and the config's ``modules_to_not_convert``. Global tensors (embedding, head) stay."""
+    (routers) and the config's ``modules_to_not_convert``. Global tensors (embedding, head) stay.
+    ``planned``: the spec's planned tensors (the source's, planned once)."""
     keep = set(spec.mapping.fp8_keep)
     skip = list(fmt.config.get("modules_to_not_convert") or [])
     out: set[str] = set()
-    for pt in spec.planned():
+    for pt in planned:
         if pt.rule.place not in ("layer", "mtp"):
             continue
         for template, name, shape in zip(pt.rule.hf, pt.hf_names, pt.hf_shapes):

@@ -21,19 +21,20 @@ from ..fastcopy import Run, Spans, compose, hf_spans, row_moving, unit_runs
 from ..fileio import copy_file, write_text
 from ..hf_config import config_dtype, read_config, with_dtype
 from ..spec import ModelSpec, PlannedTensor
-from ..write_plan import Step, WriteJob, WritePlan, file_plan
+from ..write_plan import Region, Step, WriteJob, WritePlan, file_plan
 from .fp8_block import BlockFP8, check_pair, dequantize, export_layout, parse_quantization, quantize, quantized_names, scale_name
 from .fp8_block import E4M3, SCALE_SUFFIX
 from .hf_ignored import planned_ignores, verify_ignored
 from .carried import Carried, from_hf_files
 from ..mapping.ignore import carried_name
 from ..transforms import TRANSFORMS, Pipeline, Shape
-from .safetensors_io import SafetensorsFile, SafetensorsWriter
+from .safetensors_io import SafetensorsFile, SafetensorsWriter, lay_out
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+METADATA = {"format": "pt"}  # every shard's __metadata__, as transformers writes it
 
 
 def asset_files(folder: Path) -> list[Path]:
@@ -100,12 +101,15 @@ class HFSource:
             raise FormatError(f"{self.folder}: no {SINGLE} or {INDEX}{hint}")
         # optional tensor groups (MTP blocks) that the folder lacks entirely are not part of the model
         self.spec = ModelSpec.from_hf_config(self.raw_config).for_source(set(self.where))
+        # the conversion's planned tensors, computed once: verification, the write plan and the readers use them
+        self.planned: tuple[PlannedTensor, ...] = tuple(self.spec.planned())
         dtypes = {e.dtype for f in self.files.values() for e in f.entries.values()}
         self.dtype = config_dtype(self.raw_config) if len(dtypes) != 1 else dtypes.pop()
         self.dtype = self.dtype or torch.float32
         if self.fp8 is not None:  # dequantized weights: the config's dtype (that of the unquantized tensors)
             self.dtype = config_dtype(self.raw_config) or torch.bfloat16
-        self.layouts: dict[str, _Layout] = {}  # planned MCore name -> the HF layout this folder holds
+        # planned MCore name -> the HF entries this folder holds for it (what `read` and `spans` read)
+        self.layouts: dict[str, _Layout] = {pt.mcore: self._layout(pt) for pt in self.planned}
         self.scaled: set[str] = set()  # FP8 weights stored with a block-scale tensor, dequantized when read
         self.notes: tuple[str, ...] = ()
         self.carried: Carried | None = None  # what the mapping's carry names (set by verify; None: no carry)
@@ -124,14 +128,12 @@ class HFSource:
 
     def verify(self) -> None:
         expected: dict[str, tuple[int, ...]] = {}
-        planned = self.spec.planned()
-        self.layouts = {pt.mcore: self._layout(pt) for pt in planned}
-        for pt in planned:
+        for pt in self.planned:
             layout = self.layouts[pt.mcore]
             expected.update(zip(layout.names, layout.shapes))
             for name in pt.hf_copies:
                 expected[name] = pt.hf_shapes[0]
-        ignored = planned_ignores(self.spec)
+        ignored = planned_ignores(self.spec, self.planned)
         self.scaled = self._check_scales(expected)
         carry = self.spec.mapping.carry
         carried = sorted(t for t in self.where if t not in expected and carried_name(t, carry))
@@ -180,7 +182,7 @@ class HFSource:
         """What an ``--hf-dtype fp8-block`` export of this model would quantize differently from this folder."""
         assert self.fp8 is not None
         source = set(self.scaled)
-        policy = set(quantized_names(self.spec, self.fp8))
+        policy = set(quantized_names(self.spec, self.fp8, self.planned))
         out = [f"FP8 block-scaled source (block {list(self.fp8.block)}): {len(self.scaled)} weights dequantized"]
         if source != policy:
             extra, kept = sorted(policy - source), sorted(source - policy)
@@ -266,13 +268,23 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 HFEntry = tuple[str, torch.dtype, tuple[int, ...]]
 
 
+@dataclass(frozen=True)
+class FP8Export:
+    """An ``--hf-dtype fp8-block`` output's part of its write plan: the block layout and the HF
+    tensors stored as e4m3 + scales (decided once, with the plan)."""
+
+    fmt: BlockFP8
+    quantized: frozenset[str]
+
+
 def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtype,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fp8: BlockFP8 | None = None, carried: Carried | None = None) -> WritePlan:
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fp8: FP8Export | None = None,
+            carried: Carried | None = None) -> WritePlan:
     """The safetensors files an HF output has, in order, with each planned tensor's HF entries (name,
     dtype, shape; an FP8 weight brings its scale) as its step's ``where`` = (shard, entries): from shapes
-    alone, so workers agree on it. Carried tensors (a vision tower) fill one more file, the last
-    (`carried_shard`), written when the output is finished."""
-    quantized = quantized_names(spec, fp8) if fp8 is not None else set()
+    alone, so workers agree on it. ``fp8`` (`fp8_export`), the plan's ``detail``: the FP8 layout written. Carried
+    tensors (a vision tower) fill one more file, the last (`carried_shard`), written when the output is finished."""
+    quantized = fp8.quantized if fp8 is not None else frozenset()
 
     def layout(pt: PlannedTensor) -> list[HFEntry]:
         out: list[HFEntry] = []
@@ -281,7 +293,7 @@ def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtyp
         for name, shape in [*zip(pt.hf_names, pt.hf_shapes), *((c, pt.hf_shapes[0]) for c in pt.hf_copies)]:
             if name in quantized:
                 assert fp8 is not None
-                out += [(name, E4M3, shape), (scale_name(name), torch.float32, fp8.scale_shape(shape))]
+                out += [(name, E4M3, shape), (scale_name(name), torch.float32, fp8.fmt.scale_shape(shape))]
             else:
                 out.append((name, pt.dtype(dtype), shape))
         return out
@@ -297,9 +309,13 @@ def hf_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], dtype: torch.dtyp
         groups[-1].append((pt, entries, nbytes))
         size += nbytes
     names = shard_names(len(groups) + _has(carried))[:len(groups)]
-    steps = tuple(Step(pt, (name, entries), ((name, nbytes),)) for name, group in zip(names, groups)
-                  for pt, entries, nbytes in group)
-    return WritePlan("hf", spec, dtype, steps, file_plan(steps, names), detail=fp8, carried=carried)
+    steps = []
+    for name, group in zip(names, groups):  # each shard's header from its entries: every tensor's offset known now
+        offsets = iter(lay_out([e for _, entries, _ in group for e in entries], METADATA).offsets)
+        for pt, entries, nbytes in group:
+            at = tuple(Region(name, next(offsets), math.prod(shape) * dt.itemsize) for _, dt, shape in entries)
+            steps.append(Step(pt, (name, entries), ((name, nbytes),), at))
+    return WritePlan("hf", spec, dtype, tuple(steps), file_plan(steps, names), detail=fp8, carried=carried)
 
 
 def shard_names(count: int) -> list[str]:
@@ -324,10 +340,12 @@ def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
     """Write the safetensors shards of ``job.share``. With an FP8 layout in the plan (``--hf-dtype
     fp8-block``) the weights `fp8_block.quantized_names` picks are stored as e4m3 + fp32 block scales.
     A tied model's head is never written, as transformers' ``save_pretrained`` does not write it."""
-    spec, fp8 = plan.spec, plan.detail
-    quantized = quantized_names(spec, fp8) if fp8 is not None else set()
+    spec, export = plan.spec, plan.detail
+    fp8, quantized = (export.fmt, export.quantized) if export is not None else (None, frozenset())
     for fname, group in _shards(plan.mine(job.share)):
-        with SafetensorsWriter(job.folder / fname, [e for s in group for e in s.where[1]], {"format": "pt"}) as writer:
+        with SafetensorsWriter(job.folder / fname, [e for s in group for e in s.where[1]], METADATA) as writer:
+            if writer.layout.offsets != tuple(r.offset for s in group for r in s.at):
+                raise PlanError(f"{job.folder / fname}: laid out otherwise than its write plan")
             slots: list[torch.Tensor] = []  # a fused-experts tensor's slots so far (one layer of one rule)
             for step in group:
                 pt = step.pt
@@ -366,7 +384,7 @@ def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
 def finish_hf(plan: WritePlan, out: Path, assets: list[Path], kernel_copy: bool = True) -> None:
     """Once every shard is written: the assets, the index (when sharded) and config.json, last. Without
     an FP8 layout, any quantization_config the model carried is dropped (the weights are not quantized)."""
-    spec, dtype, fp8 = plan.spec, plan.dtype, plan.detail
+    spec, dtype, fp8 = plan.spec, plan.dtype, plan.detail.fmt if plan.detail is not None else None
     for asset in assets:
         copy_file(asset, out / asset.name)
     extra = carried_shard(plan)
@@ -399,9 +417,10 @@ def _expert_slot(pt: PlannedTensor, canonical: torch.Tensor, args: dict) -> torc
     return Pipeline(steps).to_hf(canonical, args, [tuple(pt.hf_shapes[0][1:])])[0]
 
 
-def fp8_export(spec: ModelSpec) -> tuple[BlockFP8, set[str]]:
-    """``--hf-dtype fp8-block``: the layout written (the model's own, else 128 x 128) and the planned
-    MCore tensors that must reach `write_hf` in full precision (one of their HF tensors is quantized)."""
+def fp8_export(spec: ModelSpec, planned: Sequence[PlannedTensor]) -> tuple[FP8Export, set[str]]:
+    """``--hf-dtype fp8-block``: the layout written (the model's own, else 128 x 128, and the HF tensors
+    it quantizes) and the ``planned`` MCore tensors that must reach `write_hf` in full precision (one of
+    their HF tensors is quantized)."""
     fmt = export_layout(spec.hf_config)
-    quantized = quantized_names(spec, fmt)
-    return fmt, {pt.mcore for pt in spec.planned() if quantized & {*pt.hf_names, *pt.hf_copies}}
+    quantized = frozenset(quantized_names(spec, fmt, planned))
+    return FP8Export(fmt, quantized), {pt.mcore for pt in planned if quantized & {*pt.hf_names, *pt.hf_copies}}

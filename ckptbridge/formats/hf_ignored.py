@@ -9,7 +9,7 @@ stored head as large as the embedding costs no memory beyond a chunk.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +18,21 @@ import torch
 from .. import expr
 from ..errors import PlanError
 from ..mapping.ignore import IgnoreRule
-from ..spec import ModelSpec
+from ..spec import ModelSpec, PlannedTensor
 from .safetensors_io import SafetensorsFile, read_into
 
 CHUNK_BYTES = 64 * 2**20
 
 
-def planned_ignores(spec: ModelSpec) -> dict[str, tuple[IgnoreRule, int | None]]:
+def planned_ignores(spec: ModelSpec, planned: Sequence[PlannedTensor]) -> dict[str, tuple[IgnoreRule, int | None]]:
     """Concrete droppable names of this model -> (rule, layer). A name that is also a planned weight
-    (conflicting rules) is a mapping error, not something to guess about."""
+    (conflicting rules) is a mapping error, not something to guess about. ``planned``: the spec's
+    planned tensors (the source's, planned once)."""
     out: dict[str, tuple[IgnoreRule, int | None]] = {}
     for rule in spec.mapping.ignore:
         if rule.applies(spec.args):
             out.update({name: (rule, layer) for name, layer in rule.names(spec.num_layers)})
-    weights = {n for pt in spec.planned() for n in (*pt.hf_names, *pt.hf_copies)}
+    weights = {n for pt in planned for n in (*pt.hf_names, *pt.hf_copies)}
     both = sorted(set(out) & weights)
     if both:
         raise PlanError(f"{spec.mapping.source}: {both[0]!r} is both ignored and a weight under this config")

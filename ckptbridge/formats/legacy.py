@@ -346,7 +346,9 @@ class LegacySource:
         self.meta = {rank: (head if path == first_path else safe_load(path, map_location="meta"))
                      for rank, path in self.paths.items()}
         self.dtype = self._dtype()
-        self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")))
+        # the conversion's planned tensors, computed once: verification, the write plan and `read` use them
+        self.planned: tuple[PlannedTensor, ...] = tuple(self.spec.planned())
+        self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")), self.planned)
         # tensors the mapping carries unchanged (a vision tower; see `carried`), None when the folder has none
         self.carried, self._carried_file = open_sidecar(self.iter_dir, self.spec.mapping.carry)
 

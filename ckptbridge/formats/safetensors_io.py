@@ -139,26 +139,46 @@ def _entries(header: object, path: Path, base: int, size: int) -> tuple[dict[str
     return entries, metadata
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A safetensors file laid out from its tensor list alone: the header bytes (length prefix included),
+    where each tensor's bytes start, and the finished file's size."""
+
+    header: bytes
+    offsets: tuple[int, ...]  # absolute, one per entry, in entry order
+    size: int
+
+
+def lay_out(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> Layout:
+    """The layout the writer gives these entries (in order): shapes decide every byte's place, so a
+    write plan knows each tensor's offset before any file is opened."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    starts = []
+    for name, dtype, shape in entries:
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        starts.append(offset)
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+    base = 8 + len(blob)
+    return Layout(struct.pack("<Q", len(blob)) + blob, tuple(base + o for o in starts), base + offset)
+
+
 class SafetensorsWriter:
-    """Writes a safetensors file whose tensor list is known before any data is."""
+    """Writes a safetensors file whose tensor list is known before any data is (see `lay_out`)."""
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
         self.path = Path(path)
-        header: dict[str, object] = {"__metadata__": metadata}
-        offset = 0
         self._order: list[tuple[str, torch.dtype, tuple[int, ...]]] = list(entries)
-        for name, dtype, shape in self._order:
-            nbytes = dtype.itemsize
-            for d in shape:
-                nbytes *= d
-            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
-        self.size = 8 + len(blob) + offset  # what the finished file must hold
+        self.layout = lay_out(self._order, metadata)
+        self.size = self.layout.size  # what the finished file must hold
         self._file = CheckedFile(self.path)
         try:
-            self._file.write(struct.pack("<Q", len(blob)) + blob)
+            self._file.write(self.layout.header)
         except BaseException:
             self._file.close()
             raise

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,10 +126,12 @@ LOCAL_DIST_NAMES = {"." + local + "weight": "." + LOCAL_TO_TE_LAYER_KEYS[local] 
                     for local in ("pre_mlp_layernorm.",)}  # TE suffix -> local suffix
 
 
-def _with_spec_names(md: Metadata, spec: ModelSpec) -> Metadata:
-    """``md`` with local-spec keys renamed to the TE names the mapping expects, where the TE name is
-    expected, absent, and its local twin is not itself expected (in a dense layer it is the TE name)."""
-    expected = {key for pt in spec.planned() for key in key_names(pt, spec.stacked)}
+def _with_spec_names(md: Metadata, spec: ModelSpec, planned: Sequence[PlannedTensor]) -> Metadata:
+    """``md`` with local-spec keys renamed to the TE names the mapping expects (the storage keys of
+    ``planned``), where the TE name is expected, absent, and its local twin is not itself expected (in a
+    dense layer it is the TE name)."""
+    stacked = spec.stacked
+    expected = {key for pt in planned for key in key_names(pt, stacked)}
     renames = {}
     for te in expected - set(md.state_dict_metadata):
         for te_suffix, local_suffix in LOCAL_DIST_NAMES.items():
@@ -183,9 +186,11 @@ class TorchDistSource:
         self.common = CommonState.read(self.iter_dir / "common.pt", options)
         self.spec, self.margs = self.common.spec, self.common.margs
         self._stacked = self.spec.stacked  # derived from the rules each time it is asked: once per source
+        # the conversion's planned tensors, computed once: verification, the write plan and `read` use them
+        self.planned: tuple[PlannedTensor, ...] = tuple(self.spec.planned())
         self.layout = ParallelLayout.from_args(self.margs)
         self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
-        self.metadata = _with_spec_names(read_metadata(self.iter_dir), self.spec)
+        self.metadata = _with_spec_names(read_metadata(self.iter_dir), self.spec, self.planned)
         self.chunks: dict[str, list[_Chunk]] = {}
         for index, info in self.metadata.storage_data.items():
             self.chunks.setdefault(index.fqn, []).append(_Chunk(tuple(index.offset or ()), (), info))
@@ -211,8 +216,8 @@ class TorchDistSource:
         return SkippedState(len(keys), size, kinds)
 
     def verify(self) -> None:
-        stacked = self.spec.stacked
-        expected = {key: shape for pt in self.spec.planned() for key, _, shape in part_keys(pt, self.margs, stacked)}
+        stacked = self._stacked
+        expected = {key: shape for pt in self.planned for key, _, shape in part_keys(pt, self.margs, stacked)}
         where = self.iter_dir / ".metadata"
         for key, md in self.metadata.state_dict_metadata.items():
             if is_training_state(key) or is_extra_state(key):

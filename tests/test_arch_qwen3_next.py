@@ -107,6 +107,38 @@ def test_offset_that_would_round_a_norm_weight_is_refused(tiny: Path, tmp_path: 
     assert "model.layers.0.linear_attn.norm.weight" in r.output and "offset by -1 is not exact" in r.output
 
 
+def test_export_of_a_trained_out_norm_rounds_only_when_asked(tiny: Path, tmp_path: Path) -> None:
+    """A Megatron-trained delta-net out_norm (zero-centred: small values w') exported to bf16 needs w' + 1, which
+    bf16 cannot hold for most w': refused naming the tensor and the way out; exact at --dtype float32; rounded with
+    --allow-rounding, with a note of how much."""
+    mcore = tmp_path / "mcore"
+    convert_cli(tiny, mcore, "--format", "torch", "--dtype", "bfloat16")
+    path = mcore / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    ckpt = torch.load(path, weights_only=False)
+    key = GDN + "out_norm.weight"
+    trained = (torch.randn(ckpt["model"][key].shape, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    ckpt["model"][key] = trained
+    torch.save(ckpt, path)
+
+    def export(*args: str) -> tuple[int, str]:
+        out = tmp_path / f"hf{len(args)}"
+        r = CliRunner().invoke(main, ["convert", "--src", "mcore", "--dst", "hf", *args, str(mcore), str(out)])
+        return r.exit_code, r.output
+
+    code, output = export()
+    assert code == 2 and key in output and "model.layers.0.linear_attn.norm.weight" in output, output
+    assert "--allow-rounding" in output and "--dtype float32" in output, output
+    code, output = export("--dtype", "float32")
+    assert code == 0, output
+    exact = load_file(tmp_path / "hf2" / "model.safetensors")["model.layers.0.linear_attn.norm.weight"]
+    assert torch.equal(exact - 1, trained.float())  # every bf16 w' + 1 is a float32
+    code, output = export("--allow-rounding")
+    assert code == 0 and "rounded by an offset step" in output and "--allow-rounding" in output, output
+    rounded = load_file(tmp_path / "hf1" / "model.safetensors")["model.layers.0.linear_attn.norm.weight"]
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, (trained.float() + 1).bfloat16())
+    assert (rounded.float() - 1 - trained.float()).abs().max() <= 2 ** -8  # half a bf16 step at 1
+
+
 def test_hub_mtp_tensors_are_refused_by_name(tiny: Path, tmp_path: Path) -> None:
     src = tmp_path / "hf"
     src.mkdir()

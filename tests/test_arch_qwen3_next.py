@@ -9,8 +9,10 @@ what transformers' Qwen3NextGatedDeltaNet computes (per-part split), and with a 
 tensor (``shard: column``) it computes nonsense while that mapping's round trip is still bit-exact. megatron-core's
 SelfAttention with attention_output_gate splits the gated linear_qkv shards into HF's query, gate, key and value.
 
-Not checked here: megatron-core's whole GPTModel on these files (its delta-net block spec is TE-only on 0.16.1:
-zero-centred norms, the input norm fused into in_proj); tests/test_plan_check.py skips this family for that reason."""
+The whole model: ckptbridge's torch_dist (TP2 x PP2 x EP2) loads into megatron-core's hybrid GPTModel (built from
+local modules by ckptbridge/mcore/hybrid.py) at TP2 and TP1, legacy TP2 with TE and local names, fp32 logits equal
+transformers' at 160 positions; a trained zero-centred out_norm exports exactly at --dtype float32, rounded only
+with --allow-rounding."""
 
 from __future__ import annotations
 
@@ -177,9 +179,9 @@ def test_list_architectures() -> None:
 
 # --- structure against megatron-core's own save ------------------------------------------------------------------
 def _megatron_gdn(world: int, zero_centred: bool = False):
-    """megatron-core's GatedDeltaNet at the tiny preset's sizes, TP ``world`` (in a worker). It refuses to build
-    without flash-linear-attention (HAVE_FLA) though its torch kernel (deterministic_mode) needs only fla's l2norm,
-    given here in torch: x / sqrt(sum x^2 + 1e-6), fla's and HF's formula."""
+    """megatron-core's GatedDeltaNet at the tiny preset's sizes, TP ``world`` (in a worker). Built without
+    flash-linear-attention by compat P14 (applied when ckptbridge.mcore.model is imported: its torch kernel, fla's
+    l2norm in torch)."""
     import megatron.core.ssm.gated_delta_net as gdn
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -188,7 +190,6 @@ def _megatron_gdn(world: int, zero_centred: bool = False):
 
     from ckptbridge.mcore import model as mm
 
-    gdn.HAVE_FLA, gdn.l2norm = True, lambda x: x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
     mm.init_parallel(world, 1)
     cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=4, normalization="RMSNorm",
                             layernorm_epsilon=1e-6, activation_func=F.silu, linear_conv_kernel_dim=KERNEL,

@@ -91,13 +91,13 @@ def assert_legacy_matches_hf(src: Path, work: Path, tokens: torch.Tensor, spec: 
     return err
 
 
-def assert_align_gate_passes(preset: str, out: Path) -> None:
-    """``align`` on the preset passes its default gate, including every long-position probe."""
+def assert_align_gate_passes(preset: str, out: Path, probes: int = 3) -> None:
+    """``align`` on the preset passes its default gate, including every long-position probe (``probes`` of them:
+    three below a 32k+ context, fewer for a shorter one)."""
     code, output, summary = align_preset(preset, out)
     assert code == 0 and "gate: passed" in output, output
-    probes = probe_max_abs(summary)
-    assert len(probes) == 3 and all(v <= ATOL for v in probes.values()), probes
-
+    found = probe_max_abs(summary)
+    assert len(found) == probes and all(v <= ATOL for v in found.values()), found
 
 def assert_broken_mapping_fails_gate(preset: str, family: str, work: Path, old: str, new: str) -> None:
     """The family's file with ``old`` replaced by ``new`` (a signature bug) fails ``align``'s logits gate."""

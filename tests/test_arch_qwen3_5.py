@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from arch_checks import LAYOUTS, assert_legacy_matches_hf, assert_megatron_matches_hf, round_trip
+from arch_checks import LAYOUTS, assert_align_gate_passes, assert_legacy_matches_hf, assert_megatron_matches_hf, round_trip
 from ckptbridge.presets import build_tiny_hf, convertible_config, load_preset
 from mcore_runner import run_distributed
 from refusals import assert_refused
@@ -55,6 +55,11 @@ def test_megatron_loads_converted_checkpoint_at_another_layout(tiny: dict[str, P
 @pytest.mark.parametrize("preset,spec", [("qwen3.5-text", "local"), ("qwen3.5-moe-text", "te")])
 def test_legacy_tp2_loads_into_megatron(tiny: dict[str, Path], tmp_path: Path, preset: str, spec: str) -> None:
     assert_legacy_matches_hf(tiny[preset], tmp_path, tokens_for(tiny[preset]), spec)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_align_gate_passes(tmp_path: Path, preset: str) -> None:
+    assert_align_gate_passes(preset, tmp_path, probes=2)  # the class defaults' 32768 positions: probes at 8k, 16k
 
 
 @pytest.mark.parametrize("arch", ["Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from arch_checks import LAYOUTS, assert_legacy_matches_hf, assert_megatron_matches_hf, broken_copy, round_trip
+from arch_checks import LAYOUTS, assert_align_gate_passes, assert_legacy_matches_hf, assert_megatron_matches_hf, broken_copy, round_trip
 from ckptbridge.cli import main
 from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.formats.torch_dist import read_metadata
@@ -109,6 +109,11 @@ def test_megatron_loads_converted_checkpoint_at_another_layout(tiny: Path, tmp_p
 @pytest.mark.parametrize("spec", ["te", "local"])
 def test_legacy_tp2_loads_into_megatron(tiny: Path, tmp_path: Path, spec: str) -> None:
     assert_legacy_matches_hf(tiny, tmp_path, tokens_for(tiny), spec)
+
+
+def test_align_gate_passes(tmp_path: Path) -> None:
+    """``align --random-init --layers 2 --shrink`` (a delta-net and a full-attention layer) passes its default gate."""
+    assert_align_gate_passes(PRESET, tmp_path)
 
 
 def test_offset_that_would_round_a_norm_weight_is_refused(tiny: Path, tmp_path: Path) -> None:

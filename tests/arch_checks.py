@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from ckptbridge.cli import main
+from ckptbridge.harness.checkpoint_args import checkpoint_args
 from ckptbridge.formats.legacy import FILE, rank_dir_name
 from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.layout import ParallelLayout
@@ -44,9 +45,7 @@ def megatron_logits(rank: int, world: int, iter_dir: str, tp: int, tokens: torch
     """Logits of megatron-core's GPTModel built from the checkpoint's own args at TP ``tp`` (PP 1, experts: EP 1 and
     expert TP ``tp``, whatever was written), loaded from its torch_dist files; ``arg_changes`` set args first (to
     show a setting matters). Runs in a worker."""
-    args = safe_load(Path(iter_dir) / "common.pt")["args"]
-    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, 1
-    args.expert_model_parallel_size, args.expert_tensor_parallel_size = 1, tp
+    args = checkpoint_args(iter_dir, tp, 1, 1, tp)  # the written layout (EP, expert TP) must not leak into the load
     for key, value in arg_changes.items():
         setattr(args, key, value)
     mm.init_parallel(tp, 1, seed=100 + rank, ep=1, etp=tp)

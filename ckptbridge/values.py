@@ -83,7 +83,7 @@ class ValueChecks:
                  for n, a, b in self.nonfinite]
         r = self.rounded
         if r.values:
-            notes.append(f"{r.values} values of {r.tensors} tensors rounded by an offset step (largest change "
+            notes.append(f"{r.values} value(s) in {r.tensors} tensor(s) rounded by an offset step (largest change "
                          f"{r.max_error:.3g}; --allow-rounding)")
         return tuple(notes)
 

@@ -118,7 +118,7 @@ def test_align_gate_passes(tmp_path: Path) -> None:
 
 def test_offset_that_would_round_a_norm_weight_is_refused(tiny: Path, tmp_path: Path) -> None:
     """megatron stores the delta-net output norm zero-centred (w - 1): a weight w - 1 cannot hold exactly is
-    refused naming the tensor, not rounded."""
+    refused naming the tensor and the way out, not rounded; --allow-rounding rounds it with a note."""
     src = tmp_path / "hf"
     src.mkdir()
     for f in tiny.iterdir():
@@ -129,6 +129,9 @@ def test_offset_that_would_round_a_norm_weight_is_refused(tiny: Path, tmp_path: 
     r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", str(src), str(tmp_path / "out")])
     assert r.exit_code == 2, r.output
     assert "model.layers.0.linear_attn.norm.weight" in r.output and "offset by -1 is not exact" in r.output
+    assert "--allow-rounding" in r.output and not (tmp_path / "out").exists()
+    r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", "--allow-rounding", str(src), str(tmp_path / "out")])
+    assert r.exit_code == 0 and "1 value(s) in 1 tensor(s) rounded by an offset step" in r.output, r.output
 
 
 def test_export_of_a_trained_out_norm_rounds_only_when_asked(tiny: Path, tmp_path: Path) -> None:

@@ -126,6 +126,9 @@ def main(mapping_dirs) -> None:
                    "largest shard when it has an index, else 5GB).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists (atomically; never a DST holding files the source reaches).")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert tensors holding NaN/Inf as they are (default: an error naming the tensor).")
+@click.option("--allow-rounding", is_flag=True, help="Let a value-changing mapping step round in the output dtype (the "
+              "zero-centred norm offset of a trained Qwen3-Next/Qwen3.5 exported to bf16), with a note of how much "
+              "(default: an error naming the tensor; --dtype float32 is exact).")
 @click.option("--clean", is_flag=True, help="First remove what interrupted conversions to DST left beside it (.DST.ckptbridge-tmp-*/-old-*).")
 @click.option("--fast-copy/--no-fast-copy", default=True, show_default=True,
               help="Copy tensors whose bytes move unchanged inside the kernel (copy_file_range; pread/pwrite where "
@@ -138,8 +141,8 @@ def main(mapping_dirs) -> None:
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
 def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
-            hf_dtype, vocab_divisible_by, dst_iteration, check_megatron, max_shard_size, force, allow_nonfinite, clean,
-            fast_copy, workers, quiet, src, dst, iteration, config):
+            hf_dtype, vocab_divisible_by, dst_iteration, check_megatron, max_shard_size, force, allow_nonfinite, allow_rounding,
+            clean, fast_copy, workers, quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
 
     Everything is checked before anything is written: every source tensor must
@@ -189,7 +192,7 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
             warnings.simplefilter("always", MappingWarning)
             result = run(src, dst, src_kind, target, force, _progress_factory(quiet), config, iteration, clean,
-                         allow_nonfinite, team, launcher)
+                         allow_nonfinite, allow_rounding, team, launcher)
         for w in caught:
             if issubclass(w.category, MappingWarning) and str(w.message) not in shown:
                 shown.add(str(w.message))

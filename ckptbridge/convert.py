@@ -108,7 +108,7 @@ def fast_plan(source: Source, target: Target, planned: list[PlannedTensor], dtyp
 def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: bool = False,
             progress_factory: Callable[[int, str], Progress] | None = None, config: ConfigOptions | None = None,
             iteration: int | None = None, clean: bool = False, allow_nonfinite: bool = False,
-            team: Team | None = None, launch: Callable[[Path], None] | None = None) -> ConversionResult:
+            allow_rounding: bool = False, team: Team | None = None, launch: Callable[[Path], None] | None = None) -> ConversionResult:
     """Convert ``src`` into ``dst``; every check runs before the first byte is written. ``config`` and
     ``iteration`` say how to read an MCore source that ckptbridge did not write (see `config_source`).
 
@@ -162,7 +162,8 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
                 share = None if team.size == 1 else assign(plan.files.sizes, team.size)[team.rank]
                 size = total if share is None else sum(plan.files.sizes[f] for f in share)
                 progress = progress_factory(size, f"{source.format} -> {target.format_name}") if progress_factory else (lambda n: None)
-                values = ValueChecks(dtype, explicit=target.dtype is not None, allow_nonfinite=allow_nonfinite)
+                values = ValueChecks(dtype, explicit=target.dtype is not None, allow_nonfinite=allow_nonfinite,
+                                     allow_rounding=allow_rounding)
                 reports, worker_notes = _write_share(team, source, target, output, share, values, full_precision,
                                                      stage.progress(progress, size))
                 notes = _merged(notes, worker_notes)
@@ -208,7 +209,7 @@ def _write_share(team: Team, source: Source, target: Target, output: Output, sha
                 values.check_spans(pt, spans)  # the checks a cast would make, on the mapped source bytes
             return spans
 
-        with closing(Prefetcher(plan.reads(share, spans_of), read_cast)) as read:  # the writer's reads, in order
+        with values.rounding(), closing(Prefetcher(plan.reads(share, spans_of), read_cast)) as read:  # in order
             report = output.write(read, fast, progress, share)
         source.check_unchanged()  # a source modified or replaced while it was read: nothing is installed
     except Exception as exc:  # told to the other ranks first, then raised here

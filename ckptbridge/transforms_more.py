@@ -5,12 +5,16 @@ stores a fused projection group by group (Qwen3-Next's ``in_proj_qkvz``: per key
 becomes each part whole (``[q_all], [k_all], ...``), which MCore concatenates. ``offset`` adds a
 constant (a norm weight stored as ``w`` on one side and ``w - 1`` on the other, megatron's zero-centred
 gamma); it is exact only for some values, so it checks every tensor it changes and refuses, naming the
-count, rather than round a weight.
+count, rather than round a weight -- unless the conversion allows it (``--allow-rounding``: inside
+:func:`rounding_allowed`, which counts what was rounded for the conversion's notes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,11 +81,39 @@ class Deinterleave(Op):
         return f"deinterleave({self.groups}, {[list(p) for p in self.parts]})"
 
 
+@dataclass
+class Rounded:
+    """What allowed roundings changed: tensors, values and the largest absolute change."""
+
+    tensors: int = 0
+    values: int = 0
+    max_error: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, values: int, error: float) -> None:
+        with self._lock:  # the prefetcher's threads read (and transform) tensors concurrently
+            self.tensors, self.values, self.max_error = self.tensors + 1, self.values + values, max(self.max_error, error)
+
+
+_ALLOWED: list[Rounded] = []  # module-wide, not a context variable: the prefetcher's threads must see it
+
+
+@contextmanager
+def rounding_allowed(record: Rounded) -> Iterator[Rounded]:
+    """Inside: an inexact `Offset` rounds (to its input's dtype, as ``x + v`` does) and counts it in ``record``."""
+    _ALLOWED.append(record)
+    try:
+        yield record
+    finally:
+        _ALLOWED.remove(record)
+
+
 class Offset(Op):
     """Add a constant to every tensor (HF's ``x * w`` norm weight -> megatron's zero-centred ``x * (1 + w')``:
     ``offset: -1``); back: subtract it. Floating-point addition is exact only for some values (``w - 1``
     for ``w`` in [0.5, 2]), so each direction checks that the other gives back every bit and raises
-    naming how many values would change: a weight is never silently rounded."""
+    naming how many values would change: a weight is never silently rounded (inside `rounding_allowed`
+    it rounds and counts). A float32 conversion (``--dtype float32``) is exact for any bf16 weight."""
 
     name = "offset"
     #: the load-time proof draws values on a coarse dyadic grid, where an exact offset is exact
@@ -102,8 +134,12 @@ class Offset(Op):
             y = x + v
             if y.dtype != x.dtype or not torch.equal(y - v, x):
                 bad = int((y - v != x).sum())
-                raise MappingError(f"offset by {v:g} is not exact in {x.dtype} for {bad} of {x.numel()} values "
-                                   f"(|values| far from {abs(v):g}); refusing to round the weights")
+                if y.dtype == x.dtype and _ALLOWED:
+                    _ALLOWED[-1].add(bad, float(((y.double() - v) - x.double()).abs().max()))
+                else:
+                    raise MappingError(f"offset by {v:g} is not exact in {x.dtype} for {bad} of {x.numel()} values "
+                                       f"(|values| far from {abs(v):g}); refusing to round the weights: convert "
+                                       "with --dtype float32 (exact) or pass --allow-rounding to round them")
             out.append(y)
         return out
 

@@ -3,12 +3,14 @@
 A conversion that exits 0 must not have changed a value silently: a NaN or Inf in the source is
 reported (an error unless allowed: a model with one usually trained into divergence), a cast that
 overflows (fp32 -> fp16 turns 1e6 into inf) is an error naming the tensor, and a source holding
-tensors of several dtypes is not downcast to one without ``--dtype`` saying so. Each check is one
-pass over a tensor that is in memory anyway.
+tensors of several dtypes is not downcast to one without ``--dtype`` saying so, and a value-changing
+mapping step that would round (``offset``) is an error unless ``--allow-rounding`` (then a note says how
+much was rounded). Each check is one pass over a tensor that is in memory anyway.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ import torch
 
 from .errors import PlanError
 from .spec import PlannedTensor
+from .transforms_more import Rounded, rounding_allowed
 
 if TYPE_CHECKING:
     from .fastcopy import Spans
@@ -29,7 +32,13 @@ class ValueChecks:
     dtype: torch.dtype  # the conversion's dtype
     explicit: bool  # --dtype given: casting every tensor is what the user asked for
     allow_nonfinite: bool = False
+    allow_rounding: bool = False  # --allow-rounding: an inexact offset step rounds, counted in ``rounded``
     nonfinite: list[tuple[str, int, int]] = field(default_factory=list)
+    rounded: Rounded = field(default_factory=Rounded)
+
+    def rounding(self) -> AbstractContextManager[object]:
+        """Around the writing: where rounding is allowed, the mapping steps round and count into ``rounded``."""
+        return rounding_allowed(self.rounded) if self.allow_rounding else nullcontext()
 
     def cast(self, pt: PlannedTensor, tensor: torch.Tensor, to: torch.dtype | None = None) -> torch.Tensor:
         """``to``: read at another dtype than the output's (a tensor an FP8 export quantizes stays fp32)."""
@@ -70,8 +79,13 @@ class ValueChecks:
         self.nonfinite.append((name, bad, 0))
 
     def notes(self) -> tuple[str, ...]:
-        return tuple(f"tensor {n!r} holds {a} NaN and {b} Inf values (converted as they are: --allow-nonfinite)"
-                     for n, a, b in self.nonfinite)
+        notes = [f"tensor {n!r} holds {a} NaN and {b} Inf values (converted as they are: --allow-nonfinite)"
+                 for n, a, b in self.nonfinite]
+        r = self.rounded
+        if r.values:
+            notes.append(f"{r.values} value(s) in {r.tensors} tensor(s) rounded by an offset step (largest change "
+                         f"{r.max_error:.3g}; --allow-rounding)")
+        return tuple(notes)
 
 
 _MINMAX = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # dtypes aminmax takes on CPU

@@ -127,3 +127,24 @@ def test_every_swap_restores_both_models(tmp_path):
     assert all(c.scale_mask_softmax.softmax_in_fp32 for c in runner._models[0].modules() if hasattr(c, "scale_mask_softmax"))
     assert torch.equal(run_hf(hf, tokens, ctx)["logits"], before_hf)
     assert torch.equal(runner.run([McorePass("y", tokens)], ctx)["y"]["logits"], before_mc)
+
+
+def test_hf_attention_block_is_found_from_the_mapping():
+    """align records each HF layer's attention where the mapping puts MCore's self_attention: Qwen3-Next's
+    delta-net layers have ``linear_attn``, its full-attention layers ``self_attn`` (a hard-coded name missed them)."""
+    import transformers as tf
+
+    from ckptbridge.align.hf_sites import hf_attention_modules
+
+    config = tf.Qwen3NextConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=16, intermediate_size=32, num_experts=2,
+                                num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8,
+                                linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"],
+                                architectures=["Qwen3NextForCausalLM"])
+    model = tf.Qwen3NextForCausalLM(config)
+    layers = model.model.layers
+    assert [m is a for m, a in zip(hf_attention_modules(model, layers), (layers[0].linear_attn, layers[1].self_attn))] == [True, True]
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=32, architectures=["LlamaForCausalLM"]))
+    assert hf_attention_modules(llama, llama.model.layers) == [llama.model.layers[0].self_attn]

@@ -2,7 +2,9 @@
 projections stored apart (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a). Tiny models of transformers' own
 config classes (no text-only Qwen3.5 is published: the presets are the class defaults) round-trip bit-exactly at
 TP1, TP2, PP2, TP2xPP2 (and EP2 for the MoE) in both formats; megatron-core's GatedDeltaNet at TP2, given the
-in_proj/conv1d shards ckptbridge writes, computes what transformers' Qwen3_5GatedDeltaNet computes. The
+in_proj/conv1d shards ckptbridge writes, computes what transformers' Qwen3_5GatedDeltaNet computes; the whole
+converted model loads into megatron-core's hybrid GPTModel (torch_dist at another layout, legacy at TP2) with fp32
+logits equal to transformers' at 160 positions. The
 vision-language Qwen3_5*ForConditionalGeneration are refused (mappings/qwen3_5_vl.yaml)."""
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from arch_checks import LAYOUTS, round_trip
+from arch_checks import LAYOUTS, assert_align_gate_passes, assert_legacy_matches_hf, assert_megatron_matches_hf, round_trip
 from ckptbridge.presets import build_tiny_hf, convertible_config, load_preset
 from mcore_runner import run_distributed
 from refusals import assert_refused
-from test_arch_qwen3_next import _gdn_errors, convert_cli
+from test_arch_qwen3_next import _gdn_errors, convert_cli, tokens_for
 
 PRESETS = ["qwen3.5-text", "qwen3.5-moe-text"]
 
@@ -42,6 +44,22 @@ def test_gated_delta_net_tp2_shards_compute_what_hf_computes(tiny: dict[str, Pat
     convert_cli(tiny["qwen3.5-text"], ckpt, "--tp", "2", "--format", "torch")
     for errors in run_distributed(_gdn_errors, 2, str(tiny["qwen3.5-text"]), {"shipped": str(ckpt)}, timeout=300):
         assert errors["shipped"] <= 1e-5, errors
+
+
+@pytest.mark.parametrize("preset,written", [("qwen3.5-text", dict(tp=2, pp=2)), ("qwen3.5-moe-text", dict(pp=2, ep=2))])
+def test_megatron_loads_converted_checkpoint_at_another_layout(tiny: dict[str, Path], tmp_path: Path, preset: str,
+                                                               written: dict[str, int]) -> None:
+    assert_megatron_matches_hf(tiny[preset], tmp_path, tokens_for(tiny[preset]), **written)
+
+
+@pytest.mark.parametrize("preset,spec", [("qwen3.5-text", "local"), ("qwen3.5-moe-text", "te")])
+def test_legacy_tp2_loads_into_megatron(tiny: dict[str, Path], tmp_path: Path, preset: str, spec: str) -> None:
+    assert_legacy_matches_hf(tiny[preset], tmp_path, tokens_for(tiny[preset]), spec)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_align_gate_passes(tmp_path: Path, preset: str) -> None:
+    assert_align_gate_passes(preset, tmp_path, probes=2)  # the class defaults' 32768 positions: probes at 8k, 16k
 
 
 @pytest.mark.parametrize("arch", ["Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"])

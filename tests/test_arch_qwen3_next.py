@@ -9,8 +9,10 @@ what transformers' Qwen3NextGatedDeltaNet computes (per-part split), and with a 
 tensor (``shard: column``) it computes nonsense while that mapping's round trip is still bit-exact. megatron-core's
 SelfAttention with attention_output_gate splits the gated linear_qkv shards into HF's query, gate, key and value.
 
-Not checked here: megatron-core's whole GPTModel on these files (its delta-net block spec is TE-only on 0.16.1:
-zero-centred norms, the input norm fused into in_proj); tests/test_plan_check.py skips this family for that reason."""
+The whole model: ckptbridge's torch_dist (TP2 x PP2 x EP2) loads into megatron-core's hybrid GPTModel (built from
+local modules by ckptbridge/mcore/hybrid.py) at TP2 and TP1, legacy TP2 with TE and local names, fp32 logits equal
+transformers' at 160 positions; a trained zero-centred out_norm exports exactly at --dtype float32, rounded only
+with --allow-rounding."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from arch_checks import LAYOUTS, broken_copy, round_trip
+from arch_checks import LAYOUTS, assert_align_gate_passes, assert_legacy_matches_hf, assert_megatron_matches_hf, broken_copy, round_trip
 from ckptbridge.cli import main
 from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.formats.torch_dist import read_metadata
@@ -92,9 +94,31 @@ def test_real_config_translates_both_ways() -> None:
     assert spec.mapping.describes(env)
 
 
+def tokens_for(folder: Path, seq: int = 160) -> torch.Tensor:
+    """``seq`` tokens of the model's vocabulary: 160 positions span three 64-token chunks of the delta-rule kernel."""
+    vocab = __import__("json").loads((folder / "config.json").read_text())["vocab_size"]
+    return torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(3))
+
+
+def test_megatron_loads_converted_checkpoint_at_another_layout(tiny: Path, tmp_path: Path) -> None:
+    """ckptbridge's torch_dist at TP2 x PP2 x EP2 loads into megatron-core's hybrid GPTModel at TP2 and TP1 (EP1):
+    fp32 logits equal transformers' at every one of 160 positions (three delta-rule chunks)."""
+    assert_megatron_matches_hf(tiny, tmp_path, tokens_for(tiny), tp=2, pp=2, ep=2)
+
+
+@pytest.mark.parametrize("spec", ["te", "local"])
+def test_legacy_tp2_loads_into_megatron(tiny: Path, tmp_path: Path, spec: str) -> None:
+    assert_legacy_matches_hf(tiny, tmp_path, tokens_for(tiny), spec)
+
+
+def test_align_gate_passes(tmp_path: Path) -> None:
+    """``align --random-init --layers 2 --shrink`` (a delta-net and a full-attention layer) passes its default gate."""
+    assert_align_gate_passes(PRESET, tmp_path)
+
+
 def test_offset_that_would_round_a_norm_weight_is_refused(tiny: Path, tmp_path: Path) -> None:
     """megatron stores the delta-net output norm zero-centred (w - 1): a weight w - 1 cannot hold exactly is
-    refused naming the tensor, not rounded."""
+    refused naming the tensor and the way out, not rounded; --allow-rounding rounds it with a note."""
     src = tmp_path / "hf"
     src.mkdir()
     for f in tiny.iterdir():
@@ -105,6 +129,41 @@ def test_offset_that_would_round_a_norm_weight_is_refused(tiny: Path, tmp_path: 
     r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", str(src), str(tmp_path / "out")])
     assert r.exit_code == 2, r.output
     assert "model.layers.0.linear_attn.norm.weight" in r.output and "offset by -1 is not exact" in r.output
+    assert "--allow-rounding" in r.output and not (tmp_path / "out").exists()
+    r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", "--allow-rounding", str(src), str(tmp_path / "out")])
+    assert r.exit_code == 0 and "1 value(s) in 1 tensor(s) rounded by an offset step" in r.output, r.output
+
+
+def test_export_of_a_trained_out_norm_rounds_only_when_asked(tiny: Path, tmp_path: Path) -> None:
+    """A Megatron-trained delta-net out_norm (zero-centred: small values w') exported to bf16 needs w' + 1, which
+    bf16 cannot hold for most w': refused naming the tensor and the way out; exact at --dtype float32; rounded with
+    --allow-rounding, with a note of how much."""
+    mcore = tmp_path / "mcore"
+    convert_cli(tiny, mcore, "--format", "torch", "--dtype", "bfloat16")
+    path = mcore / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    ckpt = torch.load(path, weights_only=False)
+    key = GDN + "out_norm.weight"
+    trained = (torch.randn(ckpt["model"][key].shape, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    ckpt["model"][key] = trained
+    torch.save(ckpt, path)
+
+    def export(*args: str) -> tuple[int, str]:
+        out = tmp_path / f"hf{len(args)}"
+        r = CliRunner().invoke(main, ["convert", "--src", "mcore", "--dst", "hf", *args, str(mcore), str(out)])
+        return r.exit_code, r.output
+
+    code, output = export()
+    assert code == 2 and key in output and "model.layers.0.linear_attn.norm.weight" in output, output
+    assert "--allow-rounding" in output and "--dtype float32" in output, output
+    code, output = export("--dtype", "float32")
+    assert code == 0, output
+    exact = load_file(tmp_path / "hf2" / "model.safetensors")["model.layers.0.linear_attn.norm.weight"]
+    assert torch.equal(exact - 1, trained.float())  # every bf16 w' + 1 is a float32
+    code, output = export("--allow-rounding")
+    assert code == 0 and "rounded by an offset step" in output and "--allow-rounding" in output, output
+    rounded = load_file(tmp_path / "hf1" / "model.safetensors")["model.layers.0.linear_attn.norm.weight"]
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, (trained.float() + 1).bfloat16())
+    assert (rounded.float() - 1 - trained.float()).abs().max() <= 2 ** -8  # half a bf16 step at 1
 
 
 def test_hub_mtp_tensors_are_refused_by_name(tiny: Path, tmp_path: Path) -> None:
@@ -128,9 +187,9 @@ def test_list_architectures() -> None:
 
 # --- structure against megatron-core's own save ------------------------------------------------------------------
 def _megatron_gdn(world: int, zero_centred: bool = False):
-    """megatron-core's GatedDeltaNet at the tiny preset's sizes, TP ``world`` (in a worker). It refuses to build
-    without flash-linear-attention (HAVE_FLA) though its torch kernel (deterministic_mode) needs only fla's l2norm,
-    given here in torch: x / sqrt(sum x^2 + 1e-6), fla's and HF's formula."""
+    """megatron-core's GatedDeltaNet at the tiny preset's sizes, TP ``world`` (in a worker). Built without
+    flash-linear-attention by compat P14 (applied when ckptbridge.mcore.model is imported: its torch kernel, fla's
+    l2norm in torch)."""
     import megatron.core.ssm.gated_delta_net as gdn
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -139,7 +198,6 @@ def _megatron_gdn(world: int, zero_centred: bool = False):
 
     from ckptbridge.mcore import model as mm
 
-    gdn.HAVE_FLA, gdn.l2norm = True, lambda x: x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
     mm.init_parallel(world, 1)
     cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=4, normalization="RMSNorm",
                             layernorm_epsilon=1e-6, activation_func=F.silu, linear_conv_kernel_dim=KERNEL,

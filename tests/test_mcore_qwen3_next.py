@@ -1,18 +1,17 @@
 """megatron-core's own hybrid GPTModel of Qwen3-Next / Qwen3.5 (gated delta-net + gated attention, MoE with a gated
 shared expert, zero-centred norms, partial rotary) runs on CPU and equals transformers.
 
-ckptbridge builds it from local modules (mcore/hybrid.py; compat P14 for the gated delta-net kernel). Until the
-qwen3_next mapping converts, the HF weights reach megatron through the test-local :func:`_load_hf` (the layouts
-mappings/qwen3_next.yaml describes). With a mapping, ``_megatron_logits`` reads a converted folder instead -- the
-HF model saved (``_hf_model(kind).save_pretrained(d)``), ``iter_dir = helpers.to_mcore(d, tmp, "torch_dist",
-**written_layout) / "release"`` -- with ``args = checkpoint_args(iter_dir, tp, pp, ep, etp)`` in place of
-``full_megatron_lm_args(_margs(...))`` and ``mm.load_torch_dist(models, iter_dir)`` in place of ``_load_hf``
-(as tests/test_mcore_moe.py does); the comparison stays.
+ckptbridge builds it from local modules (mcore/hybrid.py; compat P14 for the gated delta-net kernel). The Qwen3.5
+models reach megatron through ckptbridge's own conversion (torch_dist written at TP1, loaded at TP2 / TP1, one KV group
+at TP2: compat P15). The Qwen3-Next model here has a dense layer between MoE layers (``mlp_only_layers``, which
+mappings/qwen3_next.yaml refuses: it emits no ``moe_layer_freq`` yet), so its weights reach megatron through the
+test-local :func:`_load_hf` (the layouts the mapping describes); the converted Qwen3-Next checkpoint (every layer MoE)
+is loaded in tests/test_arch_qwen3_next.py.
 """
-
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 
 from ckptbridge.layout import ParallelLayout, padded_vocab_size
 from ckptbridge.megatron_args import full_megatron_lm_args
+from helpers import to_mcore
 from mcore_runner import run_distributed
 
 ATOL = 1e-4
@@ -191,23 +191,38 @@ def _load_hf(models: list[torch.nn.Module], hf: torch.nn.Module) -> None:
                 v.copy_(want[k])
 
 
-def _megatron_logits(rank: int, world: int, kind: str, layout: ParallelLayout, groups: int) -> torch.Tensor | None:
+def _megatron_logits(rank: int, world: int, kind: str, layout: ParallelLayout, groups: int,
+                     iter_dir: str | None) -> torch.Tensor | None:
+    """This rank's logits: from ckptbridge's converted ``iter_dir`` when given, else through :func:`_load_hf`."""
+    from ckptbridge.harness.checkpoint_args import checkpoint_args
     from ckptbridge.mcore import model as mm
 
     torch.set_num_threads(1)
-    hf = _hf_model(kind, groups)
-    args = full_megatron_lm_args(_margs(hf, layout))
+    if iter_dir is not None:
+        args = checkpoint_args(iter_dir, layout.tp, layout.pp, layout.ep, layout.etp)
+    else:
+        hf = _hf_model(kind, groups)
+        args = full_megatron_lm_args(_margs(hf, layout))
     mm.init_parallel(layout.tp, layout.pp, layout.vpp, seed=100 + rank, ep=layout.ep, etp=layout.etp)
     models = mm.build_gpt_model(args, dtype=torch.float32)
-    _load_hf(models, hf)
-    return mm.forward_logits(models, TOKENS, vocab_size=hf.config.vocab_size)
+    if iter_dir is not None:
+        mm.load_torch_dist(models, iter_dir)
+    else:
+        _load_hf(models, hf)
+    return mm.forward_logits(models, TOKENS, vocab_size=args.vocab_size)
 
 
-LAYOUTS = {  # name: (model, layout, KV groups)
-    "tp2ep2": ("qwen3_next", ParallelLayout(tp=2, ep=2, etp=1), GROUPS),  # TP2 x EP2 on the same 2 ranks
-    "pp2vpp2": ("qwen3_next", ParallelLayout(pp=2, vpp=2), GROUPS),  # TP1, one layer per virtual chunk
-    "qwen3_5_moe-tp2-1group": ("qwen3_5_moe", ParallelLayout(tp=2), 1),  # fewer KV groups than TP ranks: compat P15
-    "qwen3_5-tp1": ("qwen3_5", ParallelLayout(), GROUPS),
+def _converted(kind: str, groups: int, work: Path) -> str:
+    """The HF model saved, converted by ckptbridge to torch_dist at TP1: its iteration folder."""
+    _hf_model(kind, groups).save_pretrained(work / "hf")
+    return str(to_mcore(work / "hf", work / "mcore", "torch_dist") / "release")
+
+
+LAYOUTS = {  # name: (model, layout, KV groups, through ckptbridge's conversion)
+    "tp2ep2": ("qwen3_next", ParallelLayout(tp=2, ep=2, etp=1), GROUPS, False),  # TP2 x EP2 on the same 2 ranks
+    "pp2vpp2": ("qwen3_next", ParallelLayout(pp=2, vpp=2), GROUPS, False),  # TP1, one layer per virtual chunk
+    "qwen3_5_moe-tp2-1group": ("qwen3_5_moe", ParallelLayout(tp=2), 1, True),  # fewer KV groups than TP ranks: P15
+    "qwen3_5-tp1": ("qwen3_5", ParallelLayout(), GROUPS, True),
 }
 
 
@@ -215,18 +230,20 @@ LAYOUTS = {  # name: (model, layout, KV groups)
 def hf_logits() -> dict[tuple[str, int], torch.Tensor]:
     out = {}
     with torch.no_grad():
-        for kind, _, groups in LAYOUTS.values():
+        for kind, _, groups, _ in LAYOUTS.values():
             out[kind, groups] = _hf_model(kind, groups)(TOKENS).logits
     return out
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_megatron_hybrid_equals_transformers(hf_logits, name: str) -> None:
+def test_megatron_hybrid_equals_transformers(hf_logits, tmp_path: Path, name: str) -> None:
     """fp32 logits of megatron-core's hybrid model (TP2 x EP2, PP2 x VPP2, TP1; TP2 with one KV group) vs transformers, at
     short and long positions."""
-    kind, layout, groups = LAYOUTS[name]
+    kind, layout, groups, converted = LAYOUTS[name]
+    iter_dir = _converted(kind, groups, tmp_path) if converted else None
     world = math.lcm(layout.tp, layout.ep * layout.expert_tp) * layout.pp
-    got = [x for x in run_distributed(_megatron_logits, world, kind, layout, groups, timeout=300) if x is not None]
+    got = [x for x in run_distributed(_megatron_logits, world, kind, layout, groups, iter_dir, timeout=300)
+           if x is not None]
     assert got
     expected = hf_logits[kind, groups]
     for logits in got:

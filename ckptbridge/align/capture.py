@@ -24,6 +24,7 @@ import torch
 
 from . import points as P
 from . import routing
+from .hf_sites import hf_attention_modules
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -101,10 +102,10 @@ class HFRecorder(_Hooks):
         super().__init__()
         dec = hf_decoder(model)
         self._record(dec.embed_tokens, P.EMBEDDING)
-        for i, layer in enumerate(dec.layers):
+        for i, (layer, attention) in enumerate(zip(dec.layers, hf_attention_modules(model, dec.layers))):
             self._record_input(layer, P.layer_input(i))
             self._record(layer.input_layernorm, P.layer_point(i, "attn_norm"))
-            self._record(layer.self_attn, P.layer_point(i, "attn_out"))
+            self._record(attention, P.layer_point(i, "attn_out"))  # self_attn, or linear_attn (from the mapping)
             self._record(layer.post_attention_layernorm, P.layer_point(i, "mlp_norm"))
             self._record(hf_mlp(layer), P.layer_point(i, "mlp_out"), like_input=True)
             self._record(layer, P.layer_point(i, "output"))

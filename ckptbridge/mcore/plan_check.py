@@ -1,7 +1,7 @@
 """Check a conversion plan against megatron-core's own model, before anything is written.
 
 The names and shapes ckptbridge writes come from the mapping file (``spec.planned()``) and the
-writers' key/shape rules (torch_dist: :func:`storage_key` / :func:`global_shape`; legacy: :func:`slots`
+writers' key/shape rules (torch_dist: :func:`part_keys`; legacy: :func:`slots`
 / :func:`local_shape`). Here megatron-core builds the ``GPTModel`` of the target layout on the
 ``meta`` device (no memory, no weights: a full-size model takes well under a second), one rank per
 pipeline stage, inside a *fake* process group (torch's ``fake`` backend: the real megatron
@@ -29,7 +29,7 @@ import torch
 
 from ckptbridge.errors import PlanError
 from ckptbridge.formats.legacy import local_shape, slots
-from ckptbridge.formats.torch_dist import global_shape, storage_key
+from ckptbridge.formats.torch_dist import part_keys
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.megatron_args import full_megatron_lm_args
 from ckptbridge.spec import ModelSpec
@@ -43,11 +43,11 @@ def planned_dist(spec: ModelSpec, margs: Mapping[str, Any]) -> tuple[Shapes, dic
     out: Shapes = {}
     rules: dict[str, str] = {}
     for pt in spec.planned():
-        key, shape = storage_key(pt, spec.stacked), tuple(global_shape(pt, dict(margs), spec.stacked))
-        rules.setdefault(key, pt.rule.mcore)
-        if out.setdefault(key, shape) != shape:
-            raise PlanError(f"{spec.mapping.source}: {pt.mcore} is stored under {key} with shape {shape}, "
-                            f"another tensor of that key has {out[key]}")
+        for key, _, shape in part_keys(pt, dict(margs), spec.stacked):  # one key, or one per dist_parts part
+            rules.setdefault(key, pt.rule.mcore)
+            if out.setdefault(key, tuple(shape)) != tuple(shape):
+                raise PlanError(f"{spec.mapping.source}: {pt.mcore} is stored under {key} with shape {tuple(shape)}, "
+                                f"another tensor of that key has {out[key]}")
     return out, rules
 
 

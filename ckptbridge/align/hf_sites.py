@@ -1,0 +1,44 @@
+"""Where each HF decoder layer's attention block lives, read from the family's mapping file.
+
+MCore calls every layer's token mixer ``self_attention``; HF names it per model and, in a hybrid, per
+layer (Qwen3-Next: ``self_attn`` on the full-attention layers, ``linear_attn`` on the gated delta-net
+ones). The block to record as a layer's ``attn_out`` is therefore found as data, as the router is
+(:mod:`.routing`): the child of the HF layer that holds the HF tensors the mapping maps to
+``decoder.layers.{L}.self_attention.*``. The input norm a TE linear fuses (``*.layer_norm_weight``,
+megatron's name for it) is not the attention's own and is left out; of the children the mapping names,
+the one this layer has and that holds most of those tensors is the block (a layer holds one).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from ckptbridge.errors import CkptBridgeError
+
+#: MCore's token mixer of every decoder layer, as the mapping names its tensors
+MCORE_ATTENTION = "decoder.layers.{L}.self_attention."
+_FUSED_NORM = (".layer_norm_weight", ".layer_norm_bias")  # the input norm inside a TE linear
+
+
+def hf_attention_modules(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Each HF layer's attention block (the module MCore's ``self_attention`` stands for)."""
+    from ckptbridge.mapping.registry import default_registry
+
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    rules = [r for r in default_registry().for_architecture(arch).tensors
+             if r.mcore.startswith(MCORE_ATTENTION) and not r.mcore.endswith(_FUSED_NORM)]
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for i, layer in enumerate(layers):
+        prefix = names[id(layer)] + "."
+        votes = Counter(name.replace("{L}", str(i)).removeprefix(prefix).split(".")[0]
+                        for r in rules for name in r.hf if name.replace("{L}", str(i)).startswith(prefix))
+        found = [child for child, _ in votes.most_common() if isinstance(getattr(layer, child, None), torch.nn.Module)]
+        if not found:
+            raise CkptBridgeError(f"{arch}: HF layer {i} ({type(layer).__name__}) has none of the modules the mapping "
+                                  f"maps to {MCORE_ATTENTION}* ({', '.join(sorted(votes)) or 'no rule'})")
+        out.append(getattr(layer, found[0]))
+    return out

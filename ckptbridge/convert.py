@@ -21,7 +21,7 @@ from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout
 from .fastcopy import Spans, hf_spans
 from .prefetch import Prefetcher
 from .spec import PlannedTensor
-from .values import ValueChecks
+from .values import SpanChecks, ValueChecks
 from .errors import WorkerError
 from .output import Output, output_for
 from .staging import MARKER, Leftover, Staging, check_destination, staged
@@ -185,15 +185,17 @@ def _write_share(team: Team, source: Source, target: Target, output: Output, sha
         # tensors whose bytes move unchanged: copied from the held source files, never read into memory
         plan = fast_plan(source, target, mine, dtype, margs) if target.fast_copy and not full_precision else {}
 
-        def fast(pt: PlannedTensor) -> Spans | None:
-            spans = plan.get(pt.mcore)
-            if spans is not None:
-                values.check_spans(pt, spans)  # the checks a cast would make, on the mapped source bytes
-            return spans
+        with SpanChecks(values) as checks:
+            def fast(pt: PlannedTensor) -> Spans | None:
+                spans = plan.get(pt.mcore)
+                if spans is not None:
+                    checks.submit(pt, spans)  # the checks a cast would make, on the mapped source bytes
+                return spans
 
-        slow = [pt for pt in mine if pt.mcore not in plan]  # the prefetcher follows the writers' own reads
-        with closing(Prefetcher(slow, read_cast)) as read:
-            report = output.write(read, fast, progress, share)
+            slow = [pt for pt in mine if pt.mcore not in plan]  # the prefetcher follows the writers' own reads
+            with closing(Prefetcher(slow, read_cast)) as read:
+                report = output.write(read, fast, progress, share)
+            checks.finish()  # every tensor checked (while the kernel copied it) before anything is installed
         source.check_unchanged()  # a source modified or replaced while it was read: nothing is installed
     except Exception as exc:  # told to the other ranks first, then raised here
         if team.size == 1:

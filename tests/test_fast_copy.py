@@ -103,6 +103,25 @@ def test_nonfinite_found_without_reading(tiny_hf, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_nonfinite_checked_beside_the_copy_in_order(tiny_hf, tmp_path):
+    """The checks run on a thread beside the kernel copy: every poisoned tensor is still found, reported
+    in the order the writer took them, and the first one stops a conversion that does not allow them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in tiny_hf["llama3.2-1b"].iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    names = [f"model.layers.{i}.mlp.gate_proj.weight" for i in (0, 1)]  # [gate; up]: named by gate
+    for name in names:
+        tensors[name].view(-1)[5] = float("inf")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PlanError, match=f"{names[0]}.*Inf"):
+        convert(src, tmp_path / "out", None, Target("mcore"))
+    assert not (tmp_path / "out").exists()
+    notes = convert(src, tmp_path / "out", None, Target("mcore"), allow_nonfinite=True).notes
+    assert [n.split("'")[1] for n in notes if "--allow-nonfinite" in n] == names
+
+
 def test_copy_range_loops_on_short_copies_and_falls_back(tmp_path):
     data = os.urandom(100_003)
     (tmp_path / "src").write_bytes(data)

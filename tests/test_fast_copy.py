@@ -73,6 +73,25 @@ def byte_runs(mcore: Path) -> int:
         source.close()
 
 
+def test_row_parallel_shards_copied_for_legacy(tiny_hf):
+    """A row-parallel tensor split over TP ranks is a strided column block: the legacy writer copies it a
+    run a row (its bytes checked against the slow path above); torch_dist chunks still go through memory."""
+    source = open_source(tiny_hf["llama3.2-1b"], "hf", None, None)
+    try:
+        source.verify()
+        planned = source.spec.planned()
+        row = [pt.mcore for pt in planned if pt.rule.shard_kind("te").axis == 1]
+        layout = ParallelLayout(tp=2)
+        plans = []
+        for fmt in ("torch", "torch_dist"):
+            margs = source.spec.megatron_args(layout, source.dtype, "te", fmt)
+            plans.append(fast_plan(source, Target("mcore", layout=layout, ckpt_format=fmt), planned, source.dtype, margs))
+        legacy, dist = plans
+    finally:
+        source.close()
+    assert row and set(row) <= set(legacy) and not set(row) & set(dist)
+
+
 @pytest.mark.parametrize("fmt,layout", [("torch_dist", dict(tp=2, ep=2)), ("torch", dict(tp=2, pp=2, ep=2, etp=1))])
 def test_fast_path_moe(tiny_moe, tmp_path, fmt, layout):
     fast, slow = both(tiny_moe["qwen3-30b-a3b"], tmp_path, kind="mcore", layout=ParallelLayout(**layout), ckpt_format=fmt)

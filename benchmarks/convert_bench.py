@@ -14,6 +14,13 @@ whether peak memory grows with depth.
     python benchmarks/convert_bench.py [--workdir DIR] [--layers 16 32] [--repeats 3]
     python benchmarks/convert_bench.py --preset qwen3-30b-a3b --layers 2 4
     python benchmarks/convert_bench.py --layers 2 --repeats 1 --variants fast "2 workers"
+    python benchmarks/convert_bench.py --case large --repeats 3 --variants fast no-fast-copy
+
+``--case large`` is the issue's larger case where start-up no longer dominates: Llama-3.1-8B-shaped
+(full widths, untied 128k-vocabulary embeddings) with 16 layers, 8.5 GiB. ``cp+sync`` is ``cp -r``
+followed by an fsync of every copied file: the durability a conversion pays before it moves its output
+into place (plain ``cp`` leaves the bytes in the page cache). The load average is printed before and
+after: the numbers are only comparable on an otherwise idle machine.
 
 Targets (issue 2): ratio <= 1.3; peak RSS <= 1.5 GiB + the largest tensor;
 peak RSS at 32 layers within 10 % of 16 layers. Numbers are printed, never asserted.
@@ -62,6 +69,9 @@ def build_checkpoint(out: Path, layers: int, preset: str) -> tuple[int, int]:
 
 TIME = shutil.which("time") or "/usr/bin/time"
 
+#: named cases: (preset, layers)
+CASES = {"small": ("llama3.2-1b", [16, 32]), "large": ("llama3.1-8b", [16])}
+
 
 def timed(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one command, started from a clean writeback state.
@@ -88,6 +98,17 @@ def dd_copy(src: Path, dst: Path) -> list[str]:
     return ["sh", "-c", script]
 
 
+def cp_sync(src: Path, dst: Path) -> list[str]:
+    """``cp -r`` and then an fsync of every copied file (coreutils ``sync FILE...``): what installing the copy
+    durably costs, as a conversion does before its final rename."""
+    return ["sh", "-c", f'cp -r "{src}" "{dst}" && find "{dst}" -type f -exec sync {{}} + && sync "{dst}"']
+
+
+def load() -> str:
+    """The load average (1, 5, 15 min): other work on the machine skews every number here."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
@@ -110,10 +131,13 @@ def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int, va
     ]
     rows = []
     for label, src, dst, args in cases:
-        cps, dds, rss = [], [], {v: 0 for v in variants}
+        cps, syncs, dds, rss = [], [], [], {v: 0 for v in variants}
         convs: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(repeats):  # alternate copies and conversions so all see the same disk weather
+            shutil.rmtree(dst, ignore_errors=True)  # at most one copy of the model beside the source(s): disk space
             cps.append(timed(["cp", "-r", str(src), str(work / "cp-copy")])[0])
+            shutil.rmtree(work / "cp-copy")
+            syncs.append(timed(cp_sync(src, work / "cp-copy"))[0])
             shutil.rmtree(work / "cp-copy")
             dds.append(timed(dd_copy(src, work / "dd-copy"))[0])
             shutil.rmtree(work / "dd-copy")
@@ -122,13 +146,16 @@ def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int, va
                 seconds, peak = timed([cli, "convert", "-q", *args, *VARIANTS[variant], str(src), str(dst)])
                 convs[variant].append(seconds)
                 rss[variant] = max(rss[variant], peak)  # --workers: the largest process (GNU time, waited-for children)
-        cp, dd = median(cps), median(dds)
+        cp, synced, dd = median(cps), median(syncs), median(dds)
         for variant in variants:
             seconds = median(convs[variant])
             rows.append(dict(case=label, variant=variant, preset=preset, layers=layers, model_gib=size / GIB,
-                             largest_gib=largest / GIB, seconds=seconds, cp_seconds=cp, ratio=seconds / cp, dd_seconds=dd,
+                             largest_gib=largest / GIB, seconds=seconds, cp_seconds=cp, ratio=seconds / cp,
+                             cp_sync_seconds=synced, ratio_sync=seconds / synced, dd_seconds=dd,
                              ratio_dd=seconds / dd, peak_rss_gib=rss[variant] / GIB, rss_budget_gib=1.5 + largest / GIB,
                              runs=repeats))
+        if dst.name.startswith("leg-"):  # no later case reads it
+            shutil.rmtree(dst, ignore_errors=True)
     for d in (hf, work / f"td-{layers}", work / f"leg-{layers}", work / f"hf-out-{layers}"):
         shutil.rmtree(d, ignore_errors=True)
     return rows
@@ -137,27 +164,34 @@ def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int, va
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (default: a temp dir)")
-    parser.add_argument("--preset", default="llama3.2-1b",
+    parser.add_argument("--case", choices=list(CASES), default="small",
+                        help="small: Llama-3.2-1B-shaped, 16 and 32 layers (2.3 / 4.3 GiB); large: Llama-3.1-8B-shaped, "
+                             "16 layers (8.5 GiB); --preset/--layers override either")
+    parser.add_argument("--preset", default=None,
                         help="model shape (full widths); e.g. qwen3-30b-a3b with --layers 2 4 for the MoE case")
-    parser.add_argument("--layers", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; medians are reported")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="conversion variants per case (fast path on/off, 1 vs 2 workers)")
     args = parser.parse_args()
+    args.preset = args.preset or CASES[args.case][0]
+    args.layers = args.layers or CASES[args.case][1]
     cli = shutil.which("ckptbridge") or str(Path(sys.executable).parent / "ckptbridge")
     work = Path(tempfile.mkdtemp(prefix="ckptbridge-bench-", dir=args.workdir))
+    before = load()
     try:
         rows = [r for layers in args.layers for r in bench_model(work, args.preset, layers, cli, args.repeats, args.variants)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; source in page cache, "
           f"`sync` before each run (not timed); median of {args.repeats} runs; wall time includes Python/torch start-up")
-    print(f"preset {args.preset} (full widths, random bf16 weights)")
-    print(f"{'case':34s} {'variant':12s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'/cp':>6s} {'dd s':>6s} {'/dd':>6s} "
-          f"{'peak RSS GiB':>12s} {'budget GiB':>10s}")
+    print(f"preset {args.preset} (full widths, random bf16 weights); load average before {before}, after {load()}")
+    print(f"{'case':34s} {'variant':12s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'/cp':>6s} "
+          f"{'cp+sync s':>9s} {'/cp+sync':>8s} {'dd s':>6s} {'/dd':>6s} {'peak RSS GiB':>12s} {'budget GiB':>10s}")
     for r in rows:
         print(f"{r['case']:34s} {r['variant']:12s} {r['layers']:6d} {r['model_gib']:9.2f} {r['seconds']:7.2f} {r['cp_seconds']:6.2f} "
-              f"{r['ratio']:6.2f} {r['dd_seconds']:6.2f} {r['ratio_dd']:6.2f} {r['peak_rss_gib']:12.2f} {r['rss_budget_gib']:10.2f}")
+              f"{r['ratio']:6.2f} {r['cp_sync_seconds']:9.2f} {r['ratio_sync']:8.2f} {r['dd_seconds']:6.2f} {r['ratio_dd']:6.2f} "
+              f"{r['peak_rss_gib']:12.2f} {r['rss_budget_gib']:10.2f}")
     by_case: dict[str, dict[int, float]] = {}
     for r in rows:
         by_case.setdefault(f"{r['case']} ({r['variant']})", {})[r["layers"]] = r["peak_rss_gib"]

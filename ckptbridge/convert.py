@@ -23,7 +23,7 @@ from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout
 from .fastcopy import Spans, hf_spans
 from .prefetch import Prefetcher
 from .spec import PlannedTensor
-from .values import ValueChecks
+from .values import SpanChecks, ValueChecks
 from .errors import WorkerError
 from .fileio import write_text
 from .output import Output, plan_output
@@ -87,16 +87,16 @@ def fast_plan(source: Source, target: Target, planned: list[PlannedTensor], dtyp
     """Per planned tensor that the target's writer can take as bytes, its stored bytes as source runs.
 
     Such a tensor is in the output dtype already and only moves rows (see `fastcopy`); the writer needs it
-    whole or as row ranges: a row-parallel tensor split over TP ranks, an FP8 export and what a source cannot
-    give as byte runs (see each source's ``spans``: MCore chunks split along columns, replicas to compare)
-    go through memory."""
+    whole or as row ranges (the legacy writer also as column blocks: a run a row): a row-parallel tensor split
+    over TP ranks into torch_dist chunks, an FP8 export and what a source cannot give as byte runs (see each
+    source's ``spans``: MCore chunks split along columns, replicas to compare) go through memory."""
     spans_of = getattr(source, "spans", None)
     if spans_of is None or (target.kind == "hf" and target.hf_fp8):
         return {}
     out: dict[str, Spans] = {}
     for pt in planned:
-        if target.kind == "mcore" and pt.rule.shard_kind(target.spec_name).axis not in (None, 0) \
-                and target.layout.tp_for(pt.rule.parallel) > 1:
+        if target.kind == "mcore" and target.ckpt_format != "torch" and \
+                pt.rule.shard_kind(target.spec_name).axis not in (None, 0) and target.layout.tp_for(pt.rule.parallel) > 1:
             continue
         spans = spans_of(pt, pt.dtype(dtype))
         if spans is None or (target.kind == "hf" and hf_spans(pt, spans, source.spec.args) is None):
@@ -203,14 +203,16 @@ def _write_share(team: Team, source: Source, target: Target, output: Output, sha
         mine = list({s.pt.mcore: s.pt for s in plan.mine(share)}.values())
         spans_of = fast_plan(source, target, mine, plan.dtype, plan.margs) if target.fast_copy and not full_precision else {}
 
-        def fast(pt: PlannedTensor) -> Spans | None:
-            spans = spans_of.get(pt.mcore)
-            if spans is not None:
-                values.check_spans(pt, spans)  # the checks a cast would make, on the mapped source bytes
-            return spans
+        with SpanChecks(values) as checks:
+            def fast(pt: PlannedTensor) -> Spans | None:
+                spans = spans_of.get(pt.mcore)
+                if spans is not None:
+                    checks.submit(pt, spans)  # the checks a cast would make, on the mapped source bytes
+                return spans
 
-        with values.rounding(), closing(Prefetcher(plan.reads(share, spans_of), read_cast)) as read:  # in order
-            report = output.write(read, fast, progress, share)
+            with values.rounding(), closing(Prefetcher(plan.reads(share, spans_of), read_cast)) as read:  # in order
+                report = output.write(read, fast, progress, share)
+            checks.finish()  # every tensor checked (while the kernel copied it) before anything is installed
         source.check_unchanged()  # a source modified or replaced while it was read: nothing is installed
     except Exception as exc:  # told to the other ranks first, then raised here
         if team.size == 1:

@@ -71,6 +71,24 @@ class Spans:
         rb = self.row_bytes
         return Spans(self.cut(start * rb, count * rb), self.dtype, (count, *self.shape[1:]))
 
+    def regions(self, axis: int, regions: Sequence[tuple[int, int]]) -> "Spans":
+        """The ``(start, length)`` regions along ``axis``, back to back: `sharding.split`'s shard of this
+        tensor. Along dimension 0 a few row runs; along a later one, a run per region of every slice of the
+        dimensions before it (a row-parallel shard is a strided column block: one short copy a row)."""
+        shape = list(self.shape)
+        shape[axis] = sum(length for _, length in regions)
+        if axis == 0:
+            return Spans(tuple(r for start, length in regions for r in self.rows(start, length).runs), self.dtype,
+                         tuple(shape))
+        inner = math.prod(self.shape[axis + 1:]) * self.dtype.itemsize
+        stride = self.shape[axis] * inner
+        out: list[Run] = []
+        for at in range(0, self.nbytes, stride):
+            for start, length in regions:
+                for r in self.cut(at + start * inner, length * inner):
+                    _append(out, r)
+        return Spans(tuple(out), self.dtype, tuple(shape))
+
     def padded(self, rows: int) -> "Spans":
         """Zero rows appended up to ``rows`` (MCore's vocabulary padding)."""
         if rows == self.shape[0]:
@@ -135,11 +153,15 @@ def compose(inputs: Sequence[Spans], runs: list[UnitRun], unit: int, dtype: torc
     out: list[Run] = []
     for i, first, count in runs:
         for r in inputs[i].cut(first * ub, count * ub):
-            if out and r.fd is not None and out[-1].fd == r.fd and out[-1].offset + out[-1].length == r.offset:
-                out[-1] = Run(r.fd, out[-1].offset, out[-1].length + r.length)  # adjacent in the file: one copy
-            else:
-                out.append(r)
+            _append(out, r)
     return Spans(tuple(out), dtype, tuple(shape))
+
+
+def _append(out: list[Run], r: Run) -> None:
+    if out and r.fd is not None and out[-1].fd == r.fd and out[-1].offset + out[-1].length == r.offset:
+        out[-1] = Run(r.fd, out[-1].offset, out[-1].length + r.length)  # adjacent in the file: one copy
+    else:
+        out.append(r)
 
 
 def small_shape(shape: Shape) -> Shape:

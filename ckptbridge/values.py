@@ -6,11 +6,19 @@ overflows (fp32 -> fp16 turns 1e6 into inf) is an error naming the tensor, and a
 tensors of several dtypes is not downcast to one without ``--dtype`` saying so, and a value-changing
 mapping step that would round (``offset``) is an error unless ``--allow-rounding`` (then a note says how
 much was rounded). Each check is one pass over a tensor that is in memory anyway.
+
+A tensor copied inside the kernel (`fastcopy`) is never in our memory: its values are checked through a
+read-only mapping of the source's page-cache bytes, on a worker thread (`SpanChecks`) while the kernel
+copies the same bytes (both release the GIL), and every check has finished, its failure raised, before
+the output can be installed.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -64,15 +72,13 @@ class ValueChecks:
     def check_spans(self, pt: PlannedTensor, spans: "Spans") -> None:
         """The checks of `cast` for a tensor copied byte for byte (same dtype, no cast): its values are
         looked at through a read-only mapping of the held source file, never copied into our memory."""
-        if not spans.dtype.is_floating_point:
-            return
-        name = pt.hf_names[0] if pt.hf_names else pt.mcore
-        bad = 0
-        for run in spans.runs:
-            if run.fd is not None:
-                bad += _nonfinite_in_file(run.fd, run.offset, run.length, spans.dtype)
+        self.judge_spans(pt, nonfinite_in_spans(spans))
+
+    def judge_spans(self, pt: PlannedTensor, bad: int) -> None:
+        """What `check_spans` makes of ``bad`` NaN/Inf values counted in ``pt``'s source bytes."""
         if not bad:
             return
+        name = pt.hf_names[0] if pt.hf_names else pt.mcore
         if not self.allow_nonfinite:
             raise PlanError(f"tensor {name!r} holds {bad} NaN or Inf values in the source "
                             "(pass --allow-nonfinite to convert it anyway)")
@@ -86,6 +92,47 @@ class ValueChecks:
             notes.append(f"{r.values} value(s) in {r.tensors} tensor(s) rounded by an offset step (largest change "
                          f"{r.max_error:.3g}; --allow-rounding)")
         return tuple(notes)
+
+
+class SpanChecks:
+    """`ValueChecks.check_spans` on one worker thread, in submission order, overlapping the kernel copy of
+    the same bytes. Each `submit` first reports the checks finished so far (a failure stops the writing
+    about where it would have stopped without the thread), `finish` waits for the rest and reports them;
+    leaving the ``with`` block always waits for the thread, so no check maps a source file after it closes."""
+
+    def __init__(self, values: ValueChecks):
+        self.values = values
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptbridge-check")
+        self._pending: deque[tuple[PlannedTensor, Future[int]]] = deque()
+
+    def __enter__(self) -> "SpanChecks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        wait_all([f for _, f in self._pending])
+        self._pool.shutdown(wait=True)
+
+    def submit(self, pt: PlannedTensor, spans: "Spans") -> None:
+        self._report(block=False)
+        self._pending.append((pt, self._pool.submit(nonfinite_in_spans, spans)))
+
+    def finish(self) -> None:
+        """Every submitted check done; the first failure (in submission order) raised."""
+        self._report(block=True)
+
+    def _report(self, block: bool) -> None:
+        while self._pending and (block or self._pending[0][1].done()):
+            pt, future = self._pending.popleft()
+            self.values.judge_spans(pt, future.result())
+
+
+def nonfinite_in_spans(spans: "Spans") -> int:
+    """NaN/Inf values among the source bytes of ``spans`` (0 for a dtype without them; zero runs hold none)."""
+    if not spans.dtype.is_floating_point:
+        return 0
+    return sum(_nonfinite_in_file(r.fd, r.offset, r.length, spans.dtype) for r in spans.runs if r.fd is not None)
 
 
 _MINMAX = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # dtypes aminmax takes on CPU

@@ -73,6 +73,25 @@ def byte_runs(mcore: Path) -> int:
         source.close()
 
 
+def test_row_parallel_shards_copied_for_legacy(tiny_hf):
+    """A row-parallel tensor split over TP ranks is a strided column block: the legacy writer copies it a
+    run a row (its bytes checked against the slow path above); torch_dist chunks still go through memory."""
+    source = open_source(tiny_hf["llama3.2-1b"], "hf", None, None)
+    try:
+        source.verify()
+        planned = source.spec.planned()
+        row = [pt.mcore for pt in planned if pt.rule.shard_kind("te").axis == 1]
+        layout = ParallelLayout(tp=2)
+        plans = []
+        for fmt in ("torch", "torch_dist"):
+            margs = source.spec.megatron_args(layout, source.dtype, "te", fmt)
+            plans.append(fast_plan(source, Target("mcore", layout=layout, ckpt_format=fmt), planned, source.dtype, margs))
+        legacy, dist = plans
+    finally:
+        source.close()
+    assert row and set(row) <= set(legacy) and not set(row) & set(dist)
+
+
 @pytest.mark.parametrize("fmt,layout", [("torch_dist", dict(tp=2, ep=2)), ("torch", dict(tp=2, pp=2, ep=2, etp=1))])
 def test_fast_path_moe(tiny_moe, tmp_path, fmt, layout):
     fast, slow = both(tiny_moe["qwen3-30b-a3b"], tmp_path, kind="mcore", layout=ParallelLayout(**layout), ckpt_format=fmt)
@@ -101,6 +120,25 @@ def test_nonfinite_found_without_reading(tiny_hf, tmp_path):
     with pytest.raises(PlanError, match="NaN"):
         convert(src, tmp_path / "out", None, Target("mcore"))
     assert not (tmp_path / "out").exists()
+
+
+def test_nonfinite_checked_beside_the_copy_in_order(tiny_hf, tmp_path):
+    """The checks run on a thread beside the kernel copy: every poisoned tensor is still found, reported
+    in the order the writer took them, and the first one stops a conversion that does not allow them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in tiny_hf["llama3.2-1b"].iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    names = [f"model.layers.{i}.mlp.gate_proj.weight" for i in (0, 1)]  # [gate; up]: named by gate
+    for name in names:
+        tensors[name].view(-1)[5] = float("inf")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PlanError, match=f"{names[0]}.*Inf"):
+        convert(src, tmp_path / "out", None, Target("mcore"))
+    assert not (tmp_path / "out").exists()
+    notes = convert(src, tmp_path / "out", None, Target("mcore"), allow_nonfinite=True).notes
+    assert [n.split("'")[1] for n in notes if "--allow-nonfinite" in n] == names
 
 
 def test_copy_range_loops_on_short_copies_and_falls_back(tmp_path):

@@ -257,14 +257,7 @@ def shard_spans(spans: Spans, kind: ShardKind, tp: int, what: str) -> list[Spans
     """`sharding.split` for a tensor given as byte runs: each rank's regions (row ranges) back to back."""
     if kind.axis is None or tp == 1:
         return [spans] * tp
-    if kind.axis != 0:
-        raise PlanError(f"{what}: a shard along dimension {kind.axis} is not a run of rows")
-    out = []
-    for regions in kind.regions(spans.shape, tp, what):
-        rows = sum(length for _, length in regions)
-        runs = tuple(r for start, length in regions for r in spans.rows(start, length).runs)
-        out.append(Spans(runs, spans.dtype, (rows, *spans.shape[1:])))
-    return out
+    return [spans.regions(kind.axis, regions) for regions in kind.regions(spans.shape, tp, what)]
 
 
 def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], dtype: torch.dtype,

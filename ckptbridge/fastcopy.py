@@ -24,7 +24,8 @@ import torch
 
 from .errors import MappingError
 from .fileio import copy_range_all, pwrite_all
-from .transforms import Concat, Identity, Interleave, Op, Split, TakeExpert
+from .transform_layout import Concat, Identity, Interleave, Split, TakeExpert
+from .transform_op import Op
 
 Shape = tuple[int, ...]
 UnitRun = tuple[int, int, int]  # (input index, first unit, units)

@@ -20,7 +20,7 @@ from .layout import DEFAULT_VOCAB_DIVISIBLE_BY, ParallelLayout, padded_vocab_siz
 from .mapping.registry import MappingRegistry, build_mapping, default_registry
 from .mapping.schema import EXPERT, ArchMapping, ExtraState, TensorRule
 from .sharding import pad_rows
-from .transforms import Shape
+from .transform_op import Shape
 
 @dataclass(frozen=True)
 class PlannedTensor:

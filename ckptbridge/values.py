@@ -26,7 +26,7 @@ import torch
 
 from .errors import PlanError
 from .spec import PlannedTensor
-from .transforms_more import Rounded, rounding_allowed
+from .transform_values import Rounded, rounding_allowed
 
 if TYPE_CHECKING:
     from .fastcopy import Spans

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from ckptbridge.cli import main
 from ckptbridge.errors import MappingError
 from ckptbridge.mapping.registry import MappingRegistry, mappings_dir
-from ckptbridge.transforms import TRANSFORMS, Transform
+from ckptbridge.transform_op import Transform
+from ckptbridge.transforms import TRANSFORMS
 
 from helpers import to_mcore, tree_digest
 

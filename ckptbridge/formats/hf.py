@@ -27,7 +27,8 @@ from .fp8_block import E4M3, SCALE_SUFFIX
 from .hf_ignored import planned_ignores, verify_ignored
 from .carried import Carried, from_hf_files
 from ..mapping.ignore import carried_name
-from ..transforms import TRANSFORMS, Pipeline, Shape
+from ..transform_op import Shape
+from ..transforms import TRANSFORMS, Pipeline
 from .safetensors_io import SafetensorsFile, SafetensorsWriter, lay_out
 
 INDEX = "model.safetensors.index.json"

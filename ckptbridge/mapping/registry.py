@@ -24,7 +24,8 @@ from .. import expr
 from ..megatron_settings import check_config_keys
 from .features import FEATURES_OFF
 from .ignore import check_against_rules, check_carry, parse_carry, parse_fp8_keep, parse_ignores
-from .schema import ArchMapping, ConfigCheck, parse_extra_state, parse_mtp, parse_rule, validate_rules
+from .parse import parse_extra_state, parse_mtp, parse_rule, validate_rules
+from .schema import ArchMapping, ConfigCheck
 
 
 def mappings_dir() -> Path:

@@ -1,18 +1,17 @@
-"""Two more invertible steps for `transforms` pipelines (kept apart to keep that module small).
+"""Transform steps that change values: ``scale`` and ``offset``, and the switch that lets ``offset`` round.
 
-``deinterleave`` is `transforms.Interleave` run the other way as a forward step: a checkpoint that
-stores a fused projection group by group (Qwen3-Next's ``in_proj_qkvz``: per key head ``[q; k; v; z]``)
-becomes each part whole (``[q_all], [k_all], ...``), which MCore concatenates. ``offset`` adds a
-constant (a norm weight stored as ``w`` on one side and ``w - 1`` on the other, megatron's zero-centred
-gamma); it is exact only for some values, so it checks every tensor it changes and refuses, naming the
-count, rather than round a weight -- unless the conversion allows it (``--allow-rounding``: inside
-:func:`rounding_allowed`, which counts what was rounded for the conversion's notes).
+Floating-point arithmetic is exact only for some values, so these steps are where a mapping could lose
+information. ``scale`` is proven at load time (only exact factors, powers of two, round-trip). ``offset``
+adds a constant (a norm weight stored as ``w`` on one side and ``w - 1`` on the other, megatron's
+zero-centred gamma); it checks every tensor it changes and refuses, naming the count, rather than round a
+weight -- unless the conversion allows it (``--allow-rounding``: inside :func:`rounding_allowed`, which
+counts what was rounded for the conversion's notes).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,64 +20,40 @@ import torch
 
 from . import expr
 from .errors import MappingError
-from .transforms import Interleave, Op, Shape, Tensors, _int
+from .transform_op import Op, Tensors
 
 
-class Deinterleave(Op):
-    """Each input -> its parts: input ``i`` holds ``groups`` groups of rows, each group its share of every
-    part of ``parts[i]`` (total sizes) in turn; the outputs are every input's parts whole, in order. An
-    input with one part passes through. Back: interleave each input's parts again."""
+class Scale(Op):
+    """Multiply every tensor by a factor (an expression); back: divide. Only exact factors (powers
+    of two) survive the load-time round trip, so a lossy scale is refused, not applied."""
 
-    name = "deinterleave"
+    name = "scale"
 
-    def __init__(self, groups: Any, parts: Sequence[Any]):
-        self.groups = groups
-        nested = bool(parts) and all(isinstance(p, (list, tuple)) for p in parts)
-        self.parts = tuple(tuple(p) for p in parts) if nested else (tuple(parts),)
-        if not all(self.parts):
-            raise ValueError("every input needs at least one part")
+    def __init__(self, factor: Any):
+        self.factor = factor
 
-    def _sizes(self, cfg: Mapping[str, Any]) -> list[list[int]]:
-        return [[_int(s, cfg, "deinterleave part size") for s in p] for p in self.parts]
-
-    def _check(self, in_shapes: Sequence[Shape], cfg: Mapping[str, Any]) -> list[list[int]]:
-        sizes = self._sizes(cfg)
-        if len(in_shapes) != len(sizes):
-            raise MappingError(f"deinterleave: {len(in_shapes)} input(s), parts for {len(sizes)}")
-        for shape, part in zip(in_shapes, sizes):
-            if sum(part) != shape[0]:
-                raise MappingError(f"deinterleave: parts {part} do not add up to {shape[0]} rows")
-        return sizes
+    def _f(self, cfg: Mapping[str, Any]) -> float:
+        value = expr.evaluate(self.factor, cfg)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value == 0:
+            raise MappingError(f"scale factor {self.factor!r} is {value!r}, not a non-zero number")
+        return float(value)
 
     def forward(self, xs, cfg):
-        out: Tensors = []
-        for x, part in zip(xs, self._check([tuple(x.shape) for x in xs], cfg)):
-            if len(part) == 1:
-                out.append(x)
-            else:
-                out += Interleave(self.groups).reverse([x], cfg, [(s, *x.shape[1:]) for s in part])
-        return out
+        f = self._f(cfg)
+        return [x * f for x in xs]
 
     def reverse(self, ys, cfg, in_shapes):
-        sizes, ys, out = self._check(in_shapes, cfg), list(ys), []
-        for part in sizes:
-            mine, ys = ys[:len(part)], ys[len(part):]
-            out += mine if len(part) == 1 else Interleave(self.groups).forward(mine, cfg)
-        return out
+        f = self._f(cfg)
+        return [y / f for y in ys]
 
     def out_shapes(self, in_shapes, cfg):
-        out: list[Shape] = []
-        for shape, part in zip(in_shapes, self._check(in_shapes, cfg)):
-            if len(part) > 1:
-                Interleave(self.groups)._g(cfg, part)
-            out += [(s, *shape[1:]) for s in part]
-        return out
+        return [tuple(s) for s in in_shapes]
 
     def names(self):
-        return set().union(expr.names_in(self.groups), *(expr.names_in(s) for p in self.parts for s in p))
+        return expr.names_in(self.factor)
 
     def describe(self):
-        return f"deinterleave({self.groups}, {[list(p) for p in self.parts]})"
+        return f"scale({self.factor})"
 
 
 @dataclass

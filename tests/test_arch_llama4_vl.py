@@ -77,5 +77,5 @@ def test_megatron_loads_the_language_model_with_hf_logits(vl: Path, tmp_path: Pa
 def test_align_gate_passes(tmp_path: Path) -> None:
     """``align --model llama4-maverick-vl --random-init --layers 2 --shrink``: the HF side runs the VLM's language
     model (the module owning the mapping's head) on text only, hooked through the VLM's prefixed module names;
-    every point, the MoE routing and the long-position probes (two below the shrunk 8k context) within the gate."""
+    every point, the MoE routing and the preset's two long-position probes (4096, 7000) within the gate."""
     assert_align_gate_passes("llama4-maverick-vl", tmp_path / "align", probes=2)

@@ -7,7 +7,8 @@ a 2-block vision model) round-trips bit-exactly, vision model included, at TP1/T
 divides) in both formats, and its torch_dist output loads into megatron-core's GPTModel at other layouts with fp32
 logits equal to transformers' on text-only tokens. (transformers 5.24's Llama4ForConditionalGeneration.forward
 fails building its output -- it reads ``image_outputs`` from the language model's output, which has none -- so the
-reference is the same model's ``language_model``, which is what its forward runs on text-only input.)
+reference is the same model's ``language_model``, which is what its forward runs on text-only input; ``align`` runs
+it too, as the module owning the head the mapping names, ``language_model.lm_head``.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arch_checks import ATOL, LAYOUTS, round_trip
+from arch_checks import ATOL, LAYOUTS, assert_align_gate_passes, round_trip
 from ckptbridge.align.mcore_side import checkpoint_args
 from ckptbridge.formats.carried import CARRIED_FILE
 from ckptbridge.mcore import model as mm
@@ -71,3 +72,10 @@ def test_megatron_loads_the_language_model_with_hf_logits(vl: Path, tmp_path: Pa
     world = math.lcm(tp, ep * tp) * pp
     got = [g for g in run_distributed(_logits, world, str(mcore / "release"), tp, pp, ep, timeout=240) if g is not None]
     assert got and all((g - expected).abs().max() <= ATOL for g in got), (tp, pp, ep)
+
+
+def test_align_gate_passes(tmp_path: Path) -> None:
+    """``align --model llama4-maverick-vl --random-init --layers 2 --shrink``: the HF side runs the VLM's language
+    model (the module owning the mapping's head) on text only, hooked through the VLM's prefixed module names;
+    every point, the MoE routing and the preset's two long-position probes (4096, 7000) within the gate."""
+    assert_align_gate_passes("llama4-maverick-vl", tmp_path / "align", probes=2)

@@ -19,6 +19,9 @@ BASELINE_ATTENTION = "sdpa"
 #: HF's attention when the model class does not support SDPA (Gemma 2: softcapping).
 FALLBACK_ATTENTION = "eager"
 
+#: the MCore tensor whose mapping rule names the HF language model's head (see :func:`text_model`)
+MCORE_HEAD = "output_layer.weight"
+
 
 def attention_implementation(path: Path) -> tuple[str, str]:
     """``("sdpa", "")``, or ``("eager", why)`` when the checkpoint's HF class cannot run SDPA.
@@ -70,6 +73,33 @@ def inv_freq_dtype(model: torch.nn.Module) -> str:
     return str(hf_decoder(model).rotary_emb.inv_freq.dtype).replace("torch.", "")
 
 
+def text_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that :func:`run_hf` runs on text-only tokens: the one owning the head that the family's
+    mapping maps ``output_layer.weight`` to.
+
+    That is the model itself for a ``*ForCausalLM`` and for a VLM whose head is its own (Qwen2.5-VL's
+    ``lm_head.weight``: its forward runs text-only input through its language model, mrope positions
+    included), and the nested ``*ForCausalLM`` of a VLM that keeps a whole one under its ``hf_prefix``
+    (Llama 4's ``language_model.lm_head.weight``). On text-only tokens such a VLM's forward only embeds
+    them and calls that module, and running it directly avoids transformers 5.24's
+    ``Llama4ForConditionalGeneration.forward``, which always fails building its output (it reads
+    ``image_outputs`` from the language model's output, which has none). Hooks stay on the whole model,
+    so the mapping's (prefixed) module names still find the attention and router blocks."""
+    from ckptbridge.errors import CkptBridgeError
+    from ckptbridge.mapping.registry import default_registry
+
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    rule = next((r for r in default_registry().for_architecture(arch).tensors if r.mcore == MCORE_HEAD), None)
+    if rule is None:  # a family whose head is always the embedding: no HF head tensor, the model is the language model
+        return model
+    owner = rule.hf[0].removesuffix(".weight").rpartition(".")[0]  # "language_model.lm_head" -> "language_model"
+    found = dict(model.named_modules()).get(owner)
+    if found is None:
+        raise CkptBridgeError(f"{arch}: the mapping's head {rule.hf[0]} is not in {type(model).__name__} "
+                              f"(no module {owner!r} to run on text-only tokens)")
+    return found
+
+
 def run_hf(model: torch.nn.Module, tokens: torch.Tensor, ctx: VariantContext, variants: tuple[str, ...] = (),
            positions: list[int] | None = None, registry: dict[str, Ablation] | None = None) -> dict[str, torch.Tensor]:
     """One forward of ``tokens`` ([b, s]); returns every point, the layer inputs and the logits
@@ -88,7 +118,7 @@ def run_hf(model: torch.nn.Module, tokens: torch.Tensor, ctx: VariantContext, va
         kwargs["position_ids"] = torch.tensor(positions, dtype=torch.long).expand(b, s).to(device)
         kwargs["attention_mask"] = torch.ones(b, s, dtype=torch.long, device=device)
     with torch.no_grad(), applied(variants, "hf", model, ctx, registry), HFRecorder(model) as rec:
-        out = model(input_ids=tokens.to(device), use_cache=False, **kwargs)
+        out = text_model(model)(input_ids=tokens.to(device), use_cache=False, **kwargs)
     caps = dict(rec.tensors)
     vocab = model.config.get_text_config().vocab_size  # a VLM's: its language model's
     caps[P.LOGITS] = out.logits[..., :vocab].detach().cpu()

@@ -30,12 +30,11 @@ def hf_attention_modules(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     rules = [r for r in default_registry().for_architecture(arch).tensors
              if r.mcore.startswith(MCORE_ATTENTION) and not r.mcore.endswith(_FUSED_NORM)]
-    names = {id(m): n for n, m in model.named_modules()}
+    # the child is read after the layer index, not from the whole name: a VLM's checkpoint names (Qwen2.5-VL's
+    # model.layers.{L}.*) need not be where transformers puts the decoder (model.language_model.layers)
+    votes = Counter(name.split("{L}.", 1)[1].split(".")[0] for r in rules for name in r.hf if "{L}." in name)
     out = []
     for i, layer in enumerate(layers):
-        prefix = names[id(layer)] + "."
-        votes = Counter(name.replace("{L}", str(i)).removeprefix(prefix).split(".")[0]
-                        for r in rules for name in r.hf if name.replace("{L}", str(i)).startswith(prefix))
         found = [child for child, _ in votes.most_common() if isinstance(getattr(layer, child, None), torch.nn.Module)]
         if not found:
             raise CkptBridgeError(f"{arch}: HF layer {i} ({type(layer).__name__}) has none of the modules the mapping "

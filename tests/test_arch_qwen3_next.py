@@ -2,7 +2,7 @@
 layer, 8 experts + a gated shared expert) round-trips HF -> MCore -> HF bit-exactly at TP1, TP2, PP2, TP2xPP2 and EP2 in
 both formats; the torch_dist keys of a delta-net layer are those megatron-core's own GatedDeltaNet.sharded_state_dict
 saves (in_proj.weight.query ... .alpha, conv1d.weight.query/.key/.value, shapes and offsets at TP2); the config
-translates both ways; a hub checkpoint's MTP tensors are refused by name. (Qwen3.5: tests/test_arch_qwen3_5.py.)
+translates both ways; a hub checkpoint's MTP block (mtp.*) round-trips as megatron-core's MTP block. (Qwen3.5: tests/test_arch_qwen3_5.py.)
 
 The signature bug: megatron-core's GatedDeltaNet, given the in_proj/conv1d shards ckptbridge writes at TP2, computes
 what transformers' Qwen3NextGatedDeltaNet computes (per-part split), and with a mapping that splits in_proj as one
@@ -166,17 +166,67 @@ def test_export_of_a_trained_out_norm_rounds_only_when_asked(tiny: Path, tmp_pat
     assert (rounded.float() - 1 - trained.float()).abs().max() <= 2 ** -8  # half a bf16 step at 1
 
 
-def test_hub_mtp_tensors_are_refused_by_name(tiny: Path, tmp_path: Path) -> None:
+def hub_mtp_copy(src: Path, dst: Path, seed: int = 11) -> Path:
+    """``src`` with the hub's MTP block added by hand (transformers builds none): mtp.fc, the pre-fc norms, mtp.norm
+    and mtp.layers.0.* (a gated full-attention MoE layer, per-expert names), seeded; norms near 1 (zero-centred w)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    spec = ModelSpec.from_hf_config(__import__("json").loads((src / "config.json").read_text()))
+    gen = torch.Generator().manual_seed(seed)
+    for pt in spec.planned():
+        if pt.mtp is not None:
+            for name, shape in zip(pt.hf_names, pt.hf_shapes):
+                tensors[name] = (0.1 * torch.randn(tuple(shape), generator=gen)).to(dtype)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_mtp(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return hub_mtp_copy(tiny, tmp_path_factory.mktemp("qwen3_next_mtp") / "hf")
+
+
+def test_hub_mtp_names_are_the_hub_layout(tiny_mtp: Path) -> None:
+    names = set(load_file(tiny_mtp / "model.safetensors"))
+    mtp = {n for n in names if n.startswith("mtp.")}
+    assert {"mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight",
+            "mtp.layers.0.self_attn.q_proj.weight", "mtp.layers.0.self_attn.q_norm.weight",
+            "mtp.layers.0.input_layernorm.weight", "mtp.layers.0.post_attention_layernorm.weight",
+            "mtp.layers.0.mlp.gate.weight", "mtp.layers.0.mlp.experts.7.down_proj.weight",
+            "mtp.layers.0.mlp.shared_expert.up_proj.weight", "mtp.layers.0.mlp.shared_expert_gate.weight"} <= mtp
+    assert not any("linear_attn" in n for n in mtp)
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_hub_mtp_block_round_trips_bit_exact(tiny_mtp: Path, tmp_path: Path, fmt: str, tp: int, pp: int) -> None:
+    """The hub's mtp.* become megatron-core's MTP block (mtp.layers.0.{enorm,hnorm,eh_proj,final_layernorm} and
+    transformer_layer.*, on the last stage) and come back bit-exactly; a folder without them converts without."""
+    mcore = round_trip(tiny_mtp, tmp_path, fmt, tp, pp)
+    if fmt == "torch_dist":
+        keys = set(read_metadata(mcore / "release").state_dict_metadata)
+        assert {"mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight", "mtp.layers.0.eh_proj.weight",
+                "mtp.layers.0.final_layernorm.weight", "mtp.layers.0.transformer_layer.self_attention.linear_qkv.weight",
+                "mtp.layers.0.transformer_layer.mlp.router.weight"} <= keys
+
+
+def test_folder_without_mtp_converts_without_mtp(tiny: Path, tmp_path: Path) -> None:
+    mcore = to_mcore(tiny, tmp_path / "mcore", "torch_dist", tp=1, pp=1)
+    assert not any(k.startswith("mtp.") for k in read_metadata(mcore / "release").state_dict_metadata)
+
+
+def test_more_than_one_mtp_block_is_refused(tiny: Path, tmp_path: Path) -> None:
     src = tmp_path / "hf"
     src.mkdir()
     for f in tiny.iterdir():
         (src / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(src / "model.safetensors")
-    tensors["mtp.fc.weight"] = torch.zeros(H, 2 * H)
-    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    config = __import__("json").loads((src / "config.json").read_text())
+    (src / "config.json").write_text(__import__("json").dumps({**config, "num_nextn_predict_layers": 2}))
     r = CliRunner().invoke(main, ["convert", "--src", "hf", "--dst", "mcore", str(src), str(tmp_path / "out")])
-    assert r.exit_code == 2 and "unmapped source tensor 'mtp.fc.weight'" in r.output, r.output
-    assert not (tmp_path / "out").exists()
+    assert r.exit_code == 2 and "num_nextn_predict_layers=2" in r.output, r.output
 
 
 def test_list_architectures() -> None:

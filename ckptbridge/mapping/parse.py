@@ -53,12 +53,14 @@ def parse_extra_state(raw: Mapping[str, Any], where: str) -> ExtraState:
 def parse_mtp(raw: Any, where: str) -> MtpSection | None:
     if raw is None:
         return None
-    if not isinstance(raw, Mapping) or set(raw) - {"depth", "like", "rename", "optional"} or not {"depth", "like", "rename"} <= set(raw):
-        raise MappingError(f"{where}: mtp needs depth, like and rename (and optionally optional)")
+    if not isinstance(raw, Mapping) or set(raw) - {"depth", "like", "rename", "optional", "hf_rename"} \
+            or not {"depth", "like", "rename"} <= set(raw):
+        raise MappingError(f"{where}: mtp needs depth, like and rename (and optionally optional, hf_rename)")
     rename = tuple((str(a), str(b)) for a, b in dict(raw["rename"]).items())
-    if any(LAYER not in a or MTP not in b for a, b in rename):
-        raise MappingError(f"{where}: mtp rename maps a {LAYER} prefix to an {MTP} prefix")
-    return MtpSection(str(raw["depth"]), str(raw["like"]), rename, bool(raw.get("optional", False)))
+    hf_rename = tuple((str(a), str(b)) for a, b in dict(raw.get("hf_rename") or {}).items())
+    if any(LAYER not in a or MTP not in b for a, b in rename + hf_rename):
+        raise MappingError(f"{where}: mtp rename and hf_rename map a {LAYER} prefix to an {MTP} prefix")
+    return MtpSection(str(raw["depth"]), str(raw["like"]), rename, bool(raw.get("optional", False)), hf_rename)
 
 
 _RULE_FIELDS = {"mcore", "hf", "shapes", "transform", "shard", "local", "place", "when", "parallel", "dist", "layers",
@@ -75,8 +77,7 @@ def _check_names(names: Sequence[str], place: str, per_expert: bool, where: str,
     a shared layout's, which holds every expert)."""
     for n in names:
         if place == "mtp":
-            if LAYER not in n and MTP not in n:
-                raise MappingError(f"{where}: MTP rules use {LAYER} (or {MTP}) in HF names")
+            pass  # {L}, {M} or neither (one block's names, Qwen3-Next's mtp.fc: two blocks would plan them twice)
         elif (LAYER in n) != (place == "layer") or MTP in n:
             raise MappingError(f"{where}: per-layer rules (and only they) must use {LAYER} in every name ({MTP}: place mtp)")
         if (EXPERT in n) != (per_expert and not shared):

@@ -196,6 +196,9 @@ class MtpSection:
     like: str  # args expression: the decoder layer whose rules the MTP transformer layer takes
     rename: tuple[tuple[str, str], ...]  # MCore prefix of that layer -> MTP transformer-layer prefix
     optional: bool = False  # a checkpoint may lack every MTP tensor (transformers' save_pretrained drops them)
+    #: HF prefix of that layer -> the MTP block's HF prefix, when the checkpoint names its MTP layer apart from the
+    #: decoder's (Qwen3-Next's ``mtp.layers.{M}.``); empty: HF names kept, ``{L}`` = the layer the block occupies
+    hf_rename: tuple[tuple[str, str], ...] = ()
 
     def count(self, args: Mapping[str, Any]) -> int:
         return int(expr.evaluate(self.depth, args) or 0)
@@ -208,12 +211,26 @@ class MtpSection:
                 return new + name[len(old):]
         raise MappingError(f"mtp: {name!r} does not start with any renamed prefix {[o for o, _ in self.rename]}")
 
+    def _hf(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """HF names under ``hf_rename`` (kept when it is empty)."""
+        if not self.hf_rename:
+            return names
+        out = []
+        for name in names:
+            old, new = next(((o, n) for o, n in self.hf_rename if name.startswith(o)), (None, None))
+            if old is None:
+                raise MappingError(f"mtp: HF name {name!r} does not start with any renamed prefix "
+                                   f"{[o for o, _ in self.hf_rename]}")
+            out.append(new + name[len(old):])
+        return tuple(out)
+
     def derive_rules(self, rules: Sequence[TensorRule], args: Mapping[str, Any]) -> list[TensorRule]:
         """The MTP transformer layer's rules: the ``like`` layer's, MCore names renamed, HF names kept
-        (their ``{L}`` is filled with the HF layer number the MTP block occupies)."""
+        (their ``{L}`` is filled with the HF layer number the MTP block occupies) or renamed by ``hf_rename``."""
         like = int(expr.evaluate(self.like, args))
         return [replace(r, mcore=self._rename(r.mcore), local=self._rename(r.local), dist=self._rename(r.dist),
-                        grouped=self._rename(r.grouped), place="mtp", layers=None)
+                        grouped=self._rename(r.grouped), place="mtp", layers=None, hf=self._hf(r.hf),
+                        alternatives=tuple(replace(a, hf=self._hf(a.hf)) for a in r.alternatives))
                 for r in rules if r.per_layer and r.in_layer(like, args)]
 
     def derive_extra(self, extras: Sequence[ExtraState], args: Mapping[str, Any]) -> list[ExtraState]:

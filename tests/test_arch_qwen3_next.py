@@ -213,6 +213,21 @@ def test_hub_mtp_block_round_trips_bit_exact(tiny_mtp: Path, tmp_path: Path, fmt
                 "mtp.layers.0.transformer_layer.mlp.router.weight"} <= keys
 
 
+def test_mtp_plan_equals_megatrons_model() -> None:
+    """The plan of a hub-like config (MTP kept: num_nextn_predict_layers defaults to 1) names and shapes what
+    megatron-core's hybrid GPTModel with mtp_num_layers=1 holds, torch_dist and legacy, TE and local spec."""
+    from ckptbridge.layout import ParallelLayout
+    from ckptbridge.mcore.plan_check import check_plans
+    from ckptbridge.presets import shrink_config
+
+    spec = ModelSpec.from_hf_config(shrink_config(convertible_config(load_preset(PRESET)), layers=4))
+    assert spec.mtp_depth == 1 and spec.args["mtp_num_layers"] == 1
+    cases = [(spec, spec.megatron_args(layout, torch.bfloat16, name, fmt), fmt, name)
+             for layout in (ParallelLayout(1, 1), ParallelLayout(2, 2, ep=2))
+             for fmt in ("torch_dist", "torch") for name in ("te", "local")]
+    assert check_plans(cases) == [""] * len(cases)
+
+
 def test_folder_without_mtp_converts_without_mtp(tiny: Path, tmp_path: Path) -> None:
     mcore = to_mcore(tiny, tmp_path / "mcore", "torch_dist", tp=1, pp=1)
     assert not any(k.startswith("mtp.") for k in read_metadata(mcore / "release").state_dict_metadata)

@@ -292,27 +292,15 @@ def _meta_keys(margs: dict, layout: ParallelLayout) -> dict[str, tuple[int, ...]
     return keys
 
 
-def _meta_keys_worker(rank: int, world: int, margs: dict, layout: ParallelLayout) -> dict[str, tuple[int, ...]]:
-    """`_meta_keys` in a forked worker: its launcher's group dropped, and one left for the launcher to tear down."""
-    torch.distributed.destroy_process_group()
-    try:
-        return _meta_keys(margs, layout)
-    finally:
-        torch.distributed.init_process_group("fake", rank=0, world_size=1, store=torch.distributed.HashStore())
-
-
 @pytest.mark.parametrize("layout", [ParallelLayout(tp=2), ParallelLayout(tp=2, pp=2, vpp=2, ep=2)], ids=["tp2", "tp2pp2vpp2ep2"])
 def test_sharded_keys_on_meta(layout: ParallelLayout) -> None:
     """plan_check's meta-device build of the hybrid model: per-layer keys (linear_attention_freq > 1 makes megatron's
     layers non-homogeneous, transformer_block.py:835-839), TE names, global shapes independent of the layout; an MTP
     block (Qwen3-Next's ``mtp.*``) on the last stage, its transformer layer the last decoder layer's kind."""
-    margs = {**_margs(_hf_model("qwen3_next"), layout), "mtp_num_layers": 1}
-    if torch.distributed.is_initialized():  # an earlier test's group: the fake groups need a bare process
-        from ckptbridge.mcore.launch import run_workers
+    from ckptbridge.mcore.plan_check import run_bare
 
-        (keys,) = run_workers(_meta_keys_worker, 1, margs, layout, timeout=600)
-    else:
-        keys = _meta_keys(margs, layout)
+    margs = {**_margs(_hf_model("qwen3_next"), layout), "mtp_num_layers": 1}
+    keys = run_bare(_meta_keys, margs, layout)  # the fake groups need a process without an earlier test's group
     for i, expected in ((0, GDN_KEYS), (1, ATTENTION_KEYS)):
         layer = {k.removeprefix(f"decoder.layers.{i}."): v for k, v in keys.items() if k.startswith(f"decoder.layers.{i}.")}
         want = dict(expected.values())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -167,33 +167,30 @@ def check_plan(spec: ModelSpec, margs: Mapping[str, Any], ckpt_format: str, spec
 Case = tuple[ModelSpec, dict[str, Any], str, str]  # spec, Megatron args, format, spec name
 
 
-def _check_worker(rank: int, world: int, cases: list[Case]) -> list[str]:
+def _bare_worker(rank: int, world: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """In a forked worker: drop the launcher's single-rank group (the fake groups need a bare process),
-    check every case, and leave a group for the launcher to tear down."""
+    run ``fn``, and leave a group for the launcher to tear down."""
     import torch.distributed as dist
 
     dist.destroy_process_group()
-    problems = []
     try:
-        for case in cases:
-            try:
-                check_plan(*case)
-                problems.append("")
-            except PlanError as exc:
-                problems.append(str(exc))
+        return fn(*args)
     finally:
         dist.init_process_group("fake", rank=0, world_size=1, store=dist.HashStore())
-    return problems
 
 
-def check_plans(cases: list[Case]) -> list[str]:
-    """:func:`check_plan` of each case (``""`` where it passes, else the message): in this process when
-    it has no process group, else in one forked worker."""
+def run_bare(fn: Callable[..., Any], *args: Any, timeout: float = 1800) -> Any:
+    """``fn(*args)`` in a process without a torch.distributed group, as the fake groups of a meta-device
+    build need: this process when it has none, else one forked worker (``fn`` module-level, picklable)."""
     if torch.distributed.is_initialized():
         from ckptbridge.mcore.launch import run_workers
 
-        (problems,) = run_workers(_check_worker, 1, [(s, dict(m), f, n) for s, m, f, n in cases], timeout=1800)
-        return problems
+        (out,) = run_workers(_bare_worker, 1, fn, args, timeout=timeout)
+        return out
+    return fn(*args)
+
+
+def _check_all(cases: list[Case]) -> list[str]:
     out = []
     for case in cases:
         try:
@@ -202,6 +199,12 @@ def check_plans(cases: list[Case]) -> list[str]:
         except PlanError as exc:
             out.append(str(exc))
     return out
+
+
+def check_plans(cases: list[Case]) -> list[str]:
+    """:func:`check_plan` of each case (``""`` where it passes, else the message), in a process
+    without a group (see :func:`run_bare`)."""
+    return run_bare(_check_all, [(s, dict(m), f, n) for s, m, f, n in cases])
 
 
 def check_plan_isolated(spec: ModelSpec, margs: Mapping[str, Any], ckpt_format: str, spec_name: str = "te") -> None:

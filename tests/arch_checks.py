@@ -5,8 +5,11 @@ folder that replaces the family's file (the architecture's signature bug, which 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
@@ -16,7 +19,7 @@ from ckptbridge.harness.checkpoint_args import checkpoint_args
 from ckptbridge.formats.legacy import FILE, rank_dir_name
 from ckptbridge.formats.mcore_common import safe_load
 from ckptbridge.layout import ParallelLayout
-from ckptbridge.mapping.registry import MappingRegistry, mappings_dir
+from ckptbridge.mapping.registry import ENV_VAR, MappingRegistry, default_registry, mappings_dir
 from ckptbridge.mcore import model as mm
 from helpers import assert_bit_exact, hf_config, hf_tensors, to_hf, to_mcore
 from mcore_runner import run_distributed
@@ -129,3 +132,16 @@ def broken_copy(family: str, folder: Path, old: str, new: str) -> Path:
     # a user file that does not load leaves the shipped one in use: the copy must load for the test to mean anything
     assert not MappingRegistry([mappings_dir(), folder]).broken
     return folder
+
+
+@contextmanager
+def mappings_in_use(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """In-process conversions inside the block read the mapping files of ``folder`` (``CKPTBRIDGE_MAPPINGS``)
+    over the shipped ones; the cached registry is rebuilt on entry and on exit."""
+    monkeypatch.setenv(ENV_VAR, str(folder))
+    default_registry.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv(ENV_VAR)
+        default_registry.cache_clear()

@@ -17,9 +17,10 @@ from click.testing import CliRunner
 from ckptbridge.align.cli import align
 from ckptbridge.align.gate import evaluate, load_thresholds
 from ckptbridge.align.runner import AlignOptions, run_alignment
-from ckptbridge.mapping.registry import ENV_VAR, default_registry, mappings_dir
+from ckptbridge.mapping.registry import mappings_dir
 from ckptbridge.presets import build_tiny_hf, convertible_config, load_preset, shrink_config
 from ckptbridge.spec import ModelSpec
+from arch_checks import mappings_in_use
 from helpers import to_mcore
 
 
@@ -53,14 +54,9 @@ def test_a_router_that_is_not_found_is_reported_and_fails_the_gate(tmp_path: Pat
     folder = tmp_path / "mappings"
     folder.mkdir()
     (folder / "qwen3_moe.yaml").write_text(moved)
-    monkeypatch.setenv(ENV_VAR, str(folder))
-    default_registry.cache_clear()
-    try:
+    with mappings_in_use(folder, monkeypatch):
         res = CliRunner().invoke(align, ["--hf", str(hf), "--mcore", str(mcore), "--seq-len", "16", "--no-probe",
                                          "--mode", "propagated", "--out", str(tmp_path / "out"), "--run", "r"])
-    finally:
-        monkeypatch.delenv(ENV_VAR)
-        default_registry.cache_clear()
     assert res.exit_code == 1, res.output
     assert "note: Routing not measured at MoE layer(s) 0, 1" in res.output
     assert "model.layers.{L}.mlp.router_gate" in res.output

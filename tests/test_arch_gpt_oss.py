@@ -20,10 +20,11 @@ from transformers import AutoModelForCausalLM
 from ckptbridge.align.mcore_side import checkpoint_args
 from ckptbridge.errors import CkptBridgeError, LayoutError
 from ckptbridge.formats.mcore_common import safe_load
-from ckptbridge.mapping.registry import ENV_VAR, default_registry, mappings_dir
+from ckptbridge.mapping.registry import mappings_dir
 from ckptbridge.mcore import model as mm
 from ckptbridge.presets import build_tiny_hf, convertible_config, load_preset
 from ckptbridge.spec import ModelSpec
+from arch_checks import mappings_in_use
 from helpers import assert_bit_exact, hf_config, hf_tensors, to_hf, to_mcore
 from mcore_runner import run_distributed
 
@@ -113,13 +114,8 @@ def test_down_proj_orientation(square: Path, tmp_path: Path, monkeypatch: pytest
                           "      - take_expert\n      - {transpose: [0, 1]}\n      - {transpose: [0, 1]}\n    shard: row")
     assert broken != text
     (folder / "gpt_oss.yaml").write_text(broken)
-    monkeypatch.setenv(ENV_VAR, str(folder))
-    default_registry.cache_clear()
-    try:
+    with mappings_in_use(folder, monkeypatch):
         bad = to_mcore(square, tmp_path / "bad", "torch_dist")
         assert_bit_exact(hf_tensors(square), hf_tensors(to_hf(bad, tmp_path / "bad_hf")))  # the round trip is blind
-    finally:
-        monkeypatch.delenv(ENV_VAR)
-        default_registry.cache_clear()
     (wrong,) = megatron_logits(bad / "release", 1, 1, 1)
     assert (wrong - expected).abs().max() > 100 * ATOL

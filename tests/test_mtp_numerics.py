@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ckptbridge.harness.checkpoint_args import checkpoint_args
-from ckptbridge.mapping.registry import ENV_VAR, default_registry, mappings_dir
+from ckptbridge.mapping.registry import mappings_dir
 from ckptbridge.mcore import model as mm
 from ckptbridge.presets import build_tiny_hf
+from arch_checks import mappings_in_use
 from helpers import add_mtp_blocks, assert_bit_exact, hf_config, hf_tensors, to_hf, to_mcore
 from mcore_runner import run_distributed
 from test_arch_kimi import with_expert_bias
@@ -166,16 +167,11 @@ def test_swapped_enorm_hnorm_is_caught_only_by_mtp_logits(models: dict[str, Path
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "deepseek_v3.yaml").write_text(broken)
-    monkeypatch.setenv(ENV_VAR, str(folder))
-    default_registry.cache_clear()
-    try:
+    with mappings_in_use(folder, monkeypatch):
         bad = to_mcore(src, tmp_path / "bad", "torch_dist")
         back = to_hf(bad, tmp_path / "bad_hf")
         assert_bit_exact(hf_tensors(src), hf_tensors(back))  # the round trip is blind to it
         assert hf_config(back) == hf_config(src)
-    finally:
-        monkeypatch.delenv(ENV_VAR)
-        default_registry.cache_clear()
     (got,) = megatron_mtp_logits(bad / "release", 1, 1)
     diffs = max_diff_per_depth(got, reference_mtp_logits(src, TOKENS))
     print(f"swapped enorm/hnorm: MTP max |d| per depth {diffs}")

@@ -94,12 +94,19 @@ def names_in(source: str | int | float | bool | None) -> set[str]:
     functions, not the variables its comprehensions bind."""
     if not isinstance(source, str):
         return set()
+    return set(_free_names(source))
+
+
+@lru_cache(maxsize=4096)
+def _free_names(source: str) -> frozenset[str]:
+    """`names_in` of one expression text, once per process: included families repeat the same rules,
+    and every mapping is validated at start-up."""
     tree = _parse(source)
     called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     bound = {t.id for n in ast.walk(tree) if isinstance(n, ast.comprehension)
              for t in ast.walk(n.target) if isinstance(t, ast.Name)}
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in called}
-    return names - bound - set(_CONSTANTS)
+    return frozenset(names - bound - set(_CONSTANTS))
 
 
 def _size(value: Any) -> int:

@@ -16,12 +16,16 @@ import io
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
+from . import writeback
 from .errors import CkptBridgeError
 
 # Linux writes at most this many bytes per write()/pwrite() call (MAX_RW_COUNT).
 MAX_WRITE = 0x7FFFF000
+# buffers one pwritev() call may gather (IOV_MAX; 1024 on Linux)
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
 _FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
          errno.EFBIG: "file too large (file-size limit reached)"}
 
@@ -45,12 +49,14 @@ def pwrite_all(fd: int, data: Any, offset: int | None, path: Path | str, cap: in
     """Write every byte of ``data`` at ``offset`` (at the file position when None); returns the count.
 
     ``cap`` bounds one system call (the kernel's own limit by default); tests pass a small one to
-    exercise the loop on short writes.
+    exercise the loop on short writes. Writes go in pieces of at most `writeback.STEP` bytes, each
+    followed by `writeback.written`, so the disk writes while the rest is still being produced.
     """
     view = memoryview(data).cast("B")
     done = 0
+    step = min(cap, writeback.STEP)
     while done < len(view):
-        chunk = view[done:done + cap]
+        chunk = view[done:done + step]
         try:
             n = os.write(fd, chunk) if offset is None else os.pwrite(fd, chunk, offset + done)
         except InterruptedError:
@@ -60,6 +66,44 @@ def pwrite_all(fd: int, data: Any, offset: int | None, path: Path | str, cap: in
         if n <= 0:
             raise WriteError(path, f"the system accepted {done} of {len(view)} bytes and then none", True)
         done += n
+        writeback.written(fd, n)
+    return done
+
+
+def pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int, path: Path | str) -> int:
+    """Write ``pieces`` back to back at ``offset`` with as few ``pwritev`` calls as the system allows (it
+    gathers up to IOV_MAX buffers a call); returns the count. Short writes continue where they stopped, as
+    `pwrite_all` does; a full disk is a `WriteError`. On any error the views this function made of
+    ``pieces`` are dropped before it raises, so the caller can close the mapping they point into."""
+    todo = [p for p in pieces if len(p)]
+    total = sum(p.nbytes for p in todo)
+    done, first = 0, 0
+    batch: list[memoryview] = []
+    try:
+        while first < len(todo):
+            batch = todo[first:first + _IOV_MAX]
+            try:
+                n = os.pwritev(fd, batch, offset + done)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise _error(path, exc) from None
+            if n <= 0:
+                raise WriteError(path, f"the system accepted {done} of {total} bytes and then none", True)
+            done += n
+            writeback.written(fd, n)
+            for piece in batch:  # drop what was written; a piece cut short keeps its tail
+                if n >= piece.nbytes:
+                    n -= piece.nbytes
+                    first += 1
+                else:
+                    todo[first] = piece.cast("B")[n:]
+                    break
+    except BaseException:
+        todo.clear()
+        batch.clear()
+        piece = None  # noqa: F841 (the loop's last view, which the traceback would keep)
+        raise
     return done
 
 
@@ -135,6 +179,7 @@ class CheckedFile(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            writeback.forget(self.fd)
             os.close(self.fd)
         super().close()
 
@@ -166,7 +211,8 @@ def copy_range_all(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, l
     if fast and hasattr(os, "copy_file_range"):
         while done < length:
             try:
-                n = os.copy_file_range(src_fd, dst_fd, min(cap, length - done), src_offset + done, dst_offset + done)
+                n = os.copy_file_range(src_fd, dst_fd, min(cap, writeback.STEP, length - done), src_offset + done,
+                                       dst_offset + done)
             except InterruptedError:
                 continue
             except OSError as exc:
@@ -176,6 +222,7 @@ def copy_range_all(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, l
             if n <= 0:
                 raise WriteError(path, f"the source ended after {done} of {length} bytes to copy", False)
             done += n
+            writeback.written(dst_fd, n)
         if done == length:
             return True
     chunk = 64 * 2**20

@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ckptbridge import fastcopy
 from ckptbridge.convert import Target, convert, fast_plan
+from ckptbridge.fastcopy import Run, Spans, write_spans
 from ckptbridge.errors import PlanError
-from ckptbridge.fileio import copy_range_all
+from ckptbridge.fileio import WriteError, copy_range_all
 from ckptbridge.formats.detect import open_source
 from ckptbridge.formats.torch_dist import read_metadata
 from ckptbridge.layout import ParallelLayout
@@ -167,3 +169,53 @@ def test_all_finite(dtype):
         t[7777] = value
         assert not all_finite(t) and _count_nonfinite(t) == 1
         t[7777] = 0
+
+
+def _spans_file(tmp_path: Path, size: int) -> tuple[bytes, int]:
+    data = os.urandom(size)
+    (tmp_path / "src").write_bytes(data)
+    return data, os.open(tmp_path / "src", os.O_RDONLY)
+
+
+def _written(spans, tmp_path: Path, name: str, fast: bool) -> bytes:
+    out = tmp_path / name
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        assert write_spans(spans, fd, 3, out, fast) == spans.nbytes
+    finally:
+        os.close(fd)
+    return out.read_bytes()
+
+
+def test_short_runs_gathered_from_a_mapping(tmp_path, monkeypatch):
+    """Row-parallel shards are one short run a row: they go out as pwritev batches from a read-only mapping
+    of the source, cut where the mapping window ends, a long run or a zero run comes, or the source file
+    changes; the bytes are those the buffered path writes (and above, the slow path's files)."""
+    data, fd = _spans_file(tmp_path, 300_000)
+    other = os.open(tmp_path / "src", os.O_RDONLY)  # the same bytes through another descriptor: another source
+    monkeypatch.setattr(fastcopy, "_WINDOW", 50_000)
+    try:
+        runs = [Run(fd, 1000 + 700 * i, 300) for i in range(200)]  # a strided column block
+        runs += [Run(None, 0, 77), Run(other, 5, 40_000), Run(fd, 9, 11), Run(other, 100, 33)]
+        runs += [Run(fd, 299_000 - 2000 * i, 100) for i in range(3)]  # backwards: one mapping each
+        spans = Spans(tuple(runs), torch.uint8, (sum(r.length for r in runs),))
+        expected = b"\0" * 3 + b"".join(data[r.offset:r.offset + r.length] if r.fd is not None else b"\0" * r.length
+                                        for r in runs)
+        assert _written(spans, tmp_path, "fast", True) == expected == _written(spans, tmp_path, "slow", False)
+        many = Spans(tuple(Run(fd, 3 * i, 2) for i in range(3000)), torch.uint8, (6000,))  # > IOV_MAX pieces a call
+        assert _written(many, tmp_path, "many", True) == b"\0" * 3 + b"".join(data[3 * i:3 * i + 2] for i in range(3000))
+    finally:
+        os.close(fd)
+        os.close(other)
+
+
+def test_gathered_runs_past_the_source_end_are_a_write_error(tmp_path):
+    """A source cut short behind our back is a one-line error before anything is mapped (a read of a mapped
+    page past the end of a file would kill the process)."""
+    _, fd = _spans_file(tmp_path, 10_000)
+    try:
+        spans = Spans((Run(fd, 0, 100), Run(fd, 9_950, 100)), torch.uint8, (200,))
+        with pytest.raises(WriteError, match="the source ended"):
+            _written(spans, tmp_path, "out", True)
+    finally:
+        os.close(fd)

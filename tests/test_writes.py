@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ckptbridge import writeback
 from ckptbridge.compare import max_abs_diff
 from ckptbridge.fileio import CheckedFile, WriteError, check_size, pwrite_all
 from ckptbridge.interrupts import Interrupted, handled
@@ -115,3 +116,17 @@ def test_file_size_limit_fails_cleanly(tiny_hf, tmp_path, kind):
     assert ".ckptbridge-tmp-" in lines[0]  # names the file being written
     assert not dst.exists()
     assert not [p for p in tmp_path.iterdir() if "ckptbridge" in p.name]
+
+
+def test_writeback_started_every_step(tmp_path):
+    """Writers ask the kernel to start writing a file back every `writeback.STEP` bytes (so the fsync
+    before installing finds the pages clean); only a hint, and only where the system has the call."""
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        writeback.forget(fd)  # a number another test's file may have had
+        asked = [writeback.written(fd, writeback.STEP // 2) for _ in range(4)]
+    finally:
+        writeback.forget(fd)
+        os.close(fd)
+    assert asked == ([False, True, False, True] if writeback.available() else [False] * 4)
+    assert writeback.written(fd, 0) is False

@@ -34,13 +34,17 @@ def mappings_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "mappings"
 
 
-def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
+def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], where: str,
+                     done: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Expand ``include: family`` in the config, checks, warnings, tensors and extra_state sections.
 
     A dict section (config) merges the included one with the fields given beside ``include``.
     A list section takes the included list, drops the entries whose ``mcore``/``module`` name is
     listed under ``exclude`` and appends the entries under ``add``.
+    ``done`` holds the families already resolved (by name), so that loading every mapping resolves each
+    included family once rather than once per includer and per section (that was most of start-up).
     """
+    done = {} if done is None else done
     out = copy.deepcopy(raw)
     for section in ("config", "hf_config", "hf_defaults", "tensors", "checks", "warnings", "extra_state", "ignore"):
         value = out.get(section)
@@ -48,9 +52,11 @@ def resolve_includes(raw: dict[str, Any], others: dict[str, dict[str, Any]], whe
             base_name = value.pop("include")
             if base_name not in others:
                 raise MappingError(f"{where}: {section} includes unknown family {base_name!r}")
-            base = resolve_includes(others[base_name], others, base_name).get(section) or []
+            if base_name not in done:
+                done[base_name] = resolve_includes(others[base_name], others, base_name, done)
+            base = done[base_name].get(section) or []
             if isinstance(base, dict):
-                out[section] = {**base, **value}
+                out[section] = copy.deepcopy({**base, **value})
                 continue
             exclude = set(value.pop("exclude", []))
             add = value.pop("add", [])
@@ -237,10 +243,11 @@ class MappingRegistry:
         self._resolved: dict[str, dict[str, Any]] = {}
         self._by_family: dict[str, ArchMapping] = {}
         failed: dict[str, str] = {}
+        done: dict[str, dict[str, Any]] = {}
         for family, raw in raws.items():
             where = str(self._files[family])
             try:
-                self._resolved[family] = resolve_includes(raw, raws, where)
+                self._resolved[family] = resolve_includes(raw, raws, where, done)
                 self._by_family[family] = build_mapping(self._resolved[family], where)
             except MappingError as exc:
                 failed[family] = str(exc)

@@ -86,18 +86,15 @@ def fast_plan(source: Source, target: Target, planned: list[PlannedTensor], dtyp
               margs: dict | None) -> dict[str, Spans]:
     """Per planned tensor that the target's writer can take as bytes, its stored bytes as source runs.
 
-    Such a tensor is in the output dtype already and only moves rows (see `fastcopy`); the writer needs it
-    whole or as row ranges (the legacy writer also as column blocks: a run a row): a row-parallel tensor split
-    over TP ranks into torch_dist chunks, an FP8 export and what a source cannot give as byte runs (see each
-    source's ``spans``: MCore chunks split along columns, replicas to compare) go through memory."""
+    Such a tensor is in the output dtype already and only moves rows (see `fastcopy`); the MCore writers take
+    it whole, as row ranges or as column blocks (a row-parallel shard: a short run a row). An FP8 export and
+    what a source cannot give as byte runs (see each source's ``spans``: MCore chunks split along columns,
+    replicas to compare) go through memory."""
     spans_of = getattr(source, "spans", None)
     if spans_of is None or (target.kind == "hf" and target.hf_fp8):
         return {}
     out: dict[str, Spans] = {}
     for pt in planned:
-        if target.kind == "mcore" and target.ckpt_format != "torch" and \
-                pt.rule.shard_kind(target.spec_name).axis not in (None, 0) and target.layout.tp_for(pt.rule.parallel) > 1:
-            continue
         spans = spans_of(pt, pt.dtype(dtype))
         if spans is None or (target.kind == "hf" and hf_spans(pt, spans, source.spec.args) is None):
             continue

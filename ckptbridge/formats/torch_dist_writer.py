@@ -286,7 +286,8 @@ def write_dist_data(plan: WritePlan, job: WriteJob) -> dict[MetadataIndex, Stora
             for item in items:
                 f = data_file(item.file)
                 if spans is not None:
-                    part = spans if item.region is None else spans.rows(*item.region)  # only dim-0 splits reach here
+                    # a row range, or (row-parallel) a column block: one short run a row, gathered by write_spans
+                    part = spans if item.region is None else spans.regions(kind.axis, [item.region])
                     fill = (lambda fd, at, part=part, f=f: write_spans(part, fd, at, f.path, job.kernel_copy))
                 else:
                     piece = canonical if item.region is None else canonical.narrow(kind.axis, *item.region)

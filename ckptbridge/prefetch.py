@@ -4,10 +4,13 @@ Conversion alternates between reading a canonical tensor (file reads and the
 transform, both of which release the GIL) and writing it. A one-deep
 prefetch on a worker thread computes the next planned tensor while the
 current one is written, at the cost of holding at most two canonical tensors.
+The worker thread reads in the caller's context (``contextvars``), so settings scoped to a conversion,
+such as `transform_values.rounding_allowed`, hold there as they do in the caller.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -43,7 +46,7 @@ class Prefetcher:
         self._pending = None
         if index is not None and index + 1 < len(self._order):
             nxt = self._order[index + 1]
-            self._pending = (index + 1, self._pool.submit(self._read, nxt))
+            self._pending = (index + 1, self._pool.submit(contextvars.copy_context().run, self._read, nxt))
         return result
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,17 +71,19 @@ class Rounded:
             self.tensors, self.values, self.max_error = self.tensors + 1, self.values + values, max(self.max_error, error)
 
 
-_ALLOWED: list[Rounded] = []  # module-wide, not a context variable: the prefetcher's threads must see it
+#: where an inexact `Offset` may round, the conversion's count; a context variable, so the permission holds
+#: for the conversion that gave it (and the threads that read for it: `prefetch` runs them in its context)
+_ALLOWED: ContextVar[Rounded | None] = ContextVar("ckptbridge_rounding_allowed", default=None)
 
 
 @contextmanager
 def rounding_allowed(record: Rounded) -> Iterator[Rounded]:
     """Inside: an inexact `Offset` rounds (to its input's dtype, as ``x + v`` does) and counts it in ``record``."""
-    _ALLOWED.append(record)
+    token = _ALLOWED.set(record)
     try:
         yield record
     finally:
-        _ALLOWED.remove(record)
+        _ALLOWED.reset(token)
 
 
 class Offset(Op):
@@ -109,8 +112,9 @@ class Offset(Op):
             y = x + v
             if y.dtype != x.dtype or not torch.equal(y - v, x):
                 bad = int((y - v != x).sum())
-                if y.dtype == x.dtype and _ALLOWED:
-                    _ALLOWED[-1].add(bad, float(((y.double() - v) - x.double()).abs().max()))
+                allowed = _ALLOWED.get()
+                if y.dtype == x.dtype and allowed is not None:
+                    allowed.add(bad, float(((y.double() - v) - x.double()).abs().max()))
                 else:
                     raise MappingError(f"offset by {v:g} is not exact in {x.dtype} for {bad} of {x.numel()} values "
                                        f"(|values| far from {abs(v):g}); refusing to round the weights: convert "

@@ -20,8 +20,10 @@ whether peak memory grows with depth.
 ``--case large`` is the issue's larger case where start-up no longer dominates: Llama-3.1-8B-shaped
 (full widths, untied 128k-vocabulary embeddings) with 16 layers, 8.5 GiB. ``cp+sync`` is ``cp -r``
 followed by an fsync of every copied file: the durability a conversion pays before it moves its output
-into place (plain ``cp`` leaves the bytes in the page cache). The load average is printed before and
-after: the numbers are only comparable on an otherwise idle machine.
+into place (plain ``cp`` leaves the bytes in the page cache). ``floor`` is a durable kernel-side copy of the
+same files in a bare Python process (no torch): conv / floor is what ckptbridge's own start-up (mostly
+``import torch``) and planning add. The load average is printed before and after: the numbers are only
+comparable on an otherwise idle machine.
 
 Targets (issue 2): ratio <= 1.3; peak RSS <= 1.5 GiB + the largest tensor;
 peak RSS at 32 layers within 10 % of 16 layers. Numbers are printed, never asserted.
@@ -105,6 +107,35 @@ def cp_sync(src: Path, dst: Path) -> list[str]:
     return ["sh", "-c", f'cp -r "{src}" "{dst}" && find "{dst}" -type f -exec sync {{}} + && sync "{dst}"']
 
 
+#: the floor a converter that imports nothing could reach: every source file copied inside the kernel, the
+#: disk started early as ckptbridge's writers do (sync_file_range every 64 MiB), fsynced, in a bare interpreter
+_FLOOR = """
+import ctypes, os, sys
+start = ctypes.CDLL(None, use_errno=True).sync_file_range
+start.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+src, dst = sys.argv[1], sys.argv[2]
+for top, _, files in os.walk(src):
+    out = os.path.join(dst, os.path.relpath(top, src))
+    os.makedirs(out, exist_ok=True)
+    for name in files:
+        i = os.open(os.path.join(top, name), os.O_RDONLY)
+        o = os.open(os.path.join(out, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        size, at = os.fstat(i).st_size, 0
+        while at < size:
+            at += os.copy_file_range(i, o, min(64 << 20, size - at), at, at)
+            start(o, 0, 0, 2)
+        os.fsync(o)
+        os.close(i)
+        os.close(o)
+"""
+
+
+def floor_copy(src: Path, dst: Path) -> list[str]:
+    """A durable kernel-side copy in a bare Python process (no torch): what is left of a conversion's time
+    once its own start-up and planning are gone."""
+    return [sys.executable, "-S", "-c", _FLOOR, str(src), str(dst)]
+
+
 def load() -> str:
     """The load average (1, 5, 15 min): other work on the machine skews every number here."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -133,13 +164,15 @@ def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int, va
     ]
     rows = []
     for label, src, dst, args in cases:
-        cps, syncs, dds, rss = [], [], [], {v: 0 for v in variants}
+        cps, syncs, dds, floors, rss = [], [], [], [], {v: 0 for v in variants}
         convs: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(repeats):  # alternate copies and conversions so all see the same disk weather
             shutil.rmtree(dst, ignore_errors=True)  # at most one copy of the model beside the source(s): disk space
             cps.append(timed(["cp", "-r", str(src), str(work / "cp-copy")])[0])
             shutil.rmtree(work / "cp-copy")
             syncs.append(timed(cp_sync(src, work / "cp-copy"))[0])
+            shutil.rmtree(work / "cp-copy")
+            floors.append(timed(floor_copy(src, work / "cp-copy"))[0])
             shutil.rmtree(work / "cp-copy")
             dds.append(timed(dd_copy(src, work / "dd-copy"))[0])
             shutil.rmtree(work / "dd-copy")
@@ -148,12 +181,13 @@ def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int, va
                 seconds, peak = timed([cli, "convert", "-q", *args, *VARIANTS[variant], str(src), str(dst)])
                 convs[variant].append(seconds)
                 rss[variant] = max(rss[variant], peak)  # --workers: the largest process (GNU time, waited-for children)
-        cp, synced, dd = median(cps), median(syncs), median(dds)
+        cp, synced, dd, floor = median(cps), median(syncs), median(dds), median(floors)
         for variant in variants:
             seconds = median(convs[variant])
             rows.append(dict(case=label, variant=variant, preset=preset, layers=layers, model_gib=size / GIB,
                              largest_gib=largest / GIB, seconds=seconds, cp_seconds=cp, ratio=seconds / cp,
                              cp_sync_seconds=synced, ratio_sync=seconds / synced, dd_seconds=dd,
+                             floor_seconds=floor, ratio_floor=seconds / floor,
                              ratio_dd=seconds / dd, peak_rss_gib=rss[variant] / GIB, rss_budget_gib=1.5 + largest / GIB,
                              runs=repeats))
         if dst.name.startswith(("leg-", "td2-")):  # no later case reads it
@@ -189,10 +223,12 @@ def main() -> None:
           f"`sync` before each run (not timed); median of {args.repeats} runs; wall time includes Python/torch start-up")
     print(f"preset {args.preset} (full widths, random bf16 weights); load average before {before}, after {load()}")
     print(f"{'case':34s} {'variant':12s} {'layers':>6s} {'model GiB':>9s} {'conv s':>7s} {'cp s':>6s} {'/cp':>6s} "
-          f"{'cp+sync s':>9s} {'/cp+sync':>8s} {'dd s':>6s} {'/dd':>6s} {'peak RSS GiB':>12s} {'budget GiB':>10s}")
+          f"{'cp+sync s':>9s} {'/cp+sync':>8s} {'dd s':>6s} {'/dd':>6s} {'floor s':>7s} {'/floor':>6s} "
+          f"{'peak RSS GiB':>12s} {'budget GiB':>10s}")
     for r in rows:
         print(f"{r['case']:34s} {r['variant']:12s} {r['layers']:6d} {r['model_gib']:9.2f} {r['seconds']:7.2f} {r['cp_seconds']:6.2f} "
               f"{r['ratio']:6.2f} {r['cp_sync_seconds']:9.2f} {r['ratio_sync']:8.2f} {r['dd_seconds']:6.2f} {r['ratio_dd']:6.2f} "
+              f"{r['floor_seconds']:7.2f} {r['ratio_floor']:6.2f} "
               f"{r['peak_rss_gib']:12.2f} {r['rss_budget_gib']:10.2f}")
     by_case: dict[str, dict[int, float]] = {}
     for r in rows:

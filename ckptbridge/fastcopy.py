@@ -194,17 +194,16 @@ def write_spans(spans: Spans, dst_fd: int, dst_offset: int, path, fast: bool = T
     inside the kernel when ``fast`` (short ones gathered from a mapping of the source, see `_SHORT`; else
     through a buffer), zero runs written; returns the bytes written."""
     pos = dst_offset
-    batch: list[Run] = []
+    batch = _Batch()
     for r in spans.runs:
         if fast and r.fd is not None and r.length < _SHORT:
-            if batch and not _joins(batch, r):
-                pos += _gather(batch, dst_fd, pos, path)
-                batch = []
-            batch.append(r)
+            if not batch.takes(r):
+                pos += batch.write(dst_fd, pos, path)
+                batch = _Batch()
+                batch.takes(r)
             continue
-        if batch:
-            pos += _gather(batch, dst_fd, pos, path)
-            batch = []
+        pos += batch.write(dst_fd, pos, path)
+        batch = _Batch()
         if r.fd is None:
             zeros = bytes(min(_ZEROS, r.length))
             for at in range(0, r.length, _ZEROS):
@@ -212,41 +211,50 @@ def write_spans(spans: Spans, dst_fd: int, dst_offset: int, path, fast: bool = T
         else:
             copy_range_all(r.fd, r.offset, dst_fd, pos, r.length, path, fast)
         pos += r.length
-    if batch:
-        pos += _gather(batch, dst_fd, pos, path)
+    pos += batch.write(dst_fd, pos, path)
     return pos - dst_offset
 
 
-def _joins(batch: list[Run], r: Run) -> bool:
-    """Whether ``r`` can share ``batch``'s mapping: the same source file, all within `_WINDOW` bytes."""
-    lo = min(batch[0].offset, r.offset)
-    return r.fd == batch[0].fd and max(batch[-1].offset + batch[-1].length, r.offset + r.length) - lo <= _WINDOW \
-        and r.offset >= batch[0].offset
+class _Batch:
+    """Short runs of one source file, in order, within `_WINDOW` bytes of the first: written together by
+    one read-only mapping of the source and ``pwritev`` (the kernel copies each byte once, as
+    ``copy_file_range`` would)."""
 
+    def __init__(self) -> None:
+        self.runs: list[Run] = []
+        self.end = 0
 
-def _gather(batch: list[Run], dst_fd: int, dst_offset: int, path) -> int:
-    """Write the short runs of ``batch`` (one source file, within `_WINDOW`) back to back at ``dst_offset``:
-    ``pwritev`` of slices of a read-only mapping of the source, so the bytes are copied once, by the kernel,
-    as ``copy_file_range`` would. A source shorter than the runs (truncated behind our back) is a
-    `WriteError` before anything is mapped, as a short copy is."""
-    if len(batch) == 1:
-        r = batch[0]
-        copy_range_all(r.fd, r.offset, dst_fd, dst_offset, r.length, path)
-        return r.length
-    fd = batch[0].fd
-    end = max(r.offset + r.length for r in batch)
-    if os.fstat(fd).st_size < end:
-        raise WriteError(path, f"the source ended before byte {end} of the bytes to copy", False)
-    base = batch[0].offset - batch[0].offset % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base) as mapped:
-        view = memoryview(mapped)
-        pieces = [view[r.offset - base:r.offset - base + r.length] for r in batch]
-        try:
-            return pwritev_all(dst_fd, pieces, dst_offset, path)
-        finally:
-            for piece in pieces:
-                piece.release()
-            view.release()
+    def takes(self, r: Run) -> bool:
+        """Add ``r`` if it shares the mapping (same file, not before the first run, window not exceeded)."""
+        if self.runs:
+            first = self.runs[0]
+            if r.fd != first.fd or r.offset < first.offset or max(self.end, r.offset + r.length) - first.offset > _WINDOW:
+                return False
+        self.runs.append(r)
+        self.end = max(self.end, r.offset + r.length)
+        return True
+
+    def write(self, dst_fd: int, dst_offset: int, path) -> int:
+        """Write the runs back to back at ``dst_offset``; returns the bytes written (0 for no runs). A source
+        shorter than the runs (truncated behind our back) is a `WriteError` before anything is mapped, as a
+        short copy is."""
+        if len(self.runs) <= 1:
+            for r in self.runs:
+                copy_range_all(r.fd, r.offset, dst_fd, dst_offset, r.length, path)
+            return sum(r.length for r in self.runs)
+        fd = self.runs[0].fd
+        if os.fstat(fd).st_size < self.end:
+            raise WriteError(path, f"the source ended before byte {self.end} of the bytes to copy", False)
+        base = self.runs[0].offset - self.runs[0].offset % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(fd, self.end - base, prot=mmap.PROT_READ, offset=base) as mapped:
+            view = memoryview(mapped)
+            pieces = [view[r.offset - base:r.offset - base + r.length] for r in self.runs]
+            try:
+                return pwritev_all(dst_fd, pieces, dst_offset, path)
+            finally:
+                for piece in pieces:
+                    piece.release()
+                view.release()
 
 
 def hf_spans(pt, spans: Spans, cfg) -> list[Spans] | None:

@@ -92,17 +92,15 @@ def pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int, path: Path |
                 raise WriteError(path, f"the system accepted {done} of {total} bytes and then none", True)
             done += n
             writeback.written(fd, n)
-            for piece in batch:  # drop what was written; a piece cut short keeps its tail
-                if n >= piece.nbytes:
-                    n -= piece.nbytes
-                    first += 1
-                else:
-                    todo[first] = piece.cast("B")[n:]
+            for size in [b.nbytes for b in batch]:  # drop what was written; a piece cut short keeps its tail
+                if n < size:
+                    todo[first] = todo[first].cast("B")[n:]
                     break
-    except BaseException:
+                n -= size
+                first += 1
+    except BaseException:  # no view of the caller's buffers may outlive this frame in the traceback
         todo.clear()
         batch.clear()
-        piece = None  # noqa: F841 (the loop's last view, which the traceback would keep)
         raise
     return done
 

@@ -59,9 +59,14 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
 def stop_point(name: str) -> None:
-    """Test hook: stop this process (SIGSTOP) at the named point when ``CKPTBRIDGE_TEST_STOP_AT`` says so."""
+    """Test hook: stop this process (SIGSTOP) at the named point when ``CKPTBRIDGE_TEST_STOP_AT`` says so.
+
+    A signal sent while stopped is delivered on SIGCONT to any thread (torch's worker threads too); Python
+    runs its handler in the main thread at the next check. The short sleep after waking lets it arrive here,
+    at the point the test means, rather than a few statements later."""
     if os.environ.get(STOP_ENV) == name:
         os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(0.2)
 
 
 def gib(n: float) -> str:

@@ -16,13 +16,11 @@ on the allow-list, and its tensor goes through user space as before.
 
 from __future__ import annotations
 
-import bisect
 import math
 import mmap
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -60,27 +58,16 @@ class Spans:
     def row_bytes(self) -> int:
         return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else self.dtype.itemsize
 
-    @cached_property
-    def _starts(self) -> list[int]:
-        """Where each run starts in the tensor's bytes (so `cut` finds its first run by bisection: a
-        row-parallel tensor read from TP-split chunks is a run per row and chunk, cut once per row)."""
-        starts, pos = [], 0
-        for r in self.runs:
-            starts.append(pos)
-            pos += r.length
-        return starts
-
     def cut(self, start: int, length: int) -> tuple[Run, ...]:
         """The runs of bytes ``[start, start + length)``."""
-        out, end = [], start + length
-        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
-        for k in range(i, len(self.runs)):
-            r, pos = self.runs[k], self._starts[k]
-            if pos >= end:
-                break
+        out, pos, end = [], 0, start + length
+        for r in self.runs:
             lo, hi = max(start, pos), min(end, pos + r.length)
             if lo < hi:
                 out.append(Run(r.fd, r.offset + lo - pos, hi - lo) if r.fd is not None else Run(None, 0, hi - lo))
+            pos += r.length
+            if pos >= end:
+                break
         return tuple(out)
 
     def rows(self, start: int, count: int) -> "Spans":
@@ -117,36 +104,6 @@ class Spans:
             return self
         return Spans((*self.runs, Run(None, 0, (rows - self.shape[0]) * self.row_bytes)), self.dtype,
                      (rows, *self.shape[1:]))
-
-
-def merge_spans(shards: Sequence[Spans], regions: Sequence[Sequence[tuple[int, int]]], axis: int) -> Spans:
-    """`sharding.merge` on byte runs: the global tensor whose ``(start, length)`` regions along ``axis``
-    (per shard, `ShardKind.regions`) are the ``shards``, back to back. Along dimension 0 a few row runs; along
-    dimension 1 (row-parallel) a run per row and piece, written gathered."""
-    first = shards[0]
-    shape = list(first.shape)
-    shape[axis] *= len(shards)
-    pieces = sorted((start, t, at, length) for t, rs in enumerate(regions)
-                    for at, (start, length) in zip(_running(rs), rs))
-    if axis == 0:
-        return Spans(tuple(r for _, t, at, length in pieces for r in shards[t].rows(at, length).runs), first.dtype,
-                     tuple(shape))
-    if axis != 1 or any(len(s.runs) != 1 or s.runs[0].fd is None for s in shards):
-        raise ValueError(f"merge_spans: dimension {axis} of shards with {[len(s.runs) for s in shards]} runs")
-    inner = math.prod(shape[2:]) * first.dtype.itemsize
-    runs = tuple(Run(shards[t].runs[0].fd, shards[t].runs[0].offset + (row * shards[t].shape[1] + at) * inner,
-                     length * inner)
-                 for row in range(shape[0]) for _, t, at, length in pieces)
-    return Spans(runs, first.dtype, tuple(shape))
-
-
-def _running(regions: Sequence[tuple[int, int]]) -> list[int]:
-    """Where each region starts inside its shard (the regions are stored back to back)."""
-    out, at = [], 0
-    for _, length in regions:
-        out.append(at)
-        at += length
-    return out
 
 
 def _row_moving(step: Op) -> bool:

@@ -94,25 +94,6 @@ def test_row_parallel_shards_copied(tiny_hf):
     assert row and set(row) <= set(legacy) and set(row) <= set(dist)
 
 
-@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
-def test_row_parallel_chunks_read_as_runs(tiny_hf, tmp_path, fmt):
-    """Read back, row-parallel shards at TP 2 (torch_dist chunks, legacy rank files) are column blocks: the
-    HF export copies them a run a row and shard (gathered), byte-identical to the slow path."""
-    mcore = tmp_path / "mcore"
-    convert(tiny_hf["llama3.2-1b"], mcore, None, Target("mcore", layout=ParallelLayout(tp=2), ckpt_format=fmt))
-    source = open_source(mcore, "mcore", None, None)
-    try:
-        source.verify()
-        planned = list(source.planned)
-        row = {pt.mcore for pt in planned if pt.rule.shard_kind("te").axis == 1}
-        fast = fast_plan(source, Target("hf"), planned, source.dtype, None)
-        runs = {name: len(fast[name].runs) for name in row & set(fast)}
-    finally:
-        source.close()
-    assert row and set(runs) == row and all(n > 2 for n in runs.values())
-    assert_same_files(*both(mcore, tmp_path / "hf", kind="hf"))
-
-
 @pytest.mark.parametrize("fmt,layout", [("torch_dist", dict(tp=2, ep=2)), ("torch", dict(tp=2, pp=2, ep=2, etp=1))])
 def test_fast_path_moe(tiny_moe, tmp_path, fmt, layout):
     fast, slow = both(tiny_moe["qwen3-30b-a3b"], tmp_path, kind="mcore", layout=ParallelLayout(**layout), ckpt_format=fmt)

@@ -26,7 +26,7 @@ import torch
 from ..errors import FormatError, LayoutError, PlanError
 from ..fileio import CheckedFile, check_size, pwrite_all
 from ..layout import ParallelLayout, StageChunk
-from ..fastcopy import Spans, merge_spans, write_spans
+from ..fastcopy import Spans, write_spans
 from ..sharding import ShardKind, merge, split
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
@@ -438,13 +438,13 @@ class LegacySource:
     def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
         """The canonical tensor as runs of the held rank files, when no replica needs comparing (`read`
         compares a dense weight across EP ranks and a replicated one across TP ranks) and its TP shards are
-        row ranges or (row-parallel) column blocks already in ``dtype``; None otherwise. The tied replica on the last stage is compared
+        row ranges already in ``dtype``; None otherwise. The tied replica on the last stage is compared
         by `verify`."""
         slot = self._slots[pt.mcore][0][1]
         parts, kind = self.layout.tp_for(pt.rule.parallel), pt.rule.shard_kind(self.spec_name)
         sharded = kind.axis is not None and parts > 1
         if (slot.ep is None and self.layout.ep > 1) or (self.layout.tp > 1 and not (sharded and parts == self.layout.tp)) \
-                or (sharded and kind.axis not in (0, 1)):
+                or (sharded and kind.axis != 0):
             return None
         shards = []
         for t in range(self.layout.tp):
@@ -455,10 +455,15 @@ class LegacySource:
                 return None
             shards.append(Spans((run,), dtype, tuple(meta.shape)))
         full = shards[0]
-        if sharded:  # `sharding.merge` on byte runs: each rank's regions put back at their global place
-            shape = list(full.shape)
-            shape[kind.axis] *= parts
-            full = merge_spans(shards, kind.regions(shape, parts, pt.mcore), kind.axis)
+        if sharded:  # `sharding.merge` on byte runs: each rank's regions put back at their global rows
+            shape = (shards[0].shape[0] * parts, *shards[0].shape[1:])
+            pieces = []
+            for shard, regions in zip(shards, kind.regions(shape, parts, pt.mcore)):
+                at = 0
+                for start, length in regions:
+                    pieces.append((start, shard.rows(at, length).runs))
+                    at += length
+            full = Spans(tuple(r for _, runs in sorted(pieces, key=lambda p: p[0]) for r in runs), dtype, shape)
         return full.rows(0, pt.shape[0]) if pt.rule.shard.padded else full
 
     def check_replicas(self) -> None:
@@ -477,4 +482,3 @@ class LegacySource:
         if self._carried_file is not None:
             self._carried_file.close()
         self._files.clear()
-

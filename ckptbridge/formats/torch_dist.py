@@ -284,10 +284,9 @@ class TorchDistSource:
         return read_storage_at(fd, chunk.info.offset, meta, what)
 
     def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
-        """The canonical tensor as runs of the held data files, when its chunks tile it along the first two
-        dimensions only (row ranges: TP 1 or column-parallel, one run a chunk; column blocks: row-parallel
-        at TP > 1, one run a row and chunk, gathered when written) and are already in ``dtype``; None
-        otherwise (a cast, strided storage, another split): then `read` assembles it."""
+        """The canonical tensor as runs of the held data files, when its chunks are row ranges (every chunk
+        of the layer spans all but the first dimension: TP 1, or column-parallel) already in ``dtype``;
+        None otherwise (row-parallel chunks, a cast, strided storage): then `read` assembles it."""
         if pt.rule.dist_parts:
             return None  # several keys: `read` joins them
         key = storage_key(pt, self._stacked)
@@ -297,38 +296,23 @@ class TorchDistSource:
         if md.properties.dtype != dtype or not full:
             return None
         mine = [c for c in self.chunks[key] if all(o <= i < o + s for i, o, s in zip(lead, c.offsets, c.sizes))]
-        if any(c.offsets[n + 2:] != (0,) * (len(full) - 2) or c.sizes[n + 2:] != full[2:] for c in mine):
+        if any(c.offsets[n + 1:] != (0,) * (len(full) - 1) or c.sizes[n + 1:] != full[1:] for c in mine):
             return None
-        inner = math.prod(full[2:]) * dtype.itemsize  # bytes of one (row, column) cell
-        runs: list[Run] = []
-        row = 0
-        for band in _row_bands(mine, n):
-            rows, first = band[0].sizes[n], band[0].offsets[n]
-            if first != row or any(c.sizes[n] != rows for c in band):
+        row_bytes = math.prod(full[1:]) * dtype.itemsize
+        runs, row = [], 0
+        for c in sorted(mine, key=lambda c: c.offsets[n]):
+            if c.offsets[n] != row:
                 return None
-            blocks, col = [], 0  # per chunk of the band: (its layer's block as one run, its row's bytes)
-            for c in band:
-                cols = c.sizes[n + 1] if len(full) > 1 else 1
-                if (c.offsets[n + 1] if len(full) > 1 else 0) != col:
-                    return None
-                fd, meta, _ = self._chunk_meta(c, key)
-                run = stored_run(fd, c.info.offset, meta)
-                if run is None or meta.dtype != dtype or tuple(meta.shape) != c.sizes:
-                    return None
-                local = 0  # the layer's (and expert's) place inside the chunk: lead axes are outermost, so one block
-                for i, o, s in zip(lead, c.offsets, c.sizes):
-                    local = local * s + (i - o)
-                block = rows * cols * inner
-                blocks.append((Run(fd, run.offset + local * block, block), cols * inner))
-                col += cols
-            if col != (full[1] if len(full) > 1 else 1):
+            fd, meta, _ = self._chunk_meta(c, key)
+            run = stored_run(fd, c.info.offset, meta)
+            if run is None or meta.dtype != dtype or tuple(meta.shape) != c.sizes:
                 return None
-            if len(blocks) == 1:
-                runs.append(blocks[0][0])
-            else:
-                for r in range(rows):
-                    runs.extend(Run(b.fd, b.offset + r * width, width) for b, width in blocks)
-            row += rows
+            local = 0  # the layer's (and expert's) place inside the chunk: lead axes are outermost, so one block
+            for i, o, s in zip(lead, c.offsets, c.sizes):
+                local = local * s + (i - o)
+            block = c.sizes[n] * row_bytes
+            runs.append(Run(fd, run.offset + local * block, block))
+            row += c.sizes[n]
         if row != full[0]:
             return None
         spans = Spans(tuple(runs), dtype, full)
@@ -372,10 +356,3 @@ class TorchDistSource:
             self._carried_file.close()
         self._files.clear()
 
-
-def _row_bands(chunks: list[_Chunk], n: int) -> list[list[_Chunk]]:
-    """``chunks`` grouped by their first row (dimension ``n``), bands in row order, each in column order."""
-    bands: dict[int, list[_Chunk]] = {}
-    for c in sorted(chunks, key=lambda c: tuple(c.offsets[n:n + 2])):
-        bands.setdefault(c.offsets[n], []).append(c)
-    return [bands[k] for k in sorted(bands)]

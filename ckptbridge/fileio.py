@@ -15,8 +15,8 @@ import errno
 import io
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from . import writeback
@@ -45,6 +45,17 @@ def _error(path: Path | str, exc: OSError) -> WriteError:
     return WriteError(path, reason, exc.errno in (errno.ENOSPC, errno.EDQUOT))
 
 
+def _call(write: Callable[[], int], path: Path | str) -> int:
+    """One write system call, repeated when a signal interrupts it; its failure a one-line `WriteError`."""
+    while True:
+        try:
+            return write()
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise _error(path, exc) from None
+
+
 def pwrite_all(fd: int, data: Any, offset: int | None, path: Path | str, cap: int = MAX_WRITE) -> int:
     """Write every byte of ``data`` at ``offset`` (at the file position when None); returns the count.
 
@@ -57,12 +68,7 @@ def pwrite_all(fd: int, data: Any, offset: int | None, path: Path | str, cap: in
     step = min(cap, writeback.STEP)
     while done < len(view):
         chunk = view[done:done + step]
-        try:
-            n = os.write(fd, chunk) if offset is None else os.pwrite(fd, chunk, offset + done)
-        except InterruptedError:
-            continue
-        except OSError as exc:
-            raise _error(path, exc) from None
+        n = _call(lambda: os.write(fd, chunk) if offset is None else os.pwrite(fd, chunk, offset + done), path)
         if n <= 0:
             raise WriteError(path, f"the system accepted {done} of {len(view)} bytes and then none", True)
         done += n
@@ -82,12 +88,7 @@ def pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int, path: Path |
     try:
         while first < len(todo):
             batch = todo[first:first + _IOV_MAX]
-            try:
-                n = os.pwritev(fd, batch, offset + done)
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                raise _error(path, exc) from None
+            n = _call(lambda: os.pwritev(fd, batch, offset + done), path)
             if n <= 0:
                 raise WriteError(path, f"the system accepted {done} of {total} bytes and then none", True)
             done += n

@@ -24,37 +24,45 @@ from .errors import MappingError
 from .transform_op import Op, Tensors
 
 
-class Scale(Op):
+class _PerElement(Op):
+    """A step applying one number, an expression of the config, to every element: shapes unchanged, the
+    expression's names validated when the file loads."""
+
+    def __init__(self, number: Any):
+        self.number = number
+
+    def _number(self, cfg: Mapping[str, Any], what: str, zero: bool) -> float:
+        value = expr.evaluate(self.number, cfg)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (value == 0 and not zero):
+            raise MappingError(f"{what} {self.number!r} is {value!r}, not a {'' if zero else 'non-zero '}number")
+        return float(value)
+
+    def out_shapes(self, in_shapes, cfg):
+        return [tuple(s) for s in in_shapes]
+
+    def names(self):
+        return expr.names_in(self.number)
+
+    def describe(self):
+        return f"{self.name}({self.number})"
+
+
+class Scale(_PerElement):
     """Multiply every tensor by a factor (an expression); back: divide. Only exact factors (powers
     of two) survive the load-time round trip, so a lossy scale is refused, not applied."""
 
     name = "scale"
 
     def __init__(self, factor: Any):
-        self.factor = factor
-
-    def _f(self, cfg: Mapping[str, Any]) -> float:
-        value = expr.evaluate(self.factor, cfg)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value == 0:
-            raise MappingError(f"scale factor {self.factor!r} is {value!r}, not a non-zero number")
-        return float(value)
+        super().__init__(factor)
 
     def forward(self, xs, cfg):
-        f = self._f(cfg)
+        f = self._number(cfg, "scale factor", zero=False)
         return [x * f for x in xs]
 
     def reverse(self, ys, cfg, in_shapes):
-        f = self._f(cfg)
+        f = self._number(cfg, "scale factor", zero=False)
         return [y / f for y in ys]
-
-    def out_shapes(self, in_shapes, cfg):
-        return [tuple(s) for s in in_shapes]
-
-    def names(self):
-        return expr.names_in(self.factor)
-
-    def describe(self):
-        return f"scale({self.factor})"
 
 
 @dataclass
@@ -86,7 +94,7 @@ def rounding_allowed(record: Rounded) -> Iterator[Rounded]:
         _ALLOWED.reset(token)
 
 
-class Offset(Op):
+class Offset(_PerElement):
     """Add a constant to every tensor (HF's ``x * w`` norm weight -> megatron's zero-centred ``x * (1 + w')``:
     ``offset: -1``); back: subtract it. Floating-point addition is exact only for some values (``w - 1``
     for ``w`` in [0.5, 2]), so each direction checks that the other gives back every bit and raises
@@ -98,13 +106,7 @@ class Offset(Op):
     grid_probe = True
 
     def __init__(self, value: Any):
-        self.value = value
-
-    def _v(self, cfg: Mapping[str, Any]) -> float:
-        value = expr.evaluate(self.value, cfg)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MappingError(f"offset {self.value!r} is {value!r}, not a number")
-        return float(value)
+        super().__init__(value)
 
     def _add(self, xs: Tensors, v: float) -> Tensors:
         out = []
@@ -123,16 +125,7 @@ class Offset(Op):
         return out
 
     def forward(self, xs, cfg):
-        return self._add(list(xs), self._v(cfg))
+        return self._add(list(xs), self._number(cfg, "offset", zero=True))
 
     def reverse(self, ys, cfg, in_shapes):
-        return self._add(list(ys), -self._v(cfg))
-
-    def out_shapes(self, in_shapes, cfg):
-        return [tuple(s) for s in in_shapes]
-
-    def names(self):
-        return expr.names_in(self.value)
-
-    def describe(self):
-        return f"offset({self.value})"
+        return self._add(list(ys), -self._number(cfg, "offset", zero=True))

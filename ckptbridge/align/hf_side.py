@@ -9,6 +9,7 @@ import torch
 from . import points as P
 from .ablations import Ablation, applied
 from .capture import HFRecorder, hf_decoder, hf_mlp
+from .hf_sites import model_architecture
 from .variants import HFRope, VariantContext
 
 #: HF's attention implementation for the baseline, pinned so the reference does not change with
@@ -28,12 +29,7 @@ def attention_implementation(path: Path) -> tuple[str, str]:
 
     Decided from the class's ``_supports_sdpa`` before loading (``from_pretrained`` would raise
     half-way through a run); the reason goes into report.md."""
-    from transformers import AutoConfig
-
-    from ..presets import model_class
-
-    config = AutoConfig.from_pretrained(path)
-    cls = model_class(config, (getattr(config, "architectures", None) or [None])[0])
+    cls = _model_class(path)
     if getattr(cls, "_supports_sdpa", False):
         return BASELINE_ATTENTION, ""
     return FALLBACK_ATTENTION, f"{cls.__name__} does not support SDPA, so HF runs {FALLBACK_ATTENTION} attention"
@@ -41,14 +37,18 @@ def attention_implementation(path: Path) -> tuple[str, str]:
 
 def load_hf(path: Path, dtype: torch.dtype, device: str, attention: str = BASELINE_ATTENTION) -> torch.nn.Module:
     """``from_pretrained`` in ``dtype`` with ``attention`` (see :func:`attention_implementation`), in eval mode."""
+    model = _model_class(path).from_pretrained(path, dtype=dtype, attn_implementation=attention)
+    return model.to(device).eval()
+
+
+def _model_class(path: Path) -> type:
+    """The transformers class the checkpoint's config names (a VLM: its own, not a causal LM's)."""
     from transformers import AutoConfig
 
     from ..presets import model_class
 
     config = AutoConfig.from_pretrained(path)
-    cls = model_class(config, (getattr(config, "architectures", None) or [None])[0])  # a VLM: the class it names
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attention)
-    return model.to(device).eval()
+    return model_class(config, (getattr(config, "architectures", None) or [None])[0])
 
 
 def fill_context(model: torch.nn.Module, ctx: VariantContext) -> VariantContext:
@@ -88,7 +88,7 @@ def text_model(model: torch.nn.Module) -> torch.nn.Module:
     from ckptbridge.errors import CkptBridgeError
     from ckptbridge.mapping.registry import default_registry
 
-    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    arch = model_architecture(model)
     rule = next((r for r in default_registry().for_architecture(arch).tensors if r.mcore == MCORE_HEAD), None)
     if rule is None:  # a family whose head is always the embedding: no HF head tensor, the model is the language model
         return model

@@ -23,11 +23,16 @@ MCORE_ATTENTION = "decoder.layers.{L}.self_attention."
 _FUSED_NORM = (".layer_norm_weight", ".layer_norm_bias")  # the input norm inside a TE linear
 
 
+def model_architecture(model: torch.nn.Module) -> str:
+    """The HF architecture a loaded model's mapping is found by: its config's first, else its class name."""
+    return (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+
+
 def hf_attention_modules(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
     """Each HF layer's attention block (the module MCore's ``self_attention`` stands for)."""
     from ckptbridge.mapping.registry import default_registry
 
-    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    arch = model_architecture(model)
     rules = [r for r in default_registry().for_architecture(arch).tensors
              if r.mcore.startswith(MCORE_ATTENTION) and not r.mcore.endswith(_FUSED_NORM)]
     # the child is read after the layer index, not from the whole name: a VLM's checkpoint names (Qwen2.5-VL's

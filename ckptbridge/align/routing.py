@@ -33,6 +33,8 @@ import torch
 from ckptbridge.errors import CkptBridgeError
 from ckptbridge.mapping.schema import TensorRule
 
+from .hf_sites import model_architecture
+
 LOGITS, TOPK, WEIGHTS = "router_logits", "router_topk", "router_weights"
 #: the MCore router weight of every MoE layer; the mapping rule that fills it names the HF router module
 MCORE_ROUTER = "decoder.layers.{L}.mlp.router.weight"
@@ -111,7 +113,7 @@ def router_outputs(router: torch.nn.Module, out: Any) -> dict[str, torch.Tensor]
 def hook_hf(recorder: Any, model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> None:
     """Record the router of every HF MoE layer (the module :func:`hf_router_path` names; a layer
     without one is dense, or its router is not where the mapping says: the MCore side then shows it)."""
-    rule = hf_router_rule((getattr(model.config, "architectures", None) or [type(model).__name__])[0])
+    rule = hf_router_rule(model_architecture(model))
     if rule is None:  # a dense family
         return
     modules = dict(model.named_modules())

@@ -69,13 +69,9 @@ class ValueChecks:
                             f"{torch.finfo(want).max:.4g}); choose another --dtype")
         return out
 
-    def check_spans(self, pt: PlannedTensor, spans: "Spans") -> None:
-        """The checks of `cast` for a tensor copied byte for byte (same dtype, no cast): its values are
-        looked at through a read-only mapping of the held source file, never copied into our memory."""
-        self.judge_spans(pt, nonfinite_in_spans(spans))
-
     def judge_spans(self, pt: PlannedTensor, bad: int) -> None:
-        """What `check_spans` makes of ``bad`` NaN/Inf values counted in ``pt``'s source bytes."""
+        """The checks of `cast` for a tensor copied byte for byte (same dtype, no cast), given ``bad``, the
+        NaN/Inf values `nonfinite_in_spans` counted in its source bytes (never copied into our memory)."""
         if not bad:
             return
         name = pt.hf_names[0] if pt.hf_names else pt.mcore
@@ -95,8 +91,8 @@ class ValueChecks:
 
 
 class SpanChecks:
-    """`ValueChecks.check_spans` on one worker thread, in submission order, overlapping the kernel copy of
-    the same bytes. Each `submit` first reports the checks finished so far (a failure stops the writing
+    """`nonfinite_in_spans` on one worker thread, judged by `ValueChecks.judge_spans` in submission order,
+    overlapping the kernel copy of the same bytes. Each `submit` first reports the checks finished so far (a failure stops the writing
     about where it would have stopped without the thread), `finish` waits for the rest and reports them;
     leaving the ``with`` block always waits for the thread, so no check maps a source file after it closes."""
 

@@ -1,5 +1,5 @@
 """``python -m ckptbridge``: what torchrun starts (``torchrun ... -m ckptbridge convert ...``)."""
 
-from .cli import main
+from .cli import run
 
-main(prog_name="ckptbridge")
+run()

@@ -15,6 +15,7 @@ from .dtypes import ALL_NAMES
 from .errors import CkptBridgeError, OptionError
 from .extras import needs_extra
 from .option_checks import refuse_given
+from .quick_exit import leave
 from .layout import DEFAULT_VOCAB_DIVISIBLE_BY
 from .source_options import source_read_options
 
@@ -351,5 +352,16 @@ for _command in (example, align, converge, gate):
 from .check_cli import check_mapping  # noqa: E402
 main.add_command(check_mapping)
 
+
+
+def run() -> None:
+    """The ``ckptbridge`` console script and ``python -m ckptbridge``: `main`, then the process ends without
+    the interpreter's half-second teardown of torch where nothing else is running (see `quick_exit`)."""
+    try:
+        main(prog_name="ckptbridge")
+    except SystemExit as done:
+        leave(done)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -82,7 +82,7 @@ def _cases(spec, tp, pp, ep, formats):  # noqa: ANN001, ANN202 - click's values
                 biased = moe and spec.args.get("add_bias_linear")  # megatron-core: biased experts only at ETP 1
                 layout = ParallelLayout(t, p, ep=e, etp=1 if biased else None)
                 for fmt in formats or ("torch_dist", "torch"):
-                    for spec_name in ("te", "local"):
-                        cases.append((spec, spec.megatron_args(layout, torch.bfloat16, spec_name, fmt), fmt, spec_name))
-                        names.append(f"{layout.describe()} {fmt} {spec_name}")
+                    for layer_spec in ("te", "local"):
+                        cases.append((spec, spec.megatron_args(layout, torch.bfloat16, layer_spec, fmt), fmt, layer_spec))
+                        names.append(f"{layout.describe()} {fmt} {layer_spec}")
     return cases, names

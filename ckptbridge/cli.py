@@ -46,7 +46,7 @@ class ByteSize(click.ParamType):
 BYTE_SIZE = ByteSize()
 
 #: convert's options that shape an MCore output, and those that shape an HF output (click parameter names)
-MCORE_OUTPUT_OPTIONS = ("tp", "pp", "vpp", "pp_first", "pp_last", "ep", "etp", "ckpt_format", "spec_name",
+MCORE_OUTPUT_OPTIONS = ("tp", "pp", "vpp", "pp_first", "pp_last", "ep", "etp", "ckpt_format", "layer_spec",
                         "moe_grouped_gemm", "vocab_divisible_by", "dst_iteration", "check_megatron")
 HF_OUTPUT_OPTIONS = ("max_shard_size", "hf_dtype")
 
@@ -107,7 +107,7 @@ def main(mapping_dirs) -> None:
 @click.option("--etp", type=int, default=None, help="Expert tensor-parallel size (MoE; default: --tp). Legacy format: 1 or --tp.")
 @click.option("--format", "ckpt_format", type=click.Choice(["torch_dist", "torch"]), default="torch_dist", show_default=True,
               help="MCore on-disk format: torch_dist (dist_checkpointing) or legacy per-rank torch files.")
-@click.option("--spec", "spec_name", type=click.Choice(["te", "local"]), default="te", show_default=True,
+@click.option("--spec", "layer_spec", type=click.Choice(["te", "local"]), default="te", show_default=True,
               help="MCore module names: TransformerEngine spec (what Megatron-LM trains with) or the local spec.")
 @click.option("--moe-grouped-gemm", is_flag=True, help="MoE, legacy format: grouped-expert names (experts.linear_fc1.weight<e>) "
               "as TEGroupedMLP saves them, instead of sequential experts (local_experts.<e>.linear_fc1.weight).")
@@ -141,7 +141,7 @@ def main(mapping_dirs) -> None:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @source_read_options
-def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, spec_name, moe_grouped_gemm, dtype,
+def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_format, layer_spec, moe_grouped_gemm, dtype,
             hf_dtype, vocab_divisible_by, dst_iteration, check_megatron, max_shard_size, force, allow_nonfinite, allow_rounding,
             clean, fast_copy, workers, quiet, src, dst, iteration, config):
     """Convert SRC into DST (HF <-> MCore, or reshard MCore -> MCore).
@@ -186,7 +186,7 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         argv = worker_args(sys.argv[1:])
         launcher = (lambda folder: launch(argv, workers, folder)) if workers > 1 else None
         quiet = quiet or team.rank > 0 or given_staging() is not None
-        target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, spec_name,
+        target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, layer_spec,
                         DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
                         hf_fp8=hf_dtype == "fp8-block", max_shard_bytes=max_shard_size, check_megatron=check_megatron,
                         fast_copy=fast_copy)

@@ -57,7 +57,7 @@ class Target:
     kind: str  # "hf" or "mcore"
     layout: ParallelLayout = ParallelLayout()
     ckpt_format: str = "torch_dist"  # or "torch"
-    spec_name: str = "te"  # or "local"
+    layer_spec: str = "te"  # or "local"
     dtype: torch.dtype | None = None  # None: keep the source dtype
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY
     grouped_gemm: bool = False  # legacy MoE: TEGroupedMLP names (experts.linear_fc1.weight{e})
@@ -132,12 +132,12 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
         dtype = target.dtype or source.dtype
         margs = None
         if target.kind == "mcore":
-            margs = spec.megatron_args(target.layout, dtype, target.spec_name, target.ckpt_format,
+            margs = spec.megatron_args(target.layout, dtype, target.layer_spec, target.ckpt_format,
                                        target.vocab_divisible_by, target.grouped_gemm)
         if margs is not None and target.check_megatron and team.rank == 0:
             from .mcore.plan_check import check_plan_isolated  # imports megatron-core: only when asked
 
-            check_plan_isolated(spec, margs, target.ckpt_format, target.spec_name)
+            check_plan_isolated(spec, margs, target.ckpt_format, target.layer_spec)
         planned = source.planned  # planned once, by the source: its checks, readers and the write plan share it
         fp8, full_precision = fp8_export(spec, planned) if target.kind == "hf" and target.hf_fp8 else (None, set())
         total = sum(math.prod(pt.shape) * pt.dtype(dtype).itemsize for pt in planned)
@@ -147,7 +147,7 @@ def convert(src: Path, dst: Path, src_kind: str | None, target: Target, force: b
             notes = (*notes, f"carried: {carried.describe()}; from {carried.origin}")
         plan = None
         if launch is None:  # the one plan this process's writer, prefetcher and share follow
-            plan = plan_output(spec, planned, target.format_name, dtype, target.layout, margs, target.spec_name,
+            plan = plan_output(spec, planned, target.format_name, dtype, target.layout, margs, target.layer_spec,
                                target.iteration, shard_limit(source, target, dtype), fp8, team.size, carried)
         with _staging(team, src, dst, force, clean, total + (carried.nbytes if carried else 0)) as stage:
             if plan is None:  # the workers write; this process holds the lock and moves the result

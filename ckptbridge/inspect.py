@@ -49,7 +49,7 @@ def describe(path: Path, config: ConfigOptions | None = None, iteration: int | N
             info["layout"] = {
                 "tp": source.layout.tp, "pp": source.layout.pp, "vpp": source.layout.vpp,
                 "pp_first": source.layout.pp_first, "pp_last": source.layout.pp_last,
-                "ep": source.layout.ep, "etp": source.layout.expert_tp, "spec": source.spec_name,
+                "ep": source.layout.ep, "etp": source.layout.expert_tp, "spec": source.layer_spec,
             }
             moe = bool(spec.args.get("num_moe_experts"))  # a dense model's args still say ep 1 / etp = tp: noise
             info["layout"]["summary"] = (source.layout if moe else replace(source.layout, ep=1, etp=None)).describe()

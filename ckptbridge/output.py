@@ -27,7 +27,7 @@ from .write_plan import Fast, Progress, Read, WriteJob, WritePlan
 
 
 def plan_output(spec: ModelSpec, planned: Sequence[PlannedTensor], fmt: str, dtype: torch.dtype,
-                layout: ParallelLayout, margs: dict[str, Any] | None, spec_name: str, iteration: int | None,
+                layout: ParallelLayout, margs: dict[str, Any] | None, layer_spec: str, iteration: int | None,
                 max_shard_bytes: int, fp8: FP8Export | None, workers: int = 1, carried: Carried | None = None) -> WritePlan:
     """The write plan of a ``fmt`` ("hf", "torch_dist", "torch") output, for ``workers`` writers (``fp8``:
     an HF output's FP8 export, `formats.hf.fp8_export`).
@@ -36,9 +36,9 @@ def plan_output(spec: ModelSpec, planned: Sequence[PlannedTensor], fmt: str, dty
         return hf_plan(spec, planned, dtype, max_shard_bytes, fp8, carried)
     assert margs is not None
     if fmt == "torch_dist":
-        plan = dist_plan(spec, planned, layout, margs, dtype, spec_name, iteration, workers)
+        plan = dist_plan(spec, planned, layout, margs, dtype, layer_spec, iteration, workers)
     else:
-        plan = legacy_plan(spec, planned, layout, margs, dtype, spec_name, iteration)
+        plan = legacy_plan(spec, planned, layout, margs, dtype, layer_spec, iteration)
     return plan if carried is None else replace(plan, carried=carried)
 
 

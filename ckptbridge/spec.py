@@ -216,7 +216,7 @@ class ModelSpec:
             hf_copies=copies,
         )
 
-    def megatron_args(self, layout: ParallelLayout, dtype: torch.dtype, spec: str, ckpt_format: str,
+    def megatron_args(self, layout: ParallelLayout, dtype: torch.dtype, layer_spec: str, ckpt_format: str,
                       vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY, grouped_gemm: bool = False) -> dict[str, Any]:
         """Everything a Megatron-LM trainer needs to rebuild this model at this layout."""
         layout.check_divides(self.args)
@@ -226,7 +226,7 @@ class ModelSpec:
             **layout.to_args(),
             "make_vocab_size_divisible_by": vocab_divisible_by,
             "padded_vocab_size": padded_vocab_size(self.args["vocab_size"], vocab_divisible_by, layout.tp),
-            "transformer_impl": "transformer_engine" if spec == "te" else "local",
+            "transformer_impl": "transformer_engine" if layer_spec == "te" else "local",
             "params_dtype": dtype,
             "bf16": dtype == torch.bfloat16,
             "fp16": dtype == torch.float16,

@@ -80,7 +80,7 @@ class WritePlan:
     files: FilePlan  # data files (relative to the folder the writer fills), their bytes, which hold each tensor
     layout: ParallelLayout = ParallelLayout()
     margs: dict[str, Any] | None = None  # MCore: the megatron arguments the output is written for
-    spec_name: str = "te"
+    layer_spec: str = "te"
     iteration: int | None = None
     detail: Any = None  # the format's own rest: HF BlockFP8 export layout, torch_dist extra-state items
     carried: Any = None  # formats.carried.Carried: tensors the mapping carries unchanged, written when finishing

@@ -61,9 +61,9 @@ def test_every_shipped_mapping_equals_megatrons_model() -> None:
         layouts = [ParallelLayout(1, 1, ep=2), ParallelLayout(2, 2, ep=2, etp=etp)] if moe else [ParallelLayout(), ParallelLayout(2, 2)]
         for layout in layouts:
             for fmt in ("torch_dist", "torch"):
-                for spec_name in ("te", "local"):
-                    cases.append((spec, spec.megatron_args(layout, torch.bfloat16, spec_name, fmt), fmt, spec_name))
-                    names.append(f"{family} {layout.describe()} {fmt} {spec_name}")
+                for layer_spec in ("te", "local"):
+                    cases.append((spec, spec.megatron_args(layout, torch.bfloat16, layer_spec, fmt), fmt, layer_spec))
+                    names.append(f"{family} {layout.describe()} {fmt} {layer_spec}")
     problems = {name: p for name, p in zip(names, check_plans(cases)) if p}
     assert not problems, problems
 

@@ -67,24 +67,24 @@ def rank_file(tp: int, pp: int, layout: ParallelLayout, ep: int = 0) -> str:
 
 
 def legacy_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: ParallelLayout, margs: dict[str, Any],
-                dtype: torch.dtype, spec_name: str, iteration: int | None = None) -> WritePlan:
+                dtype: torch.dtype, layer_spec: str, iteration: int | None = None) -> WritePlan:
     """The rank files a legacy output of ``layout`` has, and every tensor's slot (a step's ``where``) in
     writing order: stage by stage, as the writer fills a stage's files together (a tied embedding's
     replica on the last stage is a second step, read again there)."""
     if layout.expert_tp not in (1, layout.tp):
         raise LayoutError(f"the legacy format supports --etp 1 or --etp {layout.tp} (= --tp), not {layout.expert_tp}")
-    placement = slots(spec, layout, spec_name, bool(margs.get("moe_grouped_gemm")), planned)
+    placement = slots(spec, layout, layer_spec, bool(margs.get("moe_grouped_gemm")), planned)
     steps = []
     for pp in range(layout.pp):
         for entries in placement.values():
             for pt, slot in entries:
                 if slot.pp != pp:
                     continue
-                nbytes = math.prod(local_shape(pt, margs, layout, spec_name)) * pt.dtype(dtype).itemsize
+                nbytes = math.prod(local_shape(pt, margs, layout, layer_spec)) * pt.dtype(dtype).itemsize
                 steps.append(Step(pt, slot, tuple((rank_file(t, pp, layout, e), nbytes) for t, p, e in all_ranks(layout)
                                                   if p == pp and slot.ep in (None, e))))
     names = [rank_file(t, p, layout, e) for t, p, e in all_ranks(layout)]
-    return WritePlan("torch", spec, dtype, tuple(steps), file_plan(steps, names), layout, margs, spec_name, iteration)
+    return WritePlan("torch", spec, dtype, tuple(steps), file_plan(steps, names), layout, margs, layer_spec, iteration)
 
 
 def all_ranks(layout: ParallelLayout) -> list[Rank]:
@@ -110,7 +110,7 @@ class Slot:
     key: str
 
 
-def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str, grouped: bool = False,
+def slots(spec: ModelSpec, layout: ParallelLayout, layer_spec: str, grouped: bool = False,
           planned: Sequence[PlannedTensor] | None = None) -> dict[str, list[tuple[PlannedTensor, Slot]]]:
     """Per canonical name, every (stage, chunk, key) it is written to (the tied output replica adds one);
     ``planned``: the spec's planned tensors, when the caller has them."""
@@ -125,13 +125,13 @@ def slots(spec: ModelSpec, layout: ParallelLayout, spec_name: str, grouped: bool
             ep, expert = divmod(pt.expert, local_experts)
         if pt.mtp is not None:  # MTP blocks live on the last stage (its last virtual chunk), numbered from 0
             chunk = last
-            key = pt.rule.mcore_name(None, spec_name, expert, grouped, mtp=pt.mtp)
+            key = pt.rule.mcore_name(None, layer_spec, expert, grouped, mtp=pt.mtp)
         elif pt.layer is None:
             chunk = first if pt.rule.place == "first" else last
-            key = pt.rule.mcore_name(None, spec_name)
+            key = pt.rule.mcore_name(None, layer_spec)
         else:
             chunk = by_layer[pt.layer]
-            key = pt.rule.mcore_name(pt.layer - chunk.first_layer, spec_name, expert, grouped)
+            key = pt.rule.mcore_name(pt.layer - chunk.first_layer, layer_spec, expert, grouped)
         out[pt.mcore] = [(pt, Slot(chunk.pp_rank, ep, model_key(chunk), key))]
         embedding = pt.rule.place == "first" and pt.rule.shard.padded
         if embedding and layout.pp > 1:
@@ -194,12 +194,12 @@ def write_legacy(plan: WritePlan, job: WriteJob) -> None:
                 entries = [(s.pt, s.where) for s in stage if s.where.ep in (None, rank[1])]
                 laid_out[rank] = _lay_out(job.folder / name, spec, layout, margs, plan.dtype, pp, rank[1], grouped,
                                           entries, {"args": ns, "checkpoint_version": CHECKPOINT_VERSION,
-                                                    "iteration": iteration, "ckptbridge": record}, plan.spec_name)
+                                                    "iteration": iteration, "ckptbridge": record}, plan.layer_spec)
             for step in stage:
                 if id(step) not in mine:
                     continue  # held only by other workers' files
                 pt, slot = step.pt, step.where
-                kind = pt.rule.shard_kind(plan.spec_name)
+                kind = pt.rule.shard_kind(plan.layer_spec)
                 spans = job.fast(pt)
                 if spans is not None:  # bytes that move unchanged: each rank's rows copied from the source
                     parts = shard_spans(spans, kind, layout.tp_for(pt.rule.parallel), pt.mcore)
@@ -262,11 +262,11 @@ def shard_spans(spans: Spans, kind: ShardKind, tp: int, what: str) -> list[Spans
 
 def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[str, Any], dtype: torch.dtype,
              pp: int, ep: int, grouped: bool, entries: list[tuple[PlannedTensor, Slot]],
-             extra: dict[str, Any], spec_name: str = "te") -> _Laid:
+             extra: dict[str, Any], layer_spec: str = "te") -> _Laid:
     """Write one rank file's structure (no tensor bytes); return it open, with each tensor's byte region."""
     models: dict[str, dict[str, torch.Tensor | None]] = {model_key(c): {} for c in layout.stage_chunks(spec.num_layers, pp)}
     for pt, slot in entries:
-        shape = local_shape(pt, margs, layout, spec_name)
+        shape = local_shape(pt, margs, layout, layer_spec)
         models[slot.model_key][slot.key] = torch.empty(shape, dtype=pt.dtype(dtype))  # never touched: skip_data
     for mk, key in extra_state_keys(spec, layout, pp, ep, grouped):
         models[mk][key] = None
@@ -285,9 +285,9 @@ def _lay_out(path: Path, spec: ModelSpec, layout: ParallelLayout, margs: dict[st
     return _Laid(f, size, regions)
 
 
-def local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout, spec_name: str) -> tuple[int, ...]:
+def local_shape(pt: PlannedTensor, margs: dict[str, Any], layout: ParallelLayout, layer_spec: str) -> tuple[int, ...]:
     shape = list(pt.stored_shape(margs))
-    kind = pt.rule.shard_kind(spec_name)
+    kind = pt.rule.shard_kind(layer_spec)
     if kind.axis is not None:
         shape[kind.axis] //= layout.tp_for(pt.rule.parallel)
     return tuple(shape)
@@ -320,7 +320,7 @@ class LegacySource:
         self.common = CommonState.from_dict(head, first_path, options)
         self.spec, self.margs = self.common.spec, self.common.margs
         self.layout = ParallelLayout.from_args(self.margs)
-        self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
+        self.layer_spec = "local" if self.margs.get("transformer_impl") == "local" else "te"
         expected = {rank_dir_name(t, p, self.layout, e): (t, p, e) for t, p, e in all_ranks(self.layout)}
         if set(dirs) != set(expected):
             raise FormatError(
@@ -341,7 +341,7 @@ class LegacySource:
         self.dtype = self._dtype()
         # the conversion's planned tensors, computed once: verification, the write plan and `read` use them
         self.planned: tuple[PlannedTensor, ...] = tuple(self.spec.planned())
-        self._slots = slots(self.spec, self.layout, self.spec_name, bool(self.margs.get("moe_grouped_gemm")), self.planned)
+        self._slots = slots(self.spec, self.layout, self.layer_spec, bool(self.margs.get("moe_grouped_gemm")), self.planned)
         # tensors the mapping carries unchanged (a vision tower; see `carried`), None when the folder has none
         self.carried, self._carried_file = open_sidecar(self.iter_dir, self.spec.mapping.carry)
 
@@ -378,7 +378,7 @@ class LegacySource:
             for pt, slot in entries:
                 for t, p, e in all_ranks(self.layout):
                     if p == slot.pp and slot.ep in (None, e):
-                        expected[((t, p, e), slot.model_key, slot.key)] = local_shape(pt, self.margs, self.layout, self.spec_name)
+                        expected[((t, p, e), slot.model_key, slot.key)] = local_shape(pt, self.margs, self.layout, self.layer_spec)
         seen = set()
         for rank, sd in self.meta.items():
             for mk, models in sd.items():
@@ -423,7 +423,7 @@ class LegacySource:
         shards = [read_storage(self._fd(r), self.meta[r][slot.model_key][slot.key], f"{self.paths[r]}: {slot.key}")
                   for r in ranks]
         parts = self.layout.tp_for(pt.rule.parallel)
-        kind = pt.rule.shard_kind(self.spec_name)
+        kind = pt.rule.shard_kind(self.layer_spec)
         if kind.axis is None or parts == 1:
             for rank, shard in zip(ranks[1:], shards[1:]):
                 if not torch.equal(shard, shards[0]):
@@ -441,7 +441,7 @@ class LegacySource:
         row ranges already in ``dtype``; None otherwise. The tied replica on the last stage is compared
         by `verify`."""
         slot = self._slots[pt.mcore][0][1]
-        parts, kind = self.layout.tp_for(pt.rule.parallel), pt.rule.shard_kind(self.spec_name)
+        parts, kind = self.layout.tp_for(pt.rule.parallel), pt.rule.shard_kind(self.layer_spec)
         sharded = kind.axis is not None and parts > 1
         if (slot.ep is None and self.layout.ep > 1) or (self.layout.tp > 1 and not (sharded and parts == self.layout.tp)) \
                 or (sharded and kind.axis != 0):

@@ -28,7 +28,7 @@ from ..fastcopy import Run, Spans
 from ..layout import ParallelLayout
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
-from ..spec_names import LOCAL_TO_TE_LAYER_KEYS
+from ..layer_spec_names import LOCAL_TO_TE_LAYER_KEYS
 from . import dcp_metadata
 from .dcp_metadata import BytesStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata
 from .held_file import HeldFile
@@ -126,7 +126,7 @@ LOCAL_DIST_NAMES = {"." + local + "weight": "." + LOCAL_TO_TE_LAYER_KEYS[local] 
                     for local in ("pre_mlp_layernorm.",)}  # TE suffix -> local suffix
 
 
-def _with_spec_names(md: Metadata, spec: ModelSpec, planned: Sequence[PlannedTensor]) -> Metadata:
+def _with_layer_spec_names(md: Metadata, spec: ModelSpec, planned: Sequence[PlannedTensor]) -> Metadata:
     """``md`` with local-spec keys renamed to the TE names the mapping expects (the storage keys of
     ``planned``), where the TE name is expected, absent, and its local twin is not itself expected (in a
     dense layer it is the TE name)."""
@@ -189,8 +189,8 @@ class TorchDistSource:
         # the conversion's planned tensors, computed once: verification, the write plan and `read` use them
         self.planned: tuple[PlannedTensor, ...] = tuple(self.spec.planned())
         self.layout = ParallelLayout.from_args(self.margs)
-        self.spec_name = "local" if self.margs.get("transformer_impl") == "local" else "te"
-        self.metadata = _with_spec_names(read_metadata(self.iter_dir), self.spec, self.planned)
+        self.layer_spec = "local" if self.margs.get("transformer_impl") == "local" else "te"
+        self.metadata = _with_layer_spec_names(read_metadata(self.iter_dir), self.spec, self.planned)
         self.chunks: dict[str, list[_Chunk]] = {}
         for index, info in self.metadata.storage_data.items():
             self.chunks.setdefault(index.fqn, []).append(_Chunk(tuple(index.offset or ()), (), info))

@@ -146,7 +146,7 @@ def data_file_name(rank: int, part: int = 0) -> str:
 
 
 def dist_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: ParallelLayout, margs: dict[str, Any],
-              dtype: torch.dtype, spec_name: str, iteration: int | None = None, workers: int = 1) -> WritePlan:
+              dtype: torch.dtype, layer_spec: str, iteration: int | None = None, workers: int = 1) -> WritePlan:
     """Per planned tensor (in writing order): its storage key and chunks, each in the data of the rank
     megatron-core would use (stage x TP rank); the step's ``where`` is (key, chunks). Shapes only.
 
@@ -169,7 +169,7 @@ def dist_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: Paralle
         stored_shape = tuple(pt.stored_shape(margs))
         itemsize = pt.dtype(dtype).itemsize
         stage = stage_of[pt.layer] if pt.layer is not None else (0 if pt.rule.place == "first" else layout.pp - 1)
-        kind = pt.rule.shard_kind(spec_name)  # chunked as that spec's model saves it
+        kind = pt.rule.shard_kind(layer_spec)  # chunked as that spec's model saves it
         lead = lead_index(pt, stacked)
         keys = part_keys(pt, margs, stacked)  # several for megatron's per-part keys, each from its first row
         items, sizes, at = [], [], []
@@ -202,7 +202,7 @@ def dist_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: Paralle
         extras.append((key, name, end.get(name, 0), len(EMPTY_EXTRA_STATE)))
         end[name] = extras[-1][2] + extras[-1][3]
     return WritePlan("torch_dist", spec, dtype, tuple(steps), file_plan(steps, [e[1] for e in extras]),
-                     layout, margs, spec_name, iteration, detail=tuple(extras))
+                     layout, margs, layer_spec, iteration, detail=tuple(extras))
 
 
 class _Cut:
@@ -281,7 +281,7 @@ def write_dist_data(plan: WritePlan, job: WriteJob) -> dict[MetadataIndex, Stora
             if stored_shape != tuple(pt.stored_shape(margs)) or out_dtype != pt.dtype(plan.dtype):
                 raise PlanError(f"{pt.mcore}: {list(stored_shape)} {out_dtype} reached the writer, the plan has "
                                 f"{list(pt.stored_shape(margs))} {pt.dtype(plan.dtype)}")
-            kind = pt.rule.shard_kind(plan.spec_name)
+            kind = pt.rule.shard_kind(plan.layer_spec)
             written = 0
             for item in items:
                 f = data_file(item.file)

@@ -15,7 +15,7 @@ from .. import expr
 from ..dtypes import LONG_NAMES
 from ..errors import MappingError
 from ..sharding import get_kind
-from ..spec_names import te_to_local
+from ..layer_spec_names import te_to_local
 from ..transform_layout import TakeExpert
 from ..transforms import check_expert_stack, check_round_trip, parse_transform
 from .schema import EXPERT, LAYER, MTP, Alternative, ExtraState, MtpSection, TensorRule

@@ -93,10 +93,10 @@ class TensorRule:
         return replace(self, shard=self.shard.resolved(args),
                        local_shard=self.local_shard.resolved(args) if self.local_shard else None)
 
-    def shard_kind(self, spec: str) -> ShardKind:
-        """The TP split of the named spec: e.g. MLA's down-projections are replicated ``TELinear``s in
+    def shard_kind(self, layer_spec: str) -> ShardKind:
+        """The TP split under a layer spec (``te`` or ``local``): e.g. MLA's down-projections are replicated ``TELinear``s in
         the TE spec but ``ColumnParallelLinear``s in the local one (gpt_layer_specs.py:119-121, 377-379)."""
-        return self.local_shard if spec == "local" and self.local_shard is not None else self.shard
+        return self.local_shard if layer_spec == "local" and self.local_shard is not None else self.shard
 
     @property
     def per_layer(self) -> bool:
@@ -119,12 +119,12 @@ class TensorRule:
         """HF names; ``layer`` is the HF layer number (for an MTP block: the one it occupies)."""
         return [_fill(n, layer, None if self.shared else expert, mtp) for n in self.hf]
 
-    def mcore_name(self, layer: int | None, spec: str = "te", expert: int | None = None, grouped: bool = False,
+    def mcore_name(self, layer: int | None, layer_spec: str = "te", expert: int | None = None, grouped: bool = False,
                    mtp: int | None = None) -> str:
-        """The name in a model's state dict: TE or local spec, sequential or grouped experts."""
+        """The name in a model's state dict: TE or local layer spec, sequential or grouped experts."""
         if grouped and self.grouped:
             return _fill(self.grouped, layer, expert, mtp)
-        return _fill(self.local if spec == "local" else self.mcore, layer, expert, mtp)
+        return _fill(self.local if layer_spec == "local" else self.mcore, layer, expert, mtp)
 
     def in_layer(self, layer: int, args: Mapping[str, Any]) -> bool:
         return self.layers is None or bool(expr.evaluate(self.layers, {**args, "L": layer}))

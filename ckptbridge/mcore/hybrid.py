@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ckptbridge.mcore.compat import apply_cpu_patches
-from ckptbridge.spec_names import LOCAL_TO_TE_GDN_KEYS, LOCAL_TO_TE_LAYER_KEYS
+from ckptbridge.layer_spec_names import LOCAL_TO_TE_GDN_KEYS, LOCAL_TO_TE_LAYER_KEYS
 
 apply_cpu_patches()  # P14 before GatedDeltaNet is built
 

@@ -13,7 +13,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptbridge.mcore.compat import apply_cpu_patches, cuda_to_cpu
-from ckptbridge.spec_names import FUSED_NORMS
+from ckptbridge.layer_spec_names import FUSED_NORMS
 
 apply_cpu_patches()
 
@@ -197,7 +197,7 @@ def load_legacy_rank(models: Sequence[GPTModel], state_dict: Mapping[str, Any]) 
     ``output_layer.weight`` (untied; or tied with PP>1, where the last stage keeps its own copy
     of the embedding -- with tied embeddings and PP=1 there is no ``output_layer.weight``).  TE-spec names for the pre-norms
     (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``)
-    are accepted and renamed (see ``spec_names.FUSED_NORMS``; a gated delta-net layer's
+    are accepted and renamed (see ``layer_spec_names.FUSED_NORMS``; a gated delta-net layer's
     ``self_attention.in_proj.layer_norm_weight`` too).
 
     MoE layers (``SequentialMLP`` experts; ``e`` is the *local* expert index on this EP rank,

@@ -29,7 +29,7 @@ import torch
 
 from ckptbridge.mcore.compat import apply_cpu_patches, cuda_to_cpu
 from ckptbridge.megatron_args import from_megatron_lm
-from ckptbridge.spec_names import LOCAL_TO_TE_LAYER_KEYS, LOCAL_TO_TE_MLA_KEYS, LOCAL_TO_TE_MOE_LAYER_KEYS
+from ckptbridge.layer_spec_names import LOCAL_TO_TE_LAYER_KEYS, LOCAL_TO_TE_MLA_KEYS, LOCAL_TO_TE_MOE_LAYER_KEYS
 
 apply_cpu_patches()
 

@@ -11,7 +11,7 @@ mismatch names the tensor, the expected and the actual shape.
 
 Only the local spec can be built without TransformerEngine; its torch_dist keys already carry the
 TE names (megatron's ``sharded_state_dict_keys_map``, overridden as ckptbridge's loader does), and for
-legacy TE-spec plans its state-dict names are mapped with :mod:`ckptbridge.spec_names`.
+legacy TE-spec plans its state-dict names are mapped with :mod:`ckptbridge.layer_spec_names`.
 The check needs a process without a ``torch.distributed`` group; inside one (a test, a training
 job) it runs in a forked worker.
 """
@@ -33,7 +33,7 @@ from ckptbridge.formats.torch_dist import part_keys
 from ckptbridge.layout import ParallelLayout
 from ckptbridge.megatron_args import full_megatron_lm_args
 from ckptbridge.spec import ModelSpec
-from ckptbridge.spec_names import te_to_local
+from ckptbridge.layer_spec_names import te_to_local
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -51,13 +51,13 @@ def planned_dist(spec: ModelSpec, margs: Mapping[str, Any]) -> tuple[Shapes, dic
     return out, rules
 
 
-def planned_legacy(spec: ModelSpec, margs: Mapping[str, Any], layout: ParallelLayout, spec_name: str) -> dict[tuple[int, str], Shapes]:
+def planned_legacy(spec: ModelSpec, margs: Mapping[str, Any], layout: ParallelLayout, layer_spec: str) -> dict[tuple[int, str], Shapes]:
     """(pipeline stage, model key) -> state-dict key -> local shape, for TP rank 0 and EP rank 0."""
     out: dict[tuple[int, str], Shapes] = {}
-    for entries in slots(spec, layout, spec_name).values():
+    for entries in slots(spec, layout, layer_spec).values():
         for pt, slot in entries:
             if slot.ep in (None, 0):
-                out.setdefault((slot.pp, slot.model_key), {})[slot.key] = local_shape(pt, dict(margs), layout, spec_name)
+                out.setdefault((slot.pp, slot.model_key), {})[slot.key] = local_shape(pt, dict(margs), layout, layer_spec)
     return out
 
 
@@ -127,7 +127,7 @@ def _compare(expected: Shapes, actual: Shapes, what: str, rules: Mapping[str, st
     return problems
 
 
-def check_plan(spec: ModelSpec, margs: Mapping[str, Any], ckpt_format: str, spec_name: str = "te") -> None:
+def check_plan(spec: ModelSpec, margs: Mapping[str, Any], ckpt_format: str, layer_spec: str = "te") -> None:
     """Raise `PlanError` listing every tensor whose name or shape differs from megatron-core's model
     of ``margs``' layout (the Megatron args a conversion writes). Needs no process group in this
     process (else use :func:`check_plan_isolated`)."""
@@ -154,11 +154,11 @@ def check_plan(spec: ModelSpec, margs: Mapping[str, Any], ckpt_format: str, spec
         # is one table), its local shapes as the local spec splits them (a rule's local_shard: only TE can say more)
         local = planned_legacy(spec, margs, layout, "local")
         expected = {chunk: {te_to_local(k): local.get(chunk, {}).get(te_to_local(k), v) for k, v in names.items()}
-                    for chunk, names in planned_legacy(spec, margs, layout, spec_name).items()}
+                    for chunk, names in planned_legacy(spec, margs, layout, layer_spec).items()}
         problems = []
         for chunk in sorted(set(expected) | set(plain)):
             problems += _compare(expected.get(chunk, {}), plain.get(chunk, {}),
-                                 f"{where} (legacy, {spec_name} spec, stage {chunk[0]} {chunk[1]})")
+                                 f"{where} (legacy, {layer_spec} spec, stage {chunk[0]} {chunk[1]})")
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise PlanError("the plan does not match megatron-core's model: " + "; ".join(problems[:8]) + more)
@@ -207,8 +207,8 @@ def check_plans(cases: list[Case]) -> list[str]:
     return run_bare(_check_all, [(s, dict(m), f, n) for s, m, f, n in cases])
 
 
-def check_plan_isolated(spec: ModelSpec, margs: Mapping[str, Any], ckpt_format: str, spec_name: str = "te") -> None:
+def check_plan_isolated(spec: ModelSpec, margs: Mapping[str, Any], ckpt_format: str, layer_spec: str = "te") -> None:
     """:func:`check_plan`, run where it can run (see :func:`check_plans`); raises `PlanError`."""
-    (problem,) = check_plans([(spec, dict(margs), ckpt_format, spec_name)])
+    (problem,) = check_plans([(spec, dict(margs), ckpt_format, layer_spec)])
     if problem:
         raise PlanError(problem)

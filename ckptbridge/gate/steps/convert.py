@@ -36,7 +36,7 @@ class Layout:
     ep: int = 1
     etp: int | None = None
     format: str = "torch_dist"
-    spec: str = "te"
+    layer_spec: str = "te"  # the YAML key `spec`: te or local
     dtype: str | None = None  # None: keep the source dtype
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY
     moe_grouped_gemm: bool = False
@@ -49,12 +49,12 @@ class Layout:
         parts += [f"pplast{self.pp_last}"] if self.pp_last else []
         parts += [f"ep{self.ep}"] if self.ep > 1 else []
         parts += [f"etp{self.etp}"] if self.etp is not None else []
-        parts += [self.format] + ([self.spec] if self.spec != "te" else []) + ([self.dtype] if self.dtype else [])
+        parts += [self.format] + ([self.layer_spec] if self.layer_spec != "te" else []) + ([self.dtype] if self.dtype else [])
         return "-".join(parts)
 
     def target(self) -> Target:
         layout = ParallelLayout(self.tp, self.pp, self.vpp, self.pp_first, self.pp_last, self.ep, self.etp)
-        return Target("mcore", layout, self.format, self.spec, DTYPES[self.dtype] if self.dtype else None,
+        return Target("mcore", layout, self.format, self.layer_spec, DTYPES[self.dtype] if self.dtype else None,
                       self.vocab_divisible_by, self.moe_grouped_gemm)
 
 
@@ -66,7 +66,7 @@ def _layout(raw: Any, where: str) -> Layout:
         pp_last=s.take("pp_last", int, minimum=1, nullable=True), ep=s.take("ep", int, 1, minimum=1),
         etp=s.take("etp", int, minimum=1, nullable=True),
         format=s.take("format", str, "torch_dist", choices=("torch_dist", "torch")),
-        spec=s.take("spec", str, "te", choices=("te", "local")),
+        layer_spec=s.take("spec", str, "te", choices=("te", "local")),
         dtype=s.take("dtype", str, choices=tuple(DTYPES), nullable=True),
         vocab_divisible_by=s.take("vocab_divisible_by", int, DEFAULT_VOCAB_DIVISIBLE_BY, minimum=1),
         moe_grouped_gemm=s.take("moe_grouped_gemm", bool, False),

@@ -54,7 +54,7 @@ def compare(a: Path, b: Path, config: ConfigOptions | None = None, iteration: in
         sa.verify()
         sb.verify()
         pa, pb = sa.planned, sb.planned
-        if [p.mcore for p in pa] != [p.mcore for p in pb] or [p.shape for p in pa] != [p.shape for p in pb]:
+        if [p.mcore_name for p in pa] != [p.mcore_name for p in pb] or [p.shape for p in pa] != [p.shape for p in pb]:
             raise CkptBridgeError(f"{a} and {b} are not the same model (tensor names or shapes differ)")
         # An MCore read may briefly hold a second copy (a chunk being assembled); an HF read of the
         # largest tensors (embedding, head) does not. Reading the MCore side first keeps that
@@ -65,7 +65,7 @@ def compare(a: Path, b: Path, config: ConfigOptions | None = None, iteration: in
             x = first.read(pt)
             y = second.read(pt)
             exact = x.dtype == y.dtype and torch.equal(x, y)
-            out.append(TensorDiff(pt.mcore, exact, 0.0 if exact else max_abs_diff(x, y)))
+            out.append(TensorDiff(pt.mcore_name, exact, 0.0 if exact else max_abs_diff(x, y)))
             del x, y
         return out
     finally:

@@ -98,7 +98,7 @@ def fast_plan(source: Source, target: Target, planned: list[PlannedTensor], dtyp
         spans = spans_of(pt, pt.dtype(dtype))
         if spans is None or (target.kind == "hf" and hf_spans(pt, spans, source.spec.args) is None):
             continue
-        out[pt.mcore] = spans.padded(pt.stored_shape(margs)[0]) if target.kind == "mcore" and pt.rule.shard.padded else spans
+        out[pt.mcore_name] = spans.padded(pt.stored_shape(margs)[0]) if target.kind == "mcore" and pt.rule.shard.padded else spans
     return out
 
 
@@ -191,18 +191,18 @@ def _write_share(team: Team, source: Source, target: Target, output: Output, sha
 
     def read_cast(pt: PlannedTensor) -> torch.Tensor:
         # a tensor to quantize is read in fp32: rounding it to --dtype first would lose the exact values
-        return values.cast(pt, source.read(pt), torch.float32 if pt.mcore in full_precision else None)
+        return values.cast(pt, source.read(pt), torch.float32 if pt.mcore_name in full_precision else None)
 
     failure: Exception | None = None
     report = None
     try:
         # tensors whose bytes move unchanged: copied from the held source files, never read into memory
-        mine = list({s.pt.mcore: s.pt for s in plan.mine(share)}.values())
+        mine = list({s.pt.mcore_name: s.pt for s in plan.mine(share)}.values())
         spans_of = fast_plan(source, target, mine, plan.dtype, plan.margs) if target.fast_copy and not full_precision else {}
 
         with SpanChecks(values) as checks:
             def fast(pt: PlannedTensor) -> Spans | None:
-                spans = spans_of.get(pt.mcore)
+                spans = spans_of.get(pt.mcore_name)
                 if spans is not None:
                     checks.submit(pt, spans)  # the checks a cast would make, on the mapped source bytes
                 return spans

@@ -33,9 +33,9 @@ class Prefetcher:
 
     def __call__(self, pt: PlannedTensor) -> torch.Tensor:
         index = self._next
-        if index >= len(self._order) or self._order[index].mcore != pt.mcore:
-            planned = self._order[index].mcore if index < len(self._order) else "nothing more"
-            raise PlanError(f"the writer read {pt.mcore!r} where the write plan reads {planned!r}")
+        if index >= len(self._order) or self._order[index].mcore_name != pt.mcore_name:
+            planned = self._order[index].mcore_name if index < len(self._order) else "nothing more"
+            raise PlanError(f"the writer read {pt.mcore_name!r} where the write plan reads {planned!r}")
         self._next += 1
         if self._pending is not None and self._pending[0] == index:
             result = self._pending[1].result()

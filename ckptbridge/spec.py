@@ -29,7 +29,7 @@ class PlannedTensor:
     rule: TensorRule
     layer: int | None
     expert: int | None
-    mcore: str
+    mcore_name: str  # its name in the MCore state dict (TE layer spec; see TensorRule.mcore_name for others)
     hf_names: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     shape: Shape
@@ -157,7 +157,7 @@ class ModelSpec:
         if not self.stacked or self.mtp_depth:
             hf_all = [n for pt in out if not pt.rule.shared or not pt.expert  # a fused-experts tensor: once
                       for n in (*pt.hf_names, *pt.hf_copies)]
-            for side, names in (("HF", hf_all), ("MCore", [pt.mcore for pt in out])):
+            for side, names in (("HF", hf_all), ("MCore", [pt.mcore_name for pt in out])):
                 if len(set(names)) != len(names):
                     dup = next(n for n in names if names.count(n) > 1)
                     raise MappingError(f"{self.mapping.source}: {side} tensor {dup!r} is produced by two rules")
@@ -207,7 +207,7 @@ class ModelSpec:
             rule=rule,
             layer=layer,
             expert=expert,
-            mcore=rule.mcore_name(layer, expert=expert, mtp=mtp),
+            mcore_name=rule.mcore_name(layer, expert=expert, mtp=mtp),
             hf_names=tuple(rule.hf_names(hf_layer, expert, mtp)),
             hf_shapes=shapes,
             shape=tuple(rule.transform.mcore_shape(shapes, self.args)),

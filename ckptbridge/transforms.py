@@ -140,11 +140,6 @@ def parse_transform(raw: Any, where: str) -> Pipeline:
     return Pipeline(steps)
 
 
-def get_transform(name: str) -> Transform:
-    """A one-step pipeline by name (kept for callers of the original interface)."""
-    return parse_transform(name, "transform")
-
-
 def check_round_trip(transform: Transform, hf_shapes: Sequence[Shape], cfg: Mapping[str, Any], where: str) -> None:
     """Prove ``transform`` invertible on random tensors of the given shapes.
 

@@ -51,7 +51,7 @@ class ValueChecks:
     def cast(self, pt: PlannedTensor, tensor: torch.Tensor, to: torch.dtype | None = None) -> torch.Tensor:
         """``to``: read at another dtype than the output's (a tensor an FP8 export quantizes stays fp32)."""
         want = to or pt.dtype(self.dtype)
-        name = pt.hf_names[0] if pt.hf_names else pt.mcore
+        name = pt.hf_names[0] if pt.hf_names else pt.mcore_name
         if not self.explicit and to is None and pt.rule.dtype is None and tensor.dtype != want:
             raise PlanError(f"tensor {name!r} is {_name(tensor.dtype)} in the source, the model's others "
                             f"{_name(want)}: a mixed-dtype source is not cast silently; pass --dtype to choose")
@@ -74,7 +74,7 @@ class ValueChecks:
         NaN/Inf values `nonfinite_in_spans` counted in its source bytes (never copied into our memory)."""
         if not bad:
             return
-        name = pt.hf_names[0] if pt.hf_names else pt.mcore
+        name = pt.hf_names[0] if pt.hf_names else pt.mcore_name
         if not self.allow_nonfinite:
             raise PlanError(f"tensor {name!r} holds {bad} NaN or Inf values in the source "
                             "(pass --allow-nonfinite to convert it anyway)")

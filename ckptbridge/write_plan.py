@@ -92,7 +92,7 @@ class WritePlan:
     def reads(self, share: Collection[str] | None, fast: Collection[str]) -> list[PlannedTensor]:
         """The tensors the writer of ``share`` reads, in the order it reads them: every step's tensor but
         those copied as byte runs (``fast``: MCore names). What the prefetcher follows."""
-        return [s.pt for s in self.mine(share) if s.pt.mcore not in fast]
+        return [s.pt for s in self.mine(share) if s.pt.mcore_name not in fast]
 
 
 def file_plan(steps: Iterable[Step], files: Iterable[str] = ()) -> FilePlan:
@@ -102,7 +102,7 @@ def file_plan(steps: Iterable[Step], files: Iterable[str] = ()) -> FilePlan:
     for step in steps:
         for name, nbytes in step.sizes:
             sizes[name] = sizes.get(name, 0) + nbytes
-        files_of[step.pt.mcore] = files_of.get(step.pt.mcore, frozenset()) | step.files
+        files_of[step.pt.mcore_name] = files_of.get(step.pt.mcore_name, frozenset()) | step.files
     return FilePlan(sizes, files_of)
 
 

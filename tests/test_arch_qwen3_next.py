@@ -62,7 +62,7 @@ def convert_cli(src: Path, dst: Path, *args: str, mappings: Path | None = None) 
 def test_tiny_model_has_both_kinds_of_layer(tiny: Path) -> None:
     spec = ModelSpec.from_hf_config(__import__("json").loads((tiny / "config.json").read_text()))
     assert list(spec.args["linear_attention_freq"]) == [1, 0]
-    names = {pt.mcore for pt in spec.planned()}
+    names = {pt.mcore_name for pt in spec.planned()}
     assert GDN + "in_proj.layer_norm_weight" in names and "decoder.layers.1.self_attention.linear_qkv.weight" in names
 
 

@@ -133,7 +133,7 @@ def test_checkpoint_without_mtp_tensors_converts_without_mtp(tiny_moe, tmp_path,
     mcore = to_mcore(src, tmp_path / "m", fmt, pp=2)
     source = open_source(mcore)
     assert source.margs["mtp_num_layers"] is None and source.spec.mtp_depth == 0
-    assert not any(pt.mcore.startswith("mtp.") for pt in source.spec.planned())
+    assert not any(pt.mcore_name.startswith("mtp.") for pt in source.spec.planned())
     back = to_hf(mcore, tmp_path / "hf")
     assert_bit_exact(hf_tensors(src), hf_tensors(back))
     assert hf_config(back) == hf_config(src)

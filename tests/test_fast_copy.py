@@ -82,7 +82,7 @@ def test_row_parallel_shards_copied(tiny_hf):
     try:
         source.verify()
         planned = source.spec.planned()
-        row = [pt.mcore for pt in planned if pt.rule.shard_kind("te").axis == 1]
+        row = [pt.mcore_name for pt in planned if pt.rule.shard_kind("te").axis == 1]
         layout = ParallelLayout(tp=2)
         plans = []
         for fmt in ("torch", "torch_dist"):

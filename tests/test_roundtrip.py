@@ -58,7 +58,7 @@ def test_bf16_cast_round_trip(tiny_hf, tmp_path):
 def _canonical(path):
     source = open_source(path)
     try:
-        return {pt.mcore: source.read(pt) for pt in source.spec.planned()}, source.margs
+        return {pt.mcore_name: source.read(pt) for pt in source.spec.planned()}, source.margs
     finally:
         source.close()
 

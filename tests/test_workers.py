@@ -138,7 +138,7 @@ def test_shard_plan_covers_every_tensor(tiny_hf, workers):
     plan = hf_plan(spec, spec.planned(), torch.float32, 100_000).files
     shares = assign(plan.sizes, workers)
     assert set().union(*shares) == set(plan.sizes) and sum(loads(plan.sizes, shares)) == sum(plan.sizes.values())
-    assert set().union(*(plan.tensors_for(s) for s in shares)) == {pt.mcore for pt in spec.planned()}
+    assert set().union(*(plan.tensors_for(s) for s in shares)) == {pt.mcore_name for pt in spec.planned()}
 
 
 def _loaded(rank: int, world: int, iter_dirs: list[str]) -> list[dict[str, torch.Tensor]]:

@@ -44,11 +44,11 @@ def test_legacy_reads_a_tied_replica_again_on_its_stage(tiny_hf):
     """qwen2.5-0.5b ties its embedding: at PP 2 the last stage holds a replica, written (and read) there."""
     spec = _spec(tiny_hf["qwen2.5-0.5b"])
     plan = _plan(spec, "torch", ParallelLayout(tp=2, pp=2))
-    reads = [pt.mcore for pt in plan.reads(None, ())]
+    reads = [pt.mcore_name for pt in plan.reads(None, ())]
     embedding = reads[0]
     assert reads.count(embedding) == 2 and len(reads) == len(spec.planned()) + 1
     last = [f for f in plan.files.sizes if "_001/" in f]
-    assert [pt.mcore for pt in plan.reads(frozenset(last), ())].count(embedding) == 1
+    assert [pt.mcore_name for pt in plan.reads(frozenset(last), ())].count(embedding) == 1
 
 
 @pytest.mark.parametrize("layout", [dict(tp=1), dict(tp=2, pp=2)])
@@ -67,7 +67,7 @@ def test_torch_dist_parts(tiny_hf, layout, workers):
     for step, same in zip(plan.steps, one.steps):  # the same chunks, only in other files
         assert [(i.index, i.shape) for i in step.where[1]] == [(i.index, i.shape) for i in same.where[1]]
     shares = assign(plan.files.sizes, workers)
-    assert all(shares) and set().union(*(plan.files.tensors_for(s) for s in shares)) == {pt.mcore for pt in spec.planned()}
+    assert all(shares) and set().union(*(plan.files.tensors_for(s) for s in shares)) == {pt.mcore_name for pt in spec.planned()}
 
 
 def _count_plans(monkeypatch) -> list[str]:  # noqa: ANN001

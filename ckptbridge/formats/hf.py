@@ -110,7 +110,7 @@ class HFSource:
         if self.fp8 is not None:  # dequantized weights: the config's dtype (that of the unquantized tensors)
             self.dtype = config_dtype(self.raw_config) or torch.bfloat16
         # planned MCore name -> the HF entries this folder holds for it (what `read` and `spans` read)
-        self.layouts: dict[str, _Layout] = {pt.mcore: self._layout(pt) for pt in self.planned}
+        self.layouts: dict[str, _Layout] = {pt.mcore_name: self._layout(pt) for pt in self.planned}
         self.scaled: set[str] = set()  # FP8 weights stored with a block-scale tensor, dequantized when read
         self.notes: tuple[str, ...] = ()
         self.carried: Carried | None = None  # what the mapping's carry names (set by verify; None: no carry)
@@ -130,7 +130,7 @@ class HFSource:
     def verify(self) -> None:
         expected: dict[str, tuple[int, ...]] = {}
         for pt in self.planned:
-            layout = self.layouts[pt.mcore]
+            layout = self.layouts[pt.mcore_name]
             expected.update(zip(layout.names, layout.shapes))
             for name in pt.hf_copies:
                 expected[name] = pt.hf_shapes[0]
@@ -193,7 +193,7 @@ class HFSource:
         return tuple(out)
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
-        layout = self.layouts.get(pt.mcore) or self._layout(pt)
+        layout = self.layouts.get(pt.mcore_name) or self._layout(pt)
         if layout.shared:  # one tensor holds every expert: read only slot E, then the steps after take_expert
             name = layout.names[0]
             slot = self.files[self.where[name]].read(name, pt.expert)
@@ -202,7 +202,7 @@ class HFSource:
         for copy in pt.hf_copies:  # MCore keeps one tensor: a copy that differs cannot be represented
             if not _same_bits(self.files[self.where[copy]].read(copy), tensors[0]):
                 raise PlanError(f"{copy!r} in {self.folder / self.where[copy]} is not an exact copy of {layout.names[0]!r}; "
-                                f"MCore shares one {pt.mcore} between the model and its MTP blocks")
+                                f"MCore shares one {pt.mcore_name} between the model and its MTP blocks")
         try:
             return layout.transform.to_mcore(tensors, self.spec.args)
         except MappingError as exc:  # a value-changing step (offset) that would round this tensor
@@ -211,7 +211,7 @@ class HFSource:
     def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
         """The canonical tensor as runs of the held files' bytes, when it is only rows moved and already
         ``dtype``; None when it must go through memory (a cast, FP8, a value-changing step, checked copies)."""
-        layout = self.layouts.get(pt.mcore) or self._layout(pt)
+        layout = self.layouts.get(pt.mcore_name) or self._layout(pt)
         if pt.hf_copies or any(n in self.scaled for n in layout.names):
             return None
         entries = [self.files[self.where[n]].entries[n] for n in layout.names]
@@ -353,7 +353,7 @@ def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
                 spans = job.fast(pt) if not pt.rule.shared else None  # fused experts: stacked below
                 parts_of = hf_spans(pt, spans, spec.args) if spans is not None else None
                 if spans is not None and parts_of is None:
-                    raise PlanError(f"{pt.mcore}: planned as byte runs, but its HF tensors are not")
+                    raise PlanError(f"{pt.mcore_name}: planned as byte runs, but its HF tensors are not")
                 if parts_of is not None:  # bytes that move unchanged: copied from the source files
                     for name, part in [*zip(pt.hf_names, parts_of), *((c, parts_of[0]) for c in pt.hf_copies)]:
                         writer.write_spans(name, part, job.kernel_copy)
@@ -370,7 +370,7 @@ def write_hf_data(plan: WritePlan, job: WriteJob) -> None:
                     try:
                         hf = pt.rule.transform.to_hf(canonical, spec.args, pt.hf_shapes)
                     except MappingError as exc:  # a value-changing step (offset) that would round it
-                        raise PlanError(f"{pt.mcore} -> {pt.hf_names[0]!r}: {exc}") from None
+                        raise PlanError(f"{pt.mcore_name} -> {pt.hf_names[0]!r}: {exc}") from None
                 for name, tensor in [*zip(pt.hf_names, hf), *((c, hf[0]) for c in pt.hf_copies)]:
                     if name in quantized:
                         assert fp8 is not None
@@ -424,4 +424,4 @@ def fp8_export(spec: ModelSpec, planned: Sequence[PlannedTensor]) -> tuple[FP8Ex
     their HF tensors is quantized)."""
     fmt = export_layout(spec.hf_config)
     quantized = frozenset(quantized_names(spec, fmt, planned))
-    return FP8Export(fmt, quantized), {pt.mcore for pt in planned if quantized & {*pt.hf_names, *pt.hf_copies}}
+    return FP8Export(fmt, quantized), {pt.mcore_name for pt in planned if quantized & {*pt.hf_names, *pt.hf_copies}}

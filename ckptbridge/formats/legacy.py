@@ -132,15 +132,15 @@ def slots(spec: ModelSpec, layout: ParallelLayout, layer_spec: str, grouped: boo
         else:
             chunk = by_layer[pt.layer]
             key = pt.rule.mcore_name(pt.layer - chunk.first_layer, layer_spec, expert, grouped)
-        out[pt.mcore] = [(pt, Slot(chunk.pp_rank, ep, model_key(chunk), key))]
+        out[pt.mcore_name] = [(pt, Slot(chunk.pp_rank, ep, model_key(chunk), key))]
         embedding = pt.rule.place == "first" and pt.rule.shard.padded
         if embedding and layout.pp > 1:
             # MCore keeps replicas of the embedding on the last stage: as output_layer.weight when tied,
             # and as the embedding the MTP blocks use (gpt_model.py:149, sharded as the same tensor :834)
             if not spec.args["untie_embeddings_and_output_weights"]:
-                out[pt.mcore].append((pt, Slot(last.pp_rank, None, model_key(last), "output_layer.weight")))
+                out[pt.mcore_name].append((pt, Slot(last.pp_rank, None, model_key(last), "output_layer.weight")))
             if spec.mtp_depth:
-                out[pt.mcore].append((pt, Slot(last.pp_rank, None, model_key(last), key)))
+                out[pt.mcore_name].append((pt, Slot(last.pp_rank, None, model_key(last), key)))
     return out
 
 
@@ -202,14 +202,14 @@ def write_legacy(plan: WritePlan, job: WriteJob) -> None:
                 kind = pt.rule.shard_kind(plan.layer_spec)
                 spans = job.fast(pt)
                 if spans is not None:  # bytes that move unchanged: each rank's rows copied from the source
-                    parts = shard_spans(spans, kind, layout.tp_for(pt.rule.parallel), pt.mcore)
+                    parts = shard_spans(spans, kind, layout.tp_for(pt.rule.parallel), pt.mcore_name)
                     for (t, e), laid in laid_out.items():
                         if slot.ep in (None, e):
                             laid.write_spans(slot, parts[shard_index(t, pt, layout)], job.kernel_copy)
                     job.progress(spans.nbytes)
                     continue
                 canonical = pt.to_stored(job.read(pt), margs)
-                shards = split(canonical, kind, layout.tp_for(pt.rule.parallel), pt.mcore)
+                shards = split(canonical, kind, layout.tp_for(pt.rule.parallel), pt.mcore_name)
                 for (t, e), laid in laid_out.items():
                     if slot.ep in (None, e):
                         laid.write(slot, shards[shard_index(t, pt, layout)])
@@ -429,18 +429,18 @@ class LegacySource:
                 if not torch.equal(shard, shards[0]):
                     raise PlanError(f"replicated tensor {slot.key!r} differs between TP rank 0 and {self.paths[rank]}")
             shards = shards[:1]
-        full = merge(shards, kind, pt.mcore)
+        full = merge(shards, kind, pt.mcore_name)
         return pt.from_stored(full)
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
-        return self._read_slot(pt, self._slots[pt.mcore][0][1])
+        return self._read_slot(pt, self._slots[pt.mcore_name][0][1])
 
     def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
         """The canonical tensor as runs of the held rank files, when no replica needs comparing (`read`
         compares a dense weight across EP ranks and a replicated one across TP ranks) and its TP shards are
         row ranges already in ``dtype``; None otherwise. The tied replica on the last stage is compared
         by `verify`."""
-        slot = self._slots[pt.mcore][0][1]
+        slot = self._slots[pt.mcore_name][0][1]
         parts, kind = self.layout.tp_for(pt.rule.parallel), pt.rule.shard_kind(self.layer_spec)
         sharded = kind.axis is not None and parts > 1
         if (slot.ep is None and self.layout.ep > 1) or (self.layout.tp > 1 and not (sharded and parts == self.layout.tp)) \
@@ -458,7 +458,7 @@ class LegacySource:
         if sharded:  # `sharding.merge` on byte runs: each rank's regions put back at their global rows
             shape = (shards[0].shape[0] * parts, *shards[0].shape[1:])
             pieces = []
-            for shard, regions in zip(shards, kind.regions(shape, parts, pt.mcore)):
+            for shard, regions in zip(shards, kind.regions(shape, parts, pt.mcore_name)):
                 at = 0
                 for start, length in regions:
                     pieces.append((start, shard.rows(at, length).runs))
@@ -474,7 +474,7 @@ class LegacySource:
                 base = self._read_slot(pt, entries[0][1])
                 for _, slot in entries[1:]:
                     if not torch.equal(self._read_slot(pt, slot), base):
-                        raise PlanError(f"{slot.key!r} on stage {slot.pp} is not an exact replica of {pt.mcore}")
+                        raise PlanError(f"{slot.key!r} on stage {slot.pp} is not an exact replica of {pt.mcore_name}")
 
     def close(self) -> None:
         for f in self._files.values():

@@ -174,7 +174,7 @@ def dist_plan(spec: ModelSpec, planned: Sequence[PlannedTensor], layout: Paralle
         keys = part_keys(pt, margs, stacked)  # several for megatron's per-part keys, each from its first row
         items, sizes, at = [], [], []
         dt = pt.dtype(dtype)
-        for rank, regions in enumerate(kind.regions(stored_shape, layout.tp_for(pt.rule.parallel), pt.mcore)):
+        for rank, regions in enumerate(kind.regions(stored_shape, layout.tp_for(pt.rule.parallel), pt.mcore_name)):
             if kind.axis is None and rank:
                 break  # replicated: stored once
             for start, length in regions:
@@ -279,7 +279,7 @@ def write_dist_data(plan: WritePlan, job: WriteJob) -> dict[MetadataIndex, Stora
             stored_shape = tuple(spans.shape) if spans is not None else tuple(canonical.shape)
             out_dtype = spans.dtype if spans is not None else canonical.dtype
             if stored_shape != tuple(pt.stored_shape(margs)) or out_dtype != pt.dtype(plan.dtype):
-                raise PlanError(f"{pt.mcore}: {list(stored_shape)} {out_dtype} reached the writer, the plan has "
+                raise PlanError(f"{pt.mcore_name}: {list(stored_shape)} {out_dtype} reached the writer, the plan has "
                                 f"{list(pt.stored_shape(margs))} {pt.dtype(plan.dtype)}")
             kind = pt.rule.shard_kind(plan.layer_spec)
             written = 0

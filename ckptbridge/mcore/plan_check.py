@@ -46,7 +46,7 @@ def planned_dist(spec: ModelSpec, margs: Mapping[str, Any]) -> tuple[Shapes, dic
         for key, _, shape in part_keys(pt, dict(margs), spec.stacked):  # one key, or one per dist_parts part
             rules.setdefault(key, pt.rule.mcore)
             if out.setdefault(key, tuple(shape)) != tuple(shape):
-                raise PlanError(f"{spec.mapping.source}: {pt.mcore} is stored under {key} with shape {tuple(shape)}, "
+                raise PlanError(f"{spec.mapping.source}: {pt.mcore_name} is stored under {key} with shape {tuple(shape)}, "
                                 f"another tensor of that key has {out[key]}")
     return out, rules
 

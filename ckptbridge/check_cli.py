@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 import click
-import torch
 
 from .errors import CkptBridgeError
 
@@ -72,6 +71,8 @@ def check_mapping(hf, megatron, tp, pp, ep, formats, file):
 
 
 def _cases(spec, tp, pp, ep, formats):  # noqa: ANN001, ANN202 - click's values
+    import torch
+
     from .layout import ParallelLayout
 
     moe = bool(spec.args.get("num_moe_experts"))

@@ -9,9 +9,8 @@ import warnings
 from pathlib import Path
 
 import click
-import torch
 
-from .dtypes import ALL_NAMES
+from .dtype_names import ALL as DTYPE_NAMES
 from .errors import CkptBridgeError, OptionError
 from .extras import needs_extra
 from .option_checks import refuse_given
@@ -19,7 +18,6 @@ from .quick_exit import leave
 from .layout import DEFAULT_VOCAB_DIVISIBLE_BY
 from .source_options import source_read_options
 
-DTYPES = ALL_NAMES
 
 
 class ByteSize(click.ParamType):
@@ -89,7 +87,7 @@ def main(mapping_dirs) -> None:
       ckptbridge inspect ./llama-mcore --json
       ckptbridge --mappings ./my-mappings check-mapping ./my-mappings/phi3.yaml --hf ./Phi-3-mini
     """
-    from .mapping.registry import set_user_folders
+    from .mapping_folders import set_user_folders
 
     set_user_folders(mapping_dirs)  # this invocation's folders only (none: only CKPTBRIDGE_MAPPINGS)
     click.get_current_context().call_on_close(lambda: set_user_folders([]))
@@ -111,7 +109,7 @@ def main(mapping_dirs) -> None:
               help="MCore module names: TransformerEngine spec (what Megatron-LM trains with) or the local spec.")
 @click.option("--moe-grouped-gemm", is_flag=True, help="MoE, legacy format: grouped-expert names (experts.linear_fc1.weight<e>) "
               "as TEGroupedMLP saves them, instead of sequential experts (local_experts.<e>.linear_fc1.weight).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast weights (default: keep the source dtype; "
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_NAMES)), default=None, help="Cast weights (default: keep the source dtype; "
               "an FP8 source: its config's dtype, else bf16).")
 @click.option("--hf-dtype", type=click.Choice(["fp8-block"]), default=None,
               help="HF output: store the linear weights of the layers as e4m3 with fp32 block scales (weight_scale_inv), "
@@ -166,6 +164,7 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
       ckptbridge convert --src mcore --dst mcore --tp 1 --iteration 2000 ./run/checkpoints ./tp1
     """
     from .convert import Target, convert as run
+    from .dtypes import ALL_NAMES
     from .layout import ParallelLayout
 
     ctx = click.get_current_context()
@@ -187,7 +186,7 @@ def convert(src_kind, dst_kind, tp, pp, vpp, pp_first, pp_last, ep, etp, ckpt_fo
         launcher = (lambda folder: launch(argv, workers, folder)) if workers > 1 else None
         quiet = quiet or team.rank > 0 or given_staging() is not None
         target = Target(dst_kind, ParallelLayout(tp, pp, vpp, pp_first, pp_last, ep, etp), ckpt_format, layer_spec,
-                        DTYPES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
+                        ALL_NAMES[dtype] if dtype else None, vocab_divisible_by, moe_grouped_gemm, dst_iteration,
                         hf_fp8=hf_dtype == "fp8-block", max_shard_bytes=max_shard_size, check_megatron=check_megatron,
                         fast_copy=fast_copy)
         with warnings.catch_warnings(record=True) as caught, handled():  # mapping warnings: one line each, once
@@ -275,7 +274,7 @@ def inspect(as_json, tensors, path, iteration, config):
 @click.command()
 @click.option("--layers", type=int, default=2, show_default=True, help="Number of transformer layers.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_NAMES)), default="fp32", show_default=True)
 @click.argument("preset")
 @click.argument("out", type=click.Path(path_type=Path))
 def example(layers, seed, dtype, preset, out):
@@ -283,13 +282,14 @@ def example(layers, seed, dtype, preset, out):
 
     PRESET is one of the model presets (e.g. llama3.2-1b, qwen3-8b); no download is needed.
     """
+    from .dtypes import ALL_NAMES
     from .presets import build_tiny_hf, load_preset
 
     try:
         load_preset(preset)
         if Path(out).exists():
             raise CkptBridgeError(f"{out} exists")
-        build_tiny_hf(preset, out, layers=layers, seed=seed, dtype=DTYPES[dtype])
+        build_tiny_hf(preset, out, layers=layers, seed=seed, dtype=ALL_NAMES[dtype])
     except CkptBridgeError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)

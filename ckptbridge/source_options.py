@@ -11,7 +11,6 @@ from typing import Any
 
 import click
 
-from .config_source import ConfigOptions
 
 
 def _field(text: str) -> tuple[str, Any]:
@@ -45,6 +44,8 @@ def source_read_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
 
     def wrapped(hf_config, arch, vocab_size, hf_set, **kwargs):  # noqa: ANN001, ANN202
+        from .config_source import ConfigOptions  # imports the mapping registry (and torch): only when run
+
         return f(config=ConfigOptions(hf_config, arch, vocab_size, hf_set), **kwargs)
 
     wrapped.__name__, wrapped.__doc__ = f.__name__, f.__doc__

@@ -50,3 +50,20 @@ def test_help_explains_every_command():
         assert opt in conv
     r = runner.invoke(main, ["convert", "--src", "mcore", "--dst", "hf", "--tp", "2", "a", "b"])
     assert r.exit_code != 0 and "--tp would have no effect with --dst hf" in r.output
+
+
+def test_help_needs_no_torch():
+    """``ckptbridge --help`` and every command's ``--help`` answer without importing torch (1-2 s on a
+    small machine): the command line imports what a command runs only when it runs."""
+    import subprocess
+    import sys
+
+    commands = [c for c in main.commands] + [None]
+    code = ("import sys\nfrom ckptbridge.cli import main\nfor c in sys.argv[1:]:\n"
+            "    try:\n        main([*([c] if c != '-' else []), '--help'])\n    except SystemExit as e:\n"
+            "        assert not e.code, (c, e.code)\nprint('torch' in sys.modules, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code, *(c or "-" for c in commands)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
+    assert "convert" in commands and "check-mapping" in commands

@@ -9,7 +9,6 @@ a few lines of data rather than a copy.
 from __future__ import annotations
 
 import copy
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import yaml
 
 from ..errors import MappingError, UnsupportedArchitectureError
 from .. import expr
+from ..mapping_folders import ENV_VAR, generation, set_user_folders, user_folders  # noqa: F401 - ENV_VAR, set_user_folders re-exported
 from ..megatron_settings import check_config_keys
 from .features import FEATURES_OFF
 from .ignore import check_against_rules, check_carry, parse_carry, parse_fp8_keep, parse_ignores
@@ -344,33 +344,13 @@ def _included(raw: Mapping[str, Any]) -> set[str]:
     return {v["include"] for v in raw.values() if isinstance(v, dict) and isinstance(v.get("include"), str)}
 
 
-#: environment variable naming user mapping folders (separated like PATH)
-ENV_VAR = "CKPTBRIDGE_MAPPINGS"
-_user_folders: list[Path] = []
-
-
-def set_user_folders(folders: Sequence[Path]) -> None:
-    """Folders given on the command line (``--mappings DIR``); read after ``$CKPTBRIDGE_MAPPINGS``."""
-    _user_folders[:] = [Path(f) for f in folders]
-    default_registry.cache_clear()
-
-
-def user_folders() -> list[Path]:
-    env = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    out = env + _user_folders
-    for f in out:
-        if not f.is_dir():
-            raise MappingError(f"mapping folder {f} (from --mappings or ${ENV_VAR}) is not a folder")
-    return out
-
-
 def default_registry() -> MappingRegistry:
-    """The shipped mappings, then the user folders; rebuilt when those change."""
-    return _registry((mappings_dir(), *user_folders()))
+    """The shipped mappings, then the user folders; rebuilt when those change or are set again."""
+    return _registry((mappings_dir(), *user_folders()), generation())
 
 
 @lru_cache(maxsize=4)
-def _registry(folders: tuple[Path, ...]) -> MappingRegistry:
+def _registry(folders: tuple[Path, ...], _generation: int) -> MappingRegistry:
     return MappingRegistry(list(folders))
 
 

@@ -128,7 +128,7 @@ def nonfinite_in_spans(spans: "Spans") -> int:
     """NaN/Inf values among the source bytes of ``spans`` (0 for a dtype without them; zero runs hold none)."""
     if not spans.dtype.is_floating_point:
         return 0
-    return sum(_nonfinite_in_file(r.fd, r.offset, r.length, spans.dtype) for r in spans.runs if r.fd is not None)
+    return sum(_nonfinite_in_file(r.fd, r.offset, r.length, spans.dtype) for r in spans.source_runs())
 
 
 _MINMAX = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # dtypes aminmax takes on CPU

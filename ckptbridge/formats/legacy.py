@@ -26,7 +26,7 @@ import torch
 from ..errors import FormatError, LayoutError, PlanError
 from ..fileio import CheckedFile, check_size, pwrite_all
 from ..layout import ParallelLayout, StageChunk
-from ..fastcopy import Spans, write_spans
+from ..fastcopy import Columns, Spans, write_spans
 from ..sharding import ShardKind, merge, split
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
@@ -438,13 +438,13 @@ class LegacySource:
     def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
         """The canonical tensor as runs of the held rank files, when no replica needs comparing (`read`
         compares a dense weight across EP ranks and a replicated one across TP ranks) and its TP shards are
-        row ranges already in ``dtype``; None otherwise. The tied replica on the last stage is compared
-        by `verify`."""
+        row ranges, or single column blocks (row-parallel: one `fastcopy.Columns`), already in ``dtype``;
+        None otherwise. The tied replica on the last stage is compared by `verify`."""
         slot = self._slots[pt.mcore_name][0][1]
         parts, kind = self.layout.tp_for(pt.rule.parallel), pt.rule.shard_kind(self.layer_spec)
         sharded = kind.axis is not None and parts > 1
         if (slot.ep is None and self.layout.ep > 1) or (self.layout.tp > 1 and not (sharded and parts == self.layout.tp)) \
-                or (sharded and kind.axis != 0):
+                or (sharded and kind.axis not in (0, 1)):
             return None
         shards = []
         for t in range(self.layout.tp):
@@ -455,7 +455,14 @@ class LegacySource:
                 return None
             shards.append(Spans((run,), dtype, tuple(meta.shape)))
         full = shards[0]
-        if sharded:  # `sharding.merge` on byte runs: each rank's regions put back at their global rows
+        if sharded and kind.axis == 1:  # each rank's one column block, side by side
+            shape = (shards[0].shape[0], shards[0].shape[1] * parts, *shards[0].shape[2:])
+            blocks = [(regions, shard) for shard, regions in zip(shards, kind.regions(shape, parts, pt.mcore_name))]
+            if any(len(regions) != 1 for regions, _ in blocks):
+                return None
+            blocks.sort(key=lambda b: b[0][0][0])
+            full = Spans((Columns(tuple(shard.runs[0] for _, shard in blocks), shape[0]),), dtype, shape)
+        elif sharded:  # `sharding.merge` on byte runs: each rank's regions put back at their global rows
             shape = (shards[0].shape[0] * parts, *shards[0].shape[1:])
             pieces = []
             for shard, regions in zip(shards, kind.regions(shape, parts, pt.mcore_name)):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, PlanError
-from ..fastcopy import Run, Spans
+from ..fastcopy import Columns, Run, Spans
 from ..layout import ParallelLayout
 from ..config_source import ConfigOptions
 from ..spec import ModelSpec, PlannedTensor
@@ -284,9 +284,10 @@ class TorchDistSource:
         return read_storage_at(fd, chunk.info.offset, meta, what)
 
     def spans(self, pt: PlannedTensor, dtype: torch.dtype) -> Spans | None:
-        """The canonical tensor as runs of the held data files, when its chunks are row ranges (every chunk
-        of the layer spans all but the first dimension: TP 1, or column-parallel) already in ``dtype``;
-        None otherwise (row-parallel chunks, a cast, strided storage): then `read` assembles it."""
+        """The canonical tensor as runs of the held data files, when its chunks (already in ``dtype``) are
+        row ranges (every chunk of the layer spans all but the first dimension: TP 1, column-parallel) or
+        column blocks (each spans all rows and all but the second dimension: row-parallel; one
+        `fastcopy.Columns`); None otherwise (a cast, strided storage, another split): then `read` assembles it."""
         if pt.rule.dist_parts:
             return None  # several keys: `read` joins them
         key = storage_key(pt, self._stacked)
@@ -296,12 +297,12 @@ class TorchDistSource:
         if md.properties.dtype != dtype or not full:
             return None
         mine = [c for c in self.chunks[key] if all(o <= i < o + s for i, o, s in zip(lead, c.offsets, c.sizes))]
-        if any(c.offsets[n + 1:] != (0,) * (len(full) - 1) or c.sizes[n + 1:] != full[1:] for c in mine):
+        axis = _split_axis([(c.offsets[n:], c.sizes[n:]) for c in mine], full)
+        if axis is None:
             return None
-        row_bytes = math.prod(full[1:]) * dtype.itemsize
-        runs, row = [], 0
-        for c in sorted(mine, key=lambda c: c.offsets[n]):
-            if c.offsets[n] != row:
+        parts, at = [], 0
+        for c in sorted(mine, key=lambda c: c.offsets[n + axis]):
+            if c.offsets[n + axis] != at:
                 return None
             fd, meta, _ = self._chunk_meta(c, key)
             run = stored_run(fd, c.info.offset, meta)
@@ -310,12 +311,12 @@ class TorchDistSource:
             local = 0  # the layer's (and expert's) place inside the chunk: lead axes are outermost, so one block
             for i, o, s in zip(lead, c.offsets, c.sizes):
                 local = local * s + (i - o)
-            block = c.sizes[n] * row_bytes
-            runs.append(Run(fd, run.offset + local * block, block))
-            row += c.sizes[n]
-        if row != full[0]:
+            block = math.prod(c.sizes[n:]) * dtype.itemsize
+            parts.append(Run(fd, run.offset + local * block, block))
+            at += c.sizes[n + axis]
+        if at != full[axis]:
             return None
-        spans = Spans(tuple(runs), dtype, full)
+        spans = Spans(tuple(parts), dtype, full) if axis == 0 else Spans((Columns(tuple(parts), full[0]),), dtype, full)
         return spans.rows(0, pt.shape[0]) if pt.rule.shard.padded else spans
 
     def read(self, pt: PlannedTensor) -> torch.Tensor:
@@ -356,3 +357,14 @@ class TorchDistSource:
             self._carried_file.close()
         self._files.clear()
 
+
+def _split_axis(chunks: Sequence[tuple[Sequence[int], Sequence[int]]], full: Sequence[int]) -> int | None:
+    """How ``chunks`` (offsets, sizes past the lead axes) split a tensor of shape ``full``: 0 when each spans
+    all but the first dimension, 1 when each spans all rows and all but the second, else None."""
+    def spans_all_but(c: tuple[Sequence[int], Sequence[int]], axis: int) -> bool:
+        return all(d == axis or (c[0][d] == 0 and c[1][d] == full[d]) for d in range(len(full)))
+
+    for axis in (0, 1)[:len(full)]:
+        if all(spans_all_but(c, axis) for c in chunks):
+            return axis
+    return None

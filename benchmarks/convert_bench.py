@@ -4,7 +4,7 @@ Builds a Llama-3.2-1B-shaped bf16 HF checkpoint (about 2.5 GB at 16 layers;
 --preset qwen3-30b-a3b gives the MoE case: 128 experts a layer, about 1.2 GB a
 layer) with random weights, then times, in one run:
   hf -> mcore torch_dist (TP 1 and TP 2: row-parallel shards are strided column blocks),
-  hf -> mcore legacy tp2pp2 (MoE: + ep4 etp1), mcore torch_dist -> hf,
+  hf -> mcore legacy tp2pp2 (MoE: + ep4 etp1), mcore torch_dist (TP 1 and TP 2) -> hf,
 each in variants (kernel-side fast path, --no-fast-copy, --workers 2), against `cp -r` of its own source folder and against `dd` of the same
 files (alternating, median of --repeats runs), and reports both wall-time
 ratios and the converter's peak RSS (measured by GNU time). `cp` copies inside
@@ -158,6 +158,8 @@ def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int, va
     cases = [
         ("hf -> mcore torch_dist", hf, work / f"td-{layers}", ["--src", "hf", "--dst", "mcore"]),
         ("hf -> mcore torch_dist tp2", hf, work / f"td2-{layers}", ["--src", "hf", "--dst", "mcore", "--tp", "2"]),
+        # what Megatron trains (TP > 1) exported: row-parallel tensors are column blocks of two shards
+        ("mcore torch_dist tp2 -> hf", work / f"td2-{layers}", work / f"hf2-out-{layers}", ["--src", "mcore", "--dst", "hf"]),
         ("hf -> mcore torch " + "".join(legacy).replace("--", " ").strip(), hf, work / f"leg-{layers}",
          ["--src", "hf", "--dst", "mcore", "--format", "torch", *legacy]),
         ("mcore torch_dist -> hf", work / f"td-{layers}", work / f"hf-out-{layers}", ["--src", "mcore", "--dst", "hf"]),
@@ -190,9 +192,11 @@ def bench_model(work: Path, preset: str, layers: int, cli: str, repeats: int, va
                              floor_seconds=floor, ratio_floor=seconds / floor,
                              ratio_dd=seconds / dd, peak_rss_gib=rss[variant] / GIB, rss_budget_gib=1.5 + largest / GIB,
                              runs=repeats))
-        if dst.name.startswith(("leg-", "td2-")):  # no later case reads it
+        if dst.name.startswith(("leg-", "hf2-out-")):  # no later case reads it (nor the TP 2 source, then)
             shutil.rmtree(dst, ignore_errors=True)
-    for d in (hf, work / f"td-{layers}", work / f"leg-{layers}", work / f"td2-{layers}", work / f"hf-out-{layers}"):
+            shutil.rmtree(work / f"td2-{layers}", ignore_errors=True)
+    for d in (hf, work / f"td-{layers}", work / f"leg-{layers}", work / f"td2-{layers}", work / f"hf-out-{layers}",
+              work / f"hf2-out-{layers}"):
         shutil.rmtree(d, ignore_errors=True)
     return rows
 

@@ -87,18 +87,17 @@ def fast_plan(source: Source, target: Target, planned: list[PlannedTensor], dtyp
     """Per planned tensor that the target's writer can take as bytes, its stored bytes as source runs.
 
     Such a tensor is in the output dtype already and only moves rows (see `fastcopy`); the MCore writers take
-    it whole, as row ranges or as column blocks (a row-parallel shard: a short run a row). An MCore source's
-    row-parallel tensor (its shards side by side, `fastcopy.Columns`) is taken by the HF writer only: an MCore
-    writer would cut it again along its columns, a run per row. An FP8 export and what a source cannot give as
-    byte runs (see each source's ``spans``: replicas to compare, other splits) go through memory."""
+    it whole, as row ranges or as column blocks (a row-parallel shard: a short run a row; an MCore source's
+    row-parallel tensor is its shards side by side, `fastcopy.Columns`, whose parts a writer at the same TP
+    split takes whole). An FP8 export and what a source cannot give as byte runs (see each source's ``spans``:
+    replicas to compare, other splits) go through memory."""
     spans_of = getattr(source, "spans", None)
     if spans_of is None or (target.kind == "hf" and target.hf_fp8):
         return {}
     out: dict[str, Spans] = {}
     for pt in planned:
         spans = spans_of(pt, pt.dtype(dtype))
-        if spans is None or (target.kind == "hf" and hf_spans(pt, spans, source.spec.args) is None) \
-                or (target.kind == "mcore" and spans.interleaved):
+        if spans is None or (target.kind == "hf" and hf_spans(pt, spans, source.spec.args) is None):
             continue
         out[pt.mcore_name] = spans.padded(pt.stored_shape(margs)[0]) if target.kind == "mcore" and pt.rule.shard.padded else spans
     return out

@@ -61,10 +61,37 @@ class Columns:
     def length(self) -> int:
         return sum(p.length for p in self.parts)
 
+    @property
+    def widths(self) -> list[int]:
+        """Each part's bytes in a row."""
+        return [p.length // self.rows for p in self.parts]
+
     def row_runs(self) -> list[Run]:
-        """The same bytes as a `Run` per row and part (for a cut that splits it: rare, and slow)."""
-        widths = [p.length // self.rows for p in self.parts]
-        return [Run(p.fd, p.offset + i * w, w) for i in range(self.rows) for p, w in zip(self.parts, widths)]
+        """The same bytes as a `Run` per row and part (for a cut that splits rows: rare, and slow)."""
+        return [Run(p.fd, p.offset + i * w, w) for i in range(self.rows) for p, w in zip(self.parts, self.widths)]
+
+    def row_range(self, first: int, count: int) -> "Columns":
+        """Rows ``[first, first + count)``: each part's rows are contiguous, so still one `Columns`."""
+        return Columns(tuple(Run(p.fd, p.offset + first * w, count * w) for p, w in zip(self.parts, self.widths)), count)
+
+    def columns(self, lo: int, hi: int) -> list[Piece]:
+        """Bytes ``[lo, hi)`` of every row: the parts it covers whole, as one `Columns` (a single part: its
+        run), when it starts and ends at part boundaries (an MCore writer taking the same TP split); else a
+        run per row and part it touches (gathered when written, like any row-parallel shard)."""
+        bounds, at = [], 0
+        for w in self.widths:
+            bounds.append((at, at + w))
+            at += w
+        whole = [i for i, (a, b) in enumerate(bounds) if lo <= a and b <= hi]
+        if whole and bounds[whole[0]][0] == lo and bounds[whole[-1]][1] == hi:
+            picked = tuple(self.parts[i] for i in whole)
+            return [picked[0]] if len(picked) == 1 else [Columns(picked, self.rows)]
+        out: list[Piece] = []
+        for i in range(self.rows):
+            for p, w, (a, b) in zip(self.parts, self.widths, bounds):
+                if max(a, lo) < min(b, hi):
+                    _append(out, Run(p.fd, p.offset + i * w + max(a, lo) - a, min(b, hi) - max(a, lo)))
+        return out
 
 
 Piece = Run | Columns
@@ -80,7 +107,7 @@ class Spans:
 
     @property
     def interleaved(self) -> bool:
-        """Whether a `Columns` element is among the runs (the MCore writers do not take those)."""
+        """Whether a `Columns` element is among the runs."""
         return any(isinstance(r, Columns) for r in self.runs)
 
     def source_runs(self) -> list[Run]:
@@ -103,8 +130,11 @@ class Spans:
         for r in self.runs:
             lo, hi = max(start, pos), min(end, pos + r.length)
             if lo < hi and isinstance(r, Columns):
+                rb = sum(r.widths)
                 if (lo, hi) == (pos, pos + r.length):
                     out.append(r)
+                elif (lo - pos) % rb == 0 and (hi - pos) % rb == 0:  # whole rows (a pipeline stage's layers...)
+                    out.append(r.row_range((lo - pos) // rb, (hi - lo) // rb))
                 else:
                     out.extend(Spans(tuple(r.row_runs()), self.dtype, (r.length,)).cut(lo - pos, hi - lo))
             elif lo < hi:
@@ -130,6 +160,8 @@ class Spans:
         inner = math.prod(self.shape[axis + 1:]) * self.dtype.itemsize
         stride = self.shape[axis] * inner
         out: list[Piece] = []
+        if self.interleaved:  # an MCore source's row-parallel tensor, split along its columns again
+            return self._column_regions(axis, regions, inner, tuple(shape))
         if len(self.runs) == 1 and isinstance(self.runs[0], Run) and self.runs[0].fd is not None:  # one stretch (usual)
             fd, first = self.runs[0].fd, self.runs[0].offset
             for at in range(first, first + self.nbytes, stride):
@@ -141,6 +173,24 @@ class Spans:
                 for r in self.cut(at + start * inner, length * inner):
                     _append(out, r)
         return Spans(tuple(out), self.dtype, tuple(shape))
+
+    def _column_regions(self, axis: int, regions: Sequence[tuple[int, int]], inner: int, shape: Shape) -> "Spans":
+        """`regions` of a tensor held as one `Columns` (else as its runs of rows, the slow way)."""
+        (c,) = self.runs if len(self.runs) == 1 and axis == 1 else (None,)
+        if not isinstance(c, Columns):
+            flat = Spans(tuple(r for p in self.runs for r in (p.row_runs() if isinstance(p, Columns) else (p,))),
+                         self.dtype, self.shape)
+            return flat.regions(axis, regions)
+        if len(regions) == 1:
+            (start, length), = regions
+            return Spans(tuple(c.columns(start * inner, (start + length) * inner)), self.dtype, shape)
+        out: list[Piece] = []
+        for i in range(c.rows):  # several regions a row: each row's pieces in region order
+            row = c.row_range(i, 1)
+            for start, length in regions:
+                for r in row.columns(start * inner, (start + length) * inner):
+                    _append(out, r)
+        return Spans(tuple(out), self.dtype, shape)
 
     def padded(self, rows: int) -> "Spans":
         """Zero rows appended up to ``rows`` (MCore's vocabulary padding)."""

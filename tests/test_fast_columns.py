@@ -58,9 +58,9 @@ def test_columns_past_the_source_end_are_a_write_error(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
-def test_row_parallel_tensors_of_an_mcore_source_copied_for_hf(tiny_hf, tmp_path, fmt):
-    """At TP 2 every row-parallel tensor reaches the HF writer as one `Columns`; the MCore writers, which
-    would cut it along its columns again, take it through memory."""
+def test_row_parallel_tensors_of_an_mcore_source_copied(tiny_hf, tmp_path, fmt):
+    """At TP 2 every row-parallel tensor reaches the writers as one `Columns`: the HF writer's rows, an MCore
+    writer's shards at TP 1 (whole), TP 2 (a part each) or TP 4 (a run a row of half a part)."""
     mcore = tmp_path / "mcore"
     convert(tiny_hf["llama3.2-1b"], mcore, None, Target("mcore", layout=ParallelLayout(tp=2), ckpt_format=fmt))
     source = open_source(mcore, "mcore", None, None)
@@ -73,10 +73,13 @@ def test_row_parallel_tensors_of_an_mcore_source_copied_for_hf(tiny_hf, tmp_path
         to_mcore = fast_plan(source, Target("mcore"), planned, source.dtype, margs)
     finally:
         source.close()
-    assert row and row <= set(to_hf) and all(to_hf[n].interleaved for n in row)
-    assert not row & set(to_mcore) and set(to_hf) - row <= set(to_mcore)
+    assert row and row <= set(to_hf) and all(to_hf[n].interleaved for n in row) and set(to_hf) <= set(to_mcore)
     fast, slow = both(mcore, tmp_path / "hf", kind="hf")
     assert_same_files(fast, slow)
+    for i, layout in enumerate([dict(tp=1), dict(tp=2, pp=2), dict(tp=4)]):
+        for out_fmt in ("torch_dist", "torch"):
+            assert_same_files(*both(mcore, tmp_path / f"re{i}{out_fmt}", kind="mcore", layout=ParallelLayout(**layout),
+                                    ckpt_format=out_fmt))
     original, back = load_file(tiny_hf["llama3.2-1b"] / "model.safetensors"), load_file(fast / "model.safetensors")
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
 
@@ -98,7 +101,15 @@ def test_nonfinite_in_a_row_parallel_shard_found(tiny_hf, tmp_path):
     assert any(name in n and "--allow-nonfinite" in n for n in notes)
 
 
-def test_columns_row_runs():
-    """`Columns.row_runs` (what a cut through one uses) gives each part's rows in turn."""
-    c = Columns((Run(3, 100, 6), Run(4, 0, 4)), 2)
+def test_columns_rows_and_column_ranges():
+    """A row range of a `Columns` is one again; a column range is its whole parts (one part: its run) when it
+    meets their boundaries, else a run per row and part; regions along dimension 1 follow."""
+    c = Columns((Run(3, 100, 6), Run(4, 0, 4)), 2)  # 2 rows of 3 + 2 bytes
     assert c.row_runs() == [Run(3, 100, 3), Run(4, 0, 2), Run(3, 103, 3), Run(4, 2, 2)] and c.length == 10
+    assert c.row_range(1, 1) == Columns((Run(3, 103, 3), Run(4, 2, 2)), 1)
+    assert c.columns(0, 5) == [c] and c.columns(0, 3) == [Run(3, 100, 6)] and c.columns(3, 5) == [Run(4, 0, 4)]
+    assert c.columns(2, 4) == [Run(3, 102, 1), Run(4, 0, 1), Run(3, 105, 1), Run(4, 2, 1)]
+    spans = Spans((c,), torch.uint8, (2, 5))
+    assert spans.rows(1, 1).runs == (c.row_range(1, 1),)
+    assert spans.regions(1, [(3, 2)]).runs == (Run(4, 0, 4),)
+    assert spans.regions(1, [(0, 1), (4, 1)]).runs == (Run(3, 100, 1), Run(4, 1, 1), Run(3, 103, 1), Run(4, 3, 1))

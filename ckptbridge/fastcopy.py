@@ -68,7 +68,8 @@ class Columns:
 
     def row_runs(self) -> list[Run]:
         """The same bytes as a `Run` per row and part (for a cut that splits rows: rare, and slow)."""
-        return [Run(p.fd, p.offset + i * w, w) for i in range(self.rows) for p, w in zip(self.parts, self.widths)]
+        parts = list(zip(self.parts, self.widths))
+        return [Run(p.fd, p.offset + i * w, w) for i in range(self.rows) for p, w in parts]
 
     def row_range(self, first: int, count: int) -> "Columns":
         """Rows ``[first, first + count)``: each part's rows are contiguous, so still one `Columns`."""
@@ -78,19 +79,20 @@ class Columns:
         """Bytes ``[lo, hi)`` of every row: the parts it covers whole, as one `Columns` (a single part: its
         run), when it starts and ends at part boundaries (an MCore writer taking the same TP split); else a
         run per row and part it touches (gathered when written, like any row-parallel shard)."""
-        bounds, at = [], 0
-        for w in self.widths:
+        widths, bounds, at = self.widths, [], 0
+        for w in widths:
             bounds.append((at, at + w))
             at += w
         whole = [i for i, (a, b) in enumerate(bounds) if lo <= a and b <= hi]
         if whole and bounds[whole[0]][0] == lo and bounds[whole[-1]][1] == hi:
             picked = tuple(self.parts[i] for i in whole)
             return [picked[0]] if len(picked) == 1 else [Columns(picked, self.rows)]
+        touched = [(p, w, max(a, lo) - a, min(b, hi) - max(a, lo))  # (part, width, first byte, bytes) of a row
+                   for p, w, (a, b) in zip(self.parts, widths, bounds) if max(a, lo) < min(b, hi)]
         out: list[Piece] = []
         for i in range(self.rows):
-            for p, w, (a, b) in zip(self.parts, self.widths, bounds):
-                if max(a, lo) < min(b, hi):
-                    _append(out, Run(p.fd, p.offset + i * w + max(a, lo) - a, min(b, hi) - max(a, lo)))
+            for p, w, skip, n in touched:
+                _append(out, Run(p.fd, p.offset + i * w + skip, n))
         return out
 
 
@@ -318,7 +320,7 @@ def _write_columns(c: Columns, dst_fd: int, dst_offset: int, path, fast: bool) -
     """Write ``c``'s rows at ``dst_offset``, a window of rows at a time (at most `_WINDOW` source bytes mapped
     or read): gathered by ``pwritev`` from read-only mappings of its parts when ``fast``, else read into a
     buffer. A part past its file's end (truncated behind our back) is a `WriteError` before anything is mapped."""
-    widths = [p.length // c.rows for p in c.parts]
+    widths = c.widths
     for p in c.parts:
         if os.fstat(p.fd).st_size < p.offset + p.length:
             raise WriteError(path, f"the source ended before byte {p.offset + p.length} of the bytes to copy", False)
@@ -328,23 +330,24 @@ def _write_columns(c: Columns, dst_fd: int, dst_offset: int, path, fast: bool) -
         rows = min(step, c.rows - first)
         if not fast:
             blocks = [os.pread(p.fd, rows * w, p.offset + first * w) for p, w in zip(c.parts, widths)]
+            if any(len(b) != rows * w for b, w in zip(blocks, widths)):
+                raise WriteError(path, "the source ended before the bytes to copy", False)
             data = b"".join(b[i * w:(i + 1) * w] for i in range(rows) for b, w in zip(blocks, widths))
             pos += pwrite_all(dst_fd, data, pos, path)
             continue
         with contextlib.ExitStack() as maps:
-            views = []
-            for p, w in zip(c.parts, widths):
-                at = p.offset + first * w
-                base = at - at % mmap.ALLOCATIONGRANULARITY
-                mapped = maps.enter_context(mmap.mmap(p.fd, at + rows * w - base, prot=mmap.PROT_READ, offset=base))
-                views.append(memoryview(mapped)[at - base:])
-            pieces = [v[i * w:(i + 1) * w] for i in range(rows) for v, w in zip(views, widths)]
-            try:
+            views: list[memoryview] = []
+            pieces: list[memoryview] = []
+            try:  # every view released before the mappings close, whatever fails
+                for p, w in zip(c.parts, widths):
+                    at = p.offset + first * w
+                    base = at - at % mmap.ALLOCATIONGRANULARITY
+                    mapped = maps.enter_context(mmap.mmap(p.fd, at + rows * w - base, prot=mmap.PROT_READ, offset=base))
+                    views.append(memoryview(mapped)[at - base:])
+                pieces = [v[i * w:(i + 1) * w] for i in range(rows) for v, w in zip(views, widths)]
                 pos += pwritev_all(dst_fd, pieces, pos, path)
             finally:
-                for piece in pieces:
-                    piece.release()
-                for view in views:
+                for view in (*pieces, *views):
                     view.release()
     return pos - dst_offset
 

@@ -26,7 +26,7 @@ import contextlib
 import math
 import mmap
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -318,12 +318,9 @@ def write_spans(spans: Spans, dst_fd: int, dst_offset: int, path, fast: bool = T
 
 def _write_columns(c: Columns, dst_fd: int, dst_offset: int, path, fast: bool) -> int:
     """Write ``c``'s rows at ``dst_offset``, a window of rows at a time (at most `_WINDOW` source bytes mapped
-    or read): gathered by ``pwritev`` from read-only mappings of its parts when ``fast``, else read into a
-    buffer. A part past its file's end (truncated behind our back) is a `WriteError` before anything is mapped."""
+    or read): gathered by ``pwritev`` from read-only mappings of its parts (`_mapped`) when ``fast``, else read
+    into a buffer. A part that ends early (truncated behind our back) is a `WriteError`."""
     widths = c.widths
-    for p in c.parts:
-        if os.fstat(p.fd).st_size < p.offset + p.length:
-            raise WriteError(path, f"the source ended before byte {p.offset + p.length} of the bytes to copy", False)
     step = max(1, _WINDOW // max(1, sum(widths)))
     pos = dst_offset
     for first in range(0, c.rows, step):
@@ -336,20 +333,38 @@ def _write_columns(c: Columns, dst_fd: int, dst_offset: int, path, fast: bool) -
             pos += pwrite_all(dst_fd, data, pos, path)
             continue
         with contextlib.ExitStack() as maps:
-            views: list[memoryview] = []
-            pieces: list[memoryview] = []
-            try:  # every view released before the mappings close, whatever fails
-                for p, w in zip(c.parts, widths):
-                    at = p.offset + first * w
-                    base = at - at % mmap.ALLOCATIONGRANULARITY
-                    mapped = maps.enter_context(mmap.mmap(p.fd, at + rows * w - base, prot=mmap.PROT_READ, offset=base))
-                    views.append(memoryview(mapped)[at - base:])
-                pieces = [v[i * w:(i + 1) * w] for i in range(rows) for v, w in zip(views, widths)]
-                pos += pwritev_all(dst_fd, pieces, pos, path)
-            finally:
-                for view in (*pieces, *views):
-                    view.release()
+            views = [maps.enter_context(_mapped(p.fd, p.offset + first * w, p.offset + (first + rows) * w, path))
+                     for p, w in zip(c.parts, widths)]
+            pos += _write_pieces(dst_fd, [v[i * w:(i + 1) * w] for i in range(rows) for v, w in zip(views, widths)],
+                                 pos, path)
     return pos - dst_offset
+
+
+@contextlib.contextmanager
+def _mapped(fd: int, start: int, end: int, path) -> Iterator[memoryview]:
+    """Bytes ``[start, end)`` of the held source ``fd`` through a read-only mapping. A source shorter than
+    ``end`` (truncated behind our back) is a `WriteError` before anything is mapped: reading a mapped page
+    past the end of a file would kill the process. Views cut from it must be released before it closes
+    (`_write_pieces` does)."""
+    if os.fstat(fd).st_size < end:
+        raise WriteError(path, f"the source ended before byte {end} of the bytes to copy", False)
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base) as mapping:
+        view = memoryview(mapping)[start - base:]
+        try:
+            yield view
+        finally:
+            view.release()
+
+
+def _write_pieces(dst_fd: int, pieces: list[memoryview], dst_offset: int, path) -> int:
+    """`pwritev_all` of views into mappings, each released afterwards, whatever happens (a mapping with a
+    view still open cannot close)."""
+    try:
+        return pwritev_all(dst_fd, pieces, dst_offset, path)
+    finally:
+        for piece in pieces:
+            piece.release()
 
 
 class _Batch:
@@ -373,25 +388,15 @@ class _Batch:
 
     def write(self, dst_fd: int, dst_offset: int, path) -> int:
         """Write the runs back to back at ``dst_offset``; returns the bytes written (0 for no runs). A source
-        shorter than the runs (truncated behind our back) is a `WriteError` before anything is mapped, as a
-        short copy is."""
+        shorter than the runs is a `WriteError` before anything is mapped, as a short copy is."""
         if len(self.runs) <= 1:
             for r in self.runs:
                 copy_range_all(r.fd, r.offset, dst_fd, dst_offset, r.length, path)
             return sum(r.length for r in self.runs)
-        fd = self.runs[0].fd
-        if os.fstat(fd).st_size < self.end:
-            raise WriteError(path, f"the source ended before byte {self.end} of the bytes to copy", False)
-        base = self.runs[0].offset - self.runs[0].offset % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(fd, self.end - base, prot=mmap.PROT_READ, offset=base) as mapped:
-            view = memoryview(mapped)
-            pieces = [view[r.offset - base:r.offset - base + r.length] for r in self.runs]
-            try:
-                return pwritev_all(dst_fd, pieces, dst_offset, path)
-            finally:
-                for piece in pieces:
-                    piece.release()
-                view.release()
+        start = self.runs[0].offset
+        with _mapped(self.runs[0].fd, start, self.end, path) as view:
+            return _write_pieces(dst_fd, [view[r.offset - start:r.offset - start + r.length] for r in self.runs],
+                                 dst_offset, path)
 
 
 def hf_spans(pt, spans: Spans, cfg) -> list[Spans] | None:
